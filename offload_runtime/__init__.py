@@ -1,0 +1,1 @@
+"""offload-runtime: layer-streamed offloading of Llama-family models, verified by Sequoia token trees."""

@@ -1,0 +1,260 @@
+"""Find a checkpoint and read its safetensors shards lazily, tensor by tensor.
+
+The reader parses the safetensors header itself and reads each tensor with `readinto` straight into the
+buffer that will hold it (a pinned layer buffer, a device staging tensor, ...). No mmap: mapped pages count
+towards the process's resident memory, so mmap-then-copy would hold the model twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .config import ModelArgs
+from .errors import CheckpointError, MissingFileError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+# --- finding a model
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local directory as given, or a Hugging Face repo id resolved through the hub cache.
+
+    Aliases (`llama-2-70b`, `demo`) are resolved by `offload_runtime.registry` before this is called.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint's directory (the one holding config.json)")
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise MissingFileError(
+            f"model {name!r} not found: pass a checkpoint directory, a Hugging Face repo id (owner/name) or an alias"
+        )
+    return _from_hub(name)
+
+
+def _from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError("huggingface_hub is not installed; pip install huggingface_hub") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        if offline:
+            raise MissingFileError(
+                f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it on a "
+                f"connected machine with `huggingface-cli download {repo_id}` (or unset HF_HUB_OFFLINE)"
+            ) from None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise MissingFileError(
+            f"could not get {repo_id} from the Hugging Face hub ({type(e).__name__}); check the name, your "
+            f"network and `huggingface-cli login` for gated models, or pass a local directory"
+        ) from None
+
+
+# --- safetensors headers
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
+    """Parse one shard's header; every tensor's byte range is checked against the file's size."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{file} is truncated (no safetensors header); re-download it")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{file} is truncated or not a safetensors file; re-download it")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise MissingFileError(f"shard {file.name} not found in {file.parent}; re-download the checkpoint") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{file} has a corrupt safetensors header; re-download it") from None
+    base = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(meta.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(
+                f"tensor {name} in {file.name} has dtype {meta.get('dtype')}, which the runtime cannot use "
+                f"(it reads {', '.join(SAFETENSORS_DTYPES)}); use an unquantised 16/32-bit checkpoint"
+            )
+        shape = tuple(int(s) for s in meta["shape"])
+        start, end = (int(x) for x in meta["data_offsets"])
+        nbytes = torch.empty((), dtype=dtype).element_size()
+        for s in shape:
+            nbytes *= s
+        if end - start != nbytes or base + end > size:
+            raise CheckpointError(
+                f"tensor {name} in {file.name} lies outside the file or has the wrong size: {file} is "
+                f"truncated or corrupt; re-download it"
+            )
+        infos[name] = TensorInfo(name, file, dtype, shape, base + start, nbytes)
+    return infos
+
+
+# --- a checkpoint
+
+
+class Checkpoint:
+    """A checkpoint directory: config, shard index, and tensor reads into caller-provided memory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.args = ModelArgs.from_file(self.path)
+        self.tensors = self._index()
+
+    def _index(self) -> dict[str, TensorInfo]:
+        index_file = self.path / INDEX_NAME
+        if index_file.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                raise CheckpointError(f"{index_file} is corrupt (no weight_map); re-download it") from None
+            shard_names = sorted(set(weight_map.values()))
+            missing = [s for s in shard_names if not (self.path / s).is_file()]
+            if missing:
+                raise MissingFileError(
+                    f"shard file(s) {', '.join(missing)} named in {INDEX_NAME} are missing from {self.path}; "
+                    f"re-download the checkpoint"
+                )
+        elif (self.path / SINGLE_NAME).is_file():
+            weight_map, shard_names = {}, [SINGLE_NAME]
+        else:
+            raise MissingFileError(
+                f"{self.path} has neither {SINGLE_NAME} nor {INDEX_NAME}; is this a safetensors checkpoint?"
+            )
+        tensors: dict[str, TensorInfo] = {}
+        for shard in shard_names:
+            tensors.update(read_safetensors_header(self.path / shard))
+        for name, shard in weight_map.items():
+            if name in tensors and tensors[name].file.name != shard:
+                raise CheckpointError(f"{INDEX_NAME} puts {name} in {shard} but it is in {tensors[name].file.name}")
+            if name not in tensors:
+                raise CheckpointError(
+                    f"tensor {name} is listed in {INDEX_NAME} for {shard} but {shard} does not contain it; "
+                    f"the shard is corrupt or from another checkpoint"
+                )
+        return tensors
+
+    def validate(self) -> None:
+        """Every expected tensor present with the expected shape, and nothing unexpected; before any compute."""
+        expected = self.args.expected_tensors()
+        missing = sorted(set(expected) - set(self.tensors))
+        # Checkpoints with tied embeddings sometimes also store lm_head; rotary caches are derived, not weights.
+        ignorable = {"lm_head.weight"} if self.args.tie_word_embeddings else set()
+        unexpected = sorted(
+            n for n in set(self.tensors) - set(expected) if n not in ignorable and not n.endswith("rotary_emb.inv_freq")
+        )
+        misshapen = sorted(
+            f"{n} {tuple(self.tensors[n].shape)} (expected {expected[n]})"
+            for n in set(expected) & set(self.tensors)
+            if tuple(self.tensors[n].shape) != tuple(expected[n])
+        )
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {_listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected tensors: {_listing(unexpected)}")
+        if misshapen:
+            problems.append(f"wrong shapes: {_listing(misshapen)}")
+        if problems:
+            raise CheckpointError(
+                f"checkpoint {self.path} does not match its config.json ({'; '.join(problems)}); "
+                f"re-download it or check that config.json belongs to these weights"
+            )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read tensor `name` into `out` (CPU, contiguous, right shape), converting dtype if they differ."""
+        info = self.tensors[name]
+        assert out.is_contiguous() and out.device.type == "cpu" and tuple(out.shape) == info.shape, name
+        target = out if out.dtype == info.dtype else torch.empty(info.shape, dtype=info.dtype)
+        view = memoryview(target.view(torch.uint8).reshape(-1).numpy()) if info.nbytes else memoryview(b"")
+        try:
+            with open(info.file, "rb", buffering=0) as f:
+                f.seek(info.offset)
+                got = 0
+                while got < info.nbytes:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except FileNotFoundError:
+            raise MissingFileError(f"shard {info.file.name} disappeared from {info.file.parent}") from None
+        if got != info.nbytes:
+            raise CheckpointError(f"{info.file} ended inside tensor {name}: the file is truncated; re-download it")
+        if target is not out:
+            out.copy_(target)
+        return out
+
+    def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        info = self.tensors[name]
+        return self.read_into(name, torch.empty(info.shape, dtype=dtype or info.dtype))
+
+    def layer_names(self, i: int) -> list[str]:
+        return [f"model.layers.{i}.{n}" for n in self.args.layer_shapes()]
+
+    def tokenizer_files(self) -> list[Path]:
+        return [p for p in self.path.iterdir() if p.name.startswith("tokenizer")]
+
+
+def _listing(names: Iterable[str], limit: int = 6) -> str:
+    names = list(names)
+    head = ", ".join(names[:limit])
+    return head + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# --- tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer through AutoTokenizer, or None when it ships none (token-id prompts only)."""
+    path = Path(path)
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"the tokenizer in {path} could not be loaded ({e}); re-download tokenizer files") from None

@@ -1,0 +1,260 @@
+"""ModelArgs: the shape of a Llama-family model, built from a Hugging Face config.json.
+
+Published checkpoints spell the same things in several ways (transformers 4 writes `rope_theta` and
+`rope_scaling`, transformers 5 writes `rope_parameters`; scaling dicts say `type` or `rope_type`), so
+`from_hf_config` normalises them and drops every key the runtime does not use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, MissingFileError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    dim: int = 4096  # hidden_size
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32  # < n_heads: grouped-query attention
+    head_dim: int = 128
+    intermediate_size: int = 11008
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear" | "llama3", ...}
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 always, Llama when attention_bias
+    o_bias: bool = False  # Llama's attention_bias also covers o_proj
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral; None means full attention
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None  # the checkpoint's own dtype, e.g. "bfloat16"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.n_heads}) is not a multiple of num_key_value_heads "
+                f"({self.n_kv_heads}); fix config.json"
+            )
+
+    # --- derived sizes
+
+    @property
+    def q_size(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names (relative to `model.layers.{i}.`) and shapes of one decoder layer's tensors."""
+        d, f = self.dim, self.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {
+            "input_layernorm.weight": (d,),
+            "self_attn.q_proj.weight": (self.q_size, d),
+            "self_attn.k_proj.weight": (self.kv_size, d),
+            "self_attn.v_proj.weight": (self.kv_size, d),
+            "self_attn.o_proj.weight": (d, self.q_size),
+            "post_attention_layernorm.weight": (d,),
+            "mlp.gate_proj.weight": (f, d),
+            "mlp.up_proj.weight": (f, d),
+            "mlp.down_proj.weight": (d, f),
+        }
+        if self.qkv_bias:
+            shapes["self_attn.q_proj.bias"] = (self.q_size,)
+            shapes["self_attn.k_proj.bias"] = (self.kv_size,)
+            shapes["self_attn.v_proj.bias"] = (self.kv_size,)
+        if self.o_bias:
+            shapes["self_attn.o_proj.bias"] = (d,)
+        if self.mlp_bias:
+            shapes["mlp.gate_proj.bias"] = (f,)
+            shapes["mlp.up_proj.bias"] = (f,)
+            shapes["mlp.down_proj.bias"] = (d,)
+        return shapes
+
+    def global_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the tensors outside the decoder layers (full checkpoint names)."""
+        shapes = {
+            "model.embed_tokens.weight": (self.vocab_size, self.dim),
+            "model.norm.weight": (self.dim,),
+        }
+        if not self.tie_word_embeddings:
+            shapes["lm_head.weight"] = (self.vocab_size, self.dim)
+        return shapes
+
+    def expected_tensors(self) -> dict[str, tuple[int, ...]]:
+        shapes = dict(self.global_shapes())
+        for i in range(self.n_layers):
+            for name, shape in self.layer_shapes().items():
+                shapes[f"model.layers.{i}.{name}"] = shape
+        return shapes
+
+    def layer_numel(self) -> int:
+        return sum(_numel(s) for s in self.layer_shapes().values())
+
+    def global_numel(self) -> int:
+        return sum(_numel(s) for s in self.global_shapes().values())
+
+    def n_params(self) -> int:
+        return self.global_numel() + self.n_layers * self.layer_numel()
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return 2 * self.n_layers * self.kv_size * _itemsize(dtype)
+
+    # --- construction
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {model_type!r} is not supported; supported model types: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        try:
+            dim = int(cfg["hidden_size"])
+            n_heads = int(cfg["num_attention_heads"])
+            n_layers = int(cfg["num_hidden_layers"])
+            vocab_size = int(cfg["vocab_size"])
+            intermediate_size = int(cfg["intermediate_size"])
+        except KeyError as e:
+            raise ConfigError(f"config.json lacks {e.args[0]!r}; is this a complete HF config?") from None
+        if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
+        n_kv_heads = int(cfg.get("num_key_value_heads") or n_heads)
+        head_dim = int(cfg.get("head_dim") or dim // n_heads)
+        rope_theta, rope_scaling = _rope_from_config(cfg)
+        if model_type == "qwen2":
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
+        sliding_window = cfg.get("sliding_window")
+        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
+            sliding_window = None
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(
+            model_type=model_type,
+            vocab_size=vocab_size,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            intermediate_size=intermediate_size,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=int(sliding_window) if sliding_window else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            extra={k: v for k, v in cfg.items() if k not in known},
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelArgs":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise MissingFileError(f"{path} not found: a model directory needs the config.json of its checkpoint")
+        try:
+            cfg = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}); re-download the checkpoint") from None
+        return cls.from_hf_config(cfg)
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        """Published shapes (random weights are built from these for profiling and benchmarks)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(sorted(PRESETS))}")
+        return cls(**PRESETS[name])
+
+    def replace(self, **changes: Any) -> "ModelArgs":
+        return dataclasses.replace(self, **changes)
+
+
+def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or None
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is None:
+        return theta, None
+    scaling = dict(scaling)
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", "default")
+    scaling.pop("type", None)
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"rope scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return theta, None
+    need = ("factor",) if rope_type == "linear" else (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in need if k not in scaling]
+    if missing:
+        raise ConfigError(f"rope_scaling of type {rope_type!r} lacks {', '.join(missing)}; fix config.json")
+    return theta, {"rope_type": rope_type, **scaling}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# --- presets: published shapes, and tiny ones for tests
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, intermediate_size=11008,
+                       vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama-2-13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, head_dim=128, intermediate_size=13824,
+                        vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama-2-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128, intermediate_size=28672,
+                        vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama-3-8b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, intermediate_size=14336,
+                       vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128, intermediate_size=28672,
+                        vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "mistral-7b": dict(model_type="mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                       intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768,
+                       rope_theta=1000000.0),
+    "qwen2-7b": dict(model_type="qwen2", dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
+                     intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768,
+                     rope_theta=1000000.0, qkv_bias=True),
+    # ~100M parameters: the CPU benchmark's random model
+    "bench-100m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, intermediate_size=2048,
+                       vocab_size=32000, max_position_embeddings=2048),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128,
+                 vocab_size=256, max_position_embeddings=512),
+}

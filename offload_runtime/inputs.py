@@ -1,0 +1,64 @@
+"""Build one forward's inputs (tokens, positions, tree mask, cache slots) for a batch of cache rows.
+
+Each row contributes a *chunk*: a tree over the tokens it has not cached yet (a prompt chain, a speculative
+tree, or a chain with a tree grafted on its end). Chunk node t of row b is written at slot length_b + t and
+sits at position length_b + depth(t); it attends to the row's whole committed prefix and to its own ancestors
+in the chunk. A forward may run only some chunk nodes (the draft grows a tree one level at a time); the others
+must already have been written by an earlier forward of the same step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .model import ForwardBatch
+from .tree import Tree
+
+
+@dataclass
+class RowChunk:
+    length: int  # committed prefix length of this cache row
+    tree: Tree  # the chunk's shape
+    tokens: Sequence[int] | torch.Tensor  # [len(tree)] token of every chunk node
+    run: Sequence[int]  # chunk nodes this forward computes, increasing
+    logits_at: Sequence[int] = ()  # indices into `run` whose logits are wanted
+
+
+def build_forward(rows: Sequence[RowChunk | None], scratch_slot: int, sliding_window: int | None,
+                  device: torch.device | str) -> ForwardBatch:
+    """Inputs for cache rows 0..len(rows)-1; a None row (a hole in the batch) only writes the scratch slot."""
+    B = len(rows)
+    live = [r for r in rows if r is not None]
+    assert live, "a forward needs at least one row"
+    T = max(len(r.run) for r in live)
+    S = max(r.length + len(r.tree) for r in live)
+    N = max(len(r.logits_at) for r in live)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    slots = torch.full((B, T), scratch_slot, dtype=torch.long)
+    mask = torch.zeros(B, 1, T, S, dtype=torch.bool)
+    # Padded queries attend to slot 0 only, so every softmax row has a finite entry; their output is unused.
+    mask[:, 0, :, 0] = True
+    logits_at = torch.zeros(B, N, dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r is None:
+            continue
+        run = torch.as_tensor(list(r.run), dtype=torch.long)
+        t = len(run)
+        depth = torch.as_tensor(r.tree.depth, dtype=torch.long)
+        chunk_tokens = torch.as_tensor(r.tokens, dtype=torch.long).cpu()
+        assert chunk_tokens.shape == (len(r.tree),), (chunk_tokens.shape, len(r.tree))
+        tokens[b, :t] = chunk_tokens[run]
+        positions[b, :t] = r.length + depth[run]
+        slots[b, :t] = r.length + run
+        mask[b, 0, :t, : r.length] = True
+        mask[b, 0, :t, r.length : r.length + len(r.tree)] = r.tree.ancestor_mask[run]
+        if sliding_window is not None and S > sliding_window:
+            key_pos = torch.arange(S)
+            key_pos[r.length : r.length + len(r.tree)] = r.length + depth
+            mask[b, 0, :t] &= (positions[b, :t, None] - key_pos[None, :]) < sliding_window
+        if r.logits_at:
+            logits_at[b, : len(r.logits_at)] = torch.as_tensor(list(r.logits_at), dtype=torch.long)
+    return ForwardBatch(tokens, positions, mask, slots, logits_at).to(torch.device(device))

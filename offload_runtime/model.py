@@ -1,0 +1,190 @@
+"""The Llama-family forward pass over weights handed in from outside, one decoder layer at a time.
+
+Decoder-layer weights are plain mappings `{"self_attn.q_proj.weight": tensor, ...}` (names relative to
+`model.layers.{i}.`) produced by a `LayerSource`: resident tensors for the draft, slots filled by the copy
+stream for a streamed target. Attention takes an explicit boolean mask, so one forward can verify a whole
+token tree: each new token sees the cached prefix and its own ancestors.
+
+Numerics follow transformers on purpose, including its quirks (RoPE angles in float32, RMSNorm statistics in
+float32 whatever the model dtype), so float64 logits match the reference to ~1e-12.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelArgs
+from .kv_cache import KVCache
+
+LayerWeights = Mapping[str, torch.Tensor]
+
+
+class LayerSource(Protocol):
+    """Yields every decoder layer's weights in order, ready for compute on the compute stream.
+
+    A source may do work between yields (record events, issue the next copy); the consumer asks for layer
+    i+1 only after it has enqueued all compute that reads layer i.
+    """
+
+    def sweep(self) -> Iterator[tuple[int, LayerWeights]]: ...
+
+
+class ResidentLayers:
+    """All decoder layers already where compute runs (the draft model, or a target that fits)."""
+
+    def __init__(self, layers: list[dict[str, torch.Tensor]]):
+        self.layers = layers
+
+    def sweep(self) -> Iterator[tuple[int, LayerWeights]]:
+        yield from enumerate(self.layers)
+
+
+@dataclass
+class GlobalWeights:
+    embed: torch.Tensor  # [V, D]
+    norm: torch.Tensor  # [D]
+    lm_head: torch.Tensor  # [V, D]; the embedding itself when tied
+
+
+# --- rotary embeddings
+
+
+def rope_inv_freq(args: ModelArgs, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in float32, with linear or llama3 scaling as transformers computes them."""
+    dim = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = args.rope_scaling
+    if scaling is None:
+        pass
+    elif scaling["rope_type"] == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling["rope_type"] == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    else:  # config.py rejects other types
+        raise AssertionError(scaling)
+    return inv_freq.to(device)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, head_dim] for positions [B, T]; angles in float32 like the reference."""
+    freqs = positions[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+# --- layers
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Statistics in float32 for every dtype (float64 included): that is what the reference does.
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _linear(x: torch.Tensor, w: LayerWeights, name: str) -> torch.Tensor:
+    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+
+
+def attention(
+    args: ModelArgs,
+    w: LayerWeights,
+    x: torch.Tensor,  # [B, T, D], already normed
+    cos: torch.Tensor,
+    sin: torch.Tensor,  # [B, 1, T, Dh]
+    mask: torch.Tensor,  # [B, 1, T, S] bool, True = may attend
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,  # [B, H_kv, S_max + 1, Dh]
+    slots: torch.Tensor,  # [B, T] where the new K/V go in cache rows 0..B-1
+) -> torch.Tensor:
+    B, T, _ = x.shape
+    q = _linear(x, w, "self_attn.q_proj").view(B, T, args.n_heads, args.head_dim).transpose(1, 2)
+    k = _linear(x, w, "self_attn.k_proj").view(B, T, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    v = _linear(x, w, "self_attn.v_proj").view(B, T, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    rows = torch.arange(B, device=slots.device)[:, None]
+    # Advanced indices around a slice put the indexed dims first: the target view is [B, T, H_kv, Dh].
+    k_cache[rows, :, slots] = k.transpose(1, 2)
+    v_cache[rows, :, slots] = v.transpose(1, 2)
+    S = mask.shape[-1]
+    out = F.scaled_dot_product_attention(
+        q, k_cache[:B, :, :S], v_cache[:B, :, :S], attn_mask=mask, enable_gqa=args.n_kv_heads != args.n_heads
+    )  # [B, H, T, Dh]
+    return _linear(out.transpose(1, 2).reshape(B, T, args.q_size), w, "self_attn.o_proj")
+
+
+def mlp(w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
+    return _linear(F.silu(_linear(x, w, "mlp.gate_proj")) * _linear(x, w, "mlp.up_proj"), w, "mlp.down_proj")
+
+
+def decoder_layer(args: ModelArgs, w: LayerWeights, x: torch.Tensor, cos, sin, mask, k_cache, v_cache, slots) -> torch.Tensor:
+    h = x + attention(args, w, rms_norm(x, w["input_layernorm.weight"], args.rms_norm_eps), cos, sin, mask,
+                      k_cache, v_cache, slots)
+    return h + mlp(w, rms_norm(h, w["post_attention_layernorm.weight"], args.rms_norm_eps))
+
+
+# --- the whole model
+
+
+@dataclass
+class ForwardBatch:
+    """What one forward processes: T new tokens for each of cache rows 0..B-1 (padded where rows differ)."""
+
+    tokens: torch.Tensor  # [B, T] int64
+    positions: torch.Tensor  # [B, T] int64
+    mask: torch.Tensor  # [B, 1, T, S] bool over cache slots 0..S-1
+    slots: torch.Tensor  # [B, T] int64: where each token's K/V is written
+    logits_at: torch.Tensor  # [B, N] indices into T whose logits are wanted (N may be 0)
+
+    def to(self, device: torch.device) -> "ForwardBatch":
+        return ForwardBatch(*(getattr(self, f).to(device, non_blocking=True) for f in
+                              ("tokens", "positions", "mask", "slots", "logits_at")))
+
+
+class Transformer:
+    """Embeddings and head (resident) plus a LayerSource for the decoder layers."""
+
+    def __init__(self, args: ModelArgs, globals_: GlobalWeights, layers: LayerSource, device: torch.device):
+        self.args = args
+        self.globals = globals_
+        self.layers = layers
+        self.device = torch.device(device)
+        self.dtype = globals_.embed.dtype
+        self.inv_freq = rope_inv_freq(args, self.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """Logits [B, N, V] at the positions `logits_at` names; writes every token's K/V into `cache`."""
+        args = self.args
+        assert batch.tokens.shape == batch.positions.shape == batch.slots.shape
+        assert batch.mask.dtype == torch.bool and batch.mask.shape[:3] == (batch.tokens.shape[0], 1, batch.tokens.shape[1])
+        assert batch.mask.shape[-1] <= cache.max_len + 1
+        x = F.embedding(batch.tokens, self.globals.embed)  # [B, T, D]
+        cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)
+        kv = cache.kv
+        for i, w in self.layers.sweep():
+            x = decoder_layer(args, w, x, cos, sin, batch.mask, kv[i, 0], kv[i, 1], batch.slots)
+        x = torch.gather(x, 1, batch.logits_at[..., None].expand(-1, -1, x.shape[-1]))
+        x = rms_norm(x, self.globals.norm, args.rms_norm_eps)
+        return F.linear(x, self.globals.lm_head)

@@ -1,0 +1,40 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from helpers import CONFIGS, make_checkpoint, make_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One tiny random checkpoint per test config (float32 safetensors), built once per session."""
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: make_checkpoint(root / name, name, seed=i) for i, name in enumerate(CONFIGS)}
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A target and a smaller draft with the same tokenizer; the draft is a truncated, noised copy of the target
+    (its first layer), so it agrees with the target often but not always."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("pair")
+    target = make_checkpoint(root / "target", "llama-mha", seed=11, num_hidden_layers=3)
+    make_tokenizer(target, 128)
+    draft = make_checkpoint(root / "draft", "llama-mha", seed=12, num_hidden_layers=1)
+    weights = load_file(target / "model.safetensors")
+    g = torch.Generator().manual_seed(5)
+    kept = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in weights.items()
+            if not k.startswith("model.layers.") or k.startswith("model.layers.0.")}
+    save_file(kept, draft / "model.safetensors", metadata={"format": "pt"})
+    make_tokenizer(draft, 128)
+    return target, draft

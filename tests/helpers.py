@@ -1,0 +1,87 @@
+"""Tiny real checkpoints for tests: transformers models saved with save_pretrained, tokenizers built offline."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-mha": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, vocab_size=128, max_position_embeddings=256),
+    "llama-gqa-llama3": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                             num_attention_heads=8, num_key_value_heads=2, vocab_size=128,
+                             max_position_embeddings=512, rope_theta=500000.0,
+                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "llama-tied-bias-linear": dict(model_type="llama", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=96,
+                                   max_position_embeddings=256, tie_word_embeddings=True, attention_bias=True,
+                                   rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "mistral-gqa": dict(model_type="mistral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=512,
+                        sliding_window=None, rope_theta=1000000.0),
+    "qwen2-bias": dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=512),
+}
+
+ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def hf_config(name: str, **overrides: Any):
+    import transformers
+
+    cfg = {**CONFIGS[name], **overrides}
+    model_type = cfg.pop("model_type")
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[model_type]
+    return cls(initializer_range=0.15, bos_token_id=1, eos_token_id=2, pad_token_id=0, **cfg)
+
+
+def make_checkpoint(path: Path, name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    max_shard_size: str | None = None, **overrides: Any) -> Path:
+    """Save a random transformers model of config `name` to `path`; returns path."""
+    import transformers
+
+    config = hf_config(name, **overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, ARCHS[config.model_type])(config).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return Path(path)
+
+
+def reference_model(path: Path, dtype: torch.dtype = torch.float64):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    return model.to(dtype).eval()
+
+
+def make_tokenizer(path: Path, vocab_size: int) -> None:
+    """A tiny word-level tokenizer (with a chat template) whose ids fit in `vocab_size`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+    words += [w for w in ("the a an and of to in is it that was he she they for on with as at by this "
+                          "one two three cat dog sat ran mat house tree red blue green big small hello world "
+                          "what where who how why yes no good bad day night sun moon star water fire").split()]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    vocab = {w: i for i, w in enumerate(words[:vocab_size])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    fast.save_pretrained(path)
+
+
+def write_generation_config(path: Path, **fields: Any) -> None:
+    (Path(path) / "generation_config.json").write_text(json.dumps(fields))

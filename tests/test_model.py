@@ -1,0 +1,146 @@
+"""The model core against transformers: prefill, incremental decoding, tree attention, KV compaction."""
+import pytest
+import torch
+
+from helpers import CONFIGS, reference_model
+from offload_runtime.checkpoint import Checkpoint
+from offload_runtime.inputs import RowChunk, build_forward
+from offload_runtime.kv_cache import KVCache
+from offload_runtime.model import ResidentLayers, Transformer
+from offload_runtime.tree import Tree
+from offload_runtime.weights import load_globals, load_layer
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def ours(path, dtype):
+    ck = Checkpoint(path)
+    ck.validate()
+    dev = torch.device("cpu")
+    layers = ResidentLayers([load_layer(ck, i, dtype, dev) for i in range(ck.args.n_layers)])
+    return Transformer(ck.args, load_globals(ck, dtype, dev), layers, dev)
+
+
+def run(model, cache, length, tree, tokens, row=0):
+    chunk = RowChunk(length, tree, tokens, range(len(tree)), range(len(tree)))
+    rows = [None] * cache.batch
+    rows[row] = chunk
+    batch = build_forward(rows, cache.scratch_slot, model.args.sliding_window, "cpu")
+    return model.forward(batch, cache)[row]
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def ref_logits(ref, ids):
+    with torch.no_grad():
+        return ref(torch.tensor([ids])).logits[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_and_incremental_match_transformers(checkpoints, name, dtype):
+    path = checkpoints[name]
+    model, ref = ours(path, dtype), reference_model(path, dtype)
+    vocab = model.args.vocab_size
+    ids = torch.randint(0, vocab, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    expected = ref_logits(ref, ids)
+    assert expected.abs().max() > 0.1  # logits that carry signal, so the comparison means something
+    cache = KVCache(model.args, 1, 64, dtype, "cpu")
+    got = run(model, cache, 0, Tree.chain(25), ids[:25])
+    assert rel_err(got, expected[:25]) < TOL[dtype]
+    # Then one token at a time on top of the cached prefix.
+    length = cache.keep(0, 0, range(25))
+    for t in range(25, 40):
+        step = run(model, cache, length, Tree([-1]), [ids[t]])
+        assert rel_err(step[0], expected[t]) < TOL[dtype], t
+        length = cache.keep(0, length, [0])
+
+
+def random_tree(n, gen):
+    parents = [-1]
+    for i in range(1, n):
+        # a parent among the deepest two levels keeps breadth-first order valid
+        depth = Tree(parents).depth
+        top = depth[-1]
+        candidates = [j for j in range(i) if depth[j] >= top - 1]
+        parents.append(candidates[int(torch.randint(len(candidates), (1,), generator=gen))])
+        try:
+            Tree(parents)
+        except ValueError:
+            parents[-1] = i - 1
+    return Tree(parents)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-llama3", "qwen2-bias", "llama-tied-bias-linear"])
+def test_tree_forward_equals_sequential_paths(checkpoints, name):
+    path = checkpoints[name]
+    dtype = torch.float64
+    model, ref = ours(path, dtype), reference_model(path, dtype)
+    gen = torch.Generator().manual_seed(7)
+    vocab = model.args.vocab_size
+    prefix = torch.randint(0, vocab, (9,), generator=gen).tolist()
+    tree = random_tree(14, gen)
+    assert tree.max_depth >= 2 and any(len(k) >= 2 for k in tree.children)
+    tokens = torch.randint(0, vocab, (len(tree),), generator=gen).tolist()
+    cache = KVCache(model.args, 1, 64, dtype, "cpu")
+    run(model, cache, 0, Tree.chain(len(prefix)), prefix)
+    length = cache.keep(0, 0, range(len(prefix)))
+    got = run(model, cache, length, tree, tokens)
+    for node in range(len(tree)):
+        seq = prefix + [tokens[u] for u in tree.path_to(node)]
+        assert rel_err(got[node], ref_logits(ref, seq)[-1]) < TOL[dtype], node
+
+
+def test_tree_forward_in_a_batch_row_with_padding(checkpoints):
+    """A row's logits do not depend on what the other rows of the batch hold (padding, holes)."""
+    path = checkpoints["llama-gqa-llama3"]
+    dtype = torch.float64
+    model = ours(path, dtype)
+    gen = torch.Generator().manual_seed(9)
+    tree = random_tree(10, gen)
+    tokens = torch.randint(0, model.args.vocab_size, (len(tree),), generator=gen).tolist()
+    alone = run(model, KVCache(model.args, 1, 32, dtype, "cpu"), 0, tree, tokens)
+    cache = KVCache(model.args, 3, 32, dtype, "cpu")
+    rows = [RowChunk(0, Tree.chain(20), list(range(20)), range(20), ()), None,
+            RowChunk(0, tree, tokens, range(len(tree)), range(len(tree)))]
+    batched = model.forward(build_forward(rows, cache.scratch_slot, None, "cpu"), cache)[2, : len(tree)]
+    assert rel_err(batched, alone) < 1e-12
+
+
+def test_keep_then_continue_equals_decoding_the_kept_path(checkpoints):
+    path = checkpoints["llama-mha"]
+    dtype = torch.float64
+    model, ref = ours(path, dtype), reference_model(path, dtype)
+    gen = torch.Generator().manual_seed(5)
+    vocab = model.args.vocab_size
+    prefix = torch.randint(0, vocab, (6,), generator=gen).tolist()
+    tree = Tree([-1, 0, 0, 1, 1, 2, 3, 5, 6])
+    tokens = torch.randint(0, vocab, (len(tree),), generator=gen).tolist()
+    cache = KVCache(model.args, 1, 48, dtype, "cpu")
+    run(model, cache, 0, Tree.chain(len(prefix)), prefix)
+    length = cache.keep(0, 0, range(len(prefix)))
+    run(model, cache, length, tree, tokens)
+    kept = tree.path_to(7)  # root -> 2 -> 5 -> 7: non-contiguous slots, so keep really moves K/V
+    assert kept == [0, 2, 5, 7]
+    length = cache.keep(0, length, kept)
+    history = prefix + [tokens[u] for u in kept]
+    for _ in range(5):
+        nxt = int(torch.randint(0, vocab, (1,), generator=gen))
+        got = run(model, cache, length, Tree([-1]), [nxt])[0]
+        history.append(nxt)
+        assert rel_err(got, ref_logits(ref, history)[-1]) < 1e-10
+        length = cache.keep(0, length, [0])
+
+
+def test_sliding_window_matches_mistral(tmp_path):
+    from helpers import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m", "mistral-gqa", sliding_window=8)
+    model, ref = ours(path, torch.float64), reference_model(path, torch.float64)
+    ids = torch.randint(0, model.args.vocab_size, (30,), generator=torch.Generator().manual_seed(2)).tolist()
+    cache = KVCache(model.args, 1, 64, torch.float64, "cpu")
+    got = run(model, cache, 0, Tree.chain(30), ids)
+    expected = ref_logits(ref, ids)
+    assert rel_err(got, expected) < 1e-10

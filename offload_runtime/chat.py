@@ -1,0 +1,128 @@
+"""Chat in the terminal: `python -m offload_runtime.chat --model llama-2-70b-chat`.
+
+Replies stream token by token; the conversation's K/V stays cached across turns; a dim line after each reply
+gives tokens, tokens/s, tokens per step and the sweep's GB/s. Ctrl-C stops a reply and keeps the session,
+Ctrl-D quits. With stdin not a terminal, each input line is one message and replies are printed plainly.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+
+from .cli import ArgumentParser, add_model_args, add_sampling_args, load_engine, run_main, sampling_kwargs
+from .errors import OffloadError
+
+HELP = """commands:
+  /reset   forget the conversation (keeps the model loaded)
+  /stats   statistics of the last reply
+  /help    this text
+  /quit    leave (Ctrl-D too); Ctrl-C stops the current reply"""
+
+
+def parse_args(argv: list[str] | None = None):
+    p = ArgumentParser(prog="python -m offload_runtime.chat", description="Chat with a model (default: the demo pair).")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    return p.parse_args(argv)
+
+
+def stats_line(engine, stats) -> str:
+    tps = stats.new_tokens / stats.time_s if stats.time_s else 0.0
+    parts = [f"{stats.new_tokens} tokens", f"{tps:.1f} tok/s", f"{stats.tokens_per_step:.2f} tokens/step"]
+    sweeps = engine.sweep_stats()
+    if sweeps:
+        recent = sweeps[-max(1, stats.steps + stats.prefill_sweeps):]
+        total_b, total_s = sum(s.bytes for s in recent), sum(s.wall_s for s in recent)
+        parts.append(f"sweep {total_b / total_s / 1e9:.1f} GB/s" if total_s else "sweep n/a")
+    return ", ".join(parts)
+
+
+def stats_report(engine, stats) -> str:
+    lines = [stats_line(engine, stats),
+             f"steps {stats.steps} (+{stats.prefill_sweeps} prefill-only sweeps), prompt {stats.prompt_tokens} tokens, "
+             f"{stats.prefill_tokens} run as prefill",
+             f"tokens per step histogram: {stats.histogram()}",
+             "acceptance by depth: " + ", ".join(f"{a:.2f}" for a in stats.acceptance_by_depth())]
+    t = engine.decoder.times
+    if t.steps:
+        lines.append(f"time per step: draft {t.draft_s / t.steps * 1e3:.1f} ms, verify {t.verify_s / t.steps * 1e3:.1f} ms, "
+                     f"other {t.other_s / t.steps * 1e3:.1f} ms")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    engine = load_engine(args)
+    interactive = sys.stdin.isatty()
+    dim, reset = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
+    session = engine.session()
+
+    def start() -> None:
+        session.reset()
+        if args.system:
+            session.messages.append({"role": "system", "content": args.system})
+
+    start()
+    if interactive:
+        tree = len(engine.decoder.tree)
+        print(f"{dim}{engine.name}: {'speculative, ' + str(tree) + '-node trees' if engine.draft else 'plain decoding'}"
+              f"{', offloaded' if engine.offloaded else ''}. /help for commands.{reset}")
+
+    def on_sigint(signum, frame):
+        if session.streaming:
+            session.interrupted = True  # the reply stops after the current step; the session stays
+        else:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            if interactive:
+                print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        message = line.strip()
+        if not message:
+            continue
+        if message.startswith("/"):
+            cmd = message.split()[0]
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/reset":
+                start()
+                print(f"{dim}(conversation cleared){reset}")
+            elif cmd == "/stats":
+                last = engine.last_stats[0] if engine.last_stats else None
+                print(f"{dim}{stats_report(engine, last) if last else '(no reply yet)'}{reset}")
+            elif cmd == "/help":
+                print(HELP)
+            else:
+                print(f"unknown command {cmd}; /help lists them")
+            continue
+        try:
+            for piece in session.send(message, **sampling_kwargs(args)):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except OffloadError as e:  # this turn failed; the session and its history stay
+            print(f"error: {e}", file=sys.stderr)
+            if not interactive and e.exit_code == 2:
+                return 2
+            continue
+        print()
+        if session.interrupted:
+            print(f"{dim}(stopped){reset}")
+        stats = engine.last_stats[0]
+        print(f"{dim}[{stats_line(engine, stats)}]{reset}", file=sys.stdout if interactive else sys.stderr)
+
+
+def entry() -> None:
+    run_main(main)
+
+
+if __name__ == "__main__":
+    entry()

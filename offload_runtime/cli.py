@@ -1,0 +1,90 @@
+"""What the command lines share: model/sampling flags, loading the engine, one-line errors."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Callable, NoReturn
+
+from .errors import OffloadError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) instead of a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "demo") -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=default_model, required=default_model is None,
+                   help="checkpoint directory, Hugging Face repo id, or alias (demo, llama-2-70b, ...)")
+    d = g.add_mutually_exclusive_group()
+    d.add_argument("--draft", help="draft model (default: the model family's default draft)")
+    d.add_argument("--no-draft", action="store_true", help="plain decoding, no speculation")
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--dtype", default=None, help="float16, bfloat16, float32 or float64 (default: auto)")
+    g.add_argument("--gpu-memory", default=None, help="device memory budget, e.g. 20GiB (default: free memory)")
+    o = g.add_mutually_exclusive_group()
+    o.add_argument("--offload", action="store_true", default=None, help="stream the target's layers from RAM")
+    o.add_argument("--no-offload", dest="offload", action="store_false", help="keep the whole target on the device")
+    g.add_argument("--plan", default="auto", help="plan file, 'auto' (the planner's matching plan) or 'none'")
+    g.add_argument("--max-seq-len", type=int, default=None, help="context window to allocate (default: 4096 or less)")
+    g.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config.json)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default: generation_config)")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply (default: 256)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (same seed, same output)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed}
+
+
+def load_engine(args: argparse.Namespace, batch_size: int = 1, device: str | None = None):
+    from .engine import Engine, check_sampling
+
+    # Bad sampling values are usage errors: report them before minutes of loading.
+    if args.temperature is not None or args.top_p is not None or args.max_new_tokens is not None:
+        check_sampling(1.0 if args.temperature is None else args.temperature,
+                       1.0 if args.top_p is None else args.top_p,
+                       1 if args.max_new_tokens is None else args.max_new_tokens)
+    draft: str | bool | None = False if args.no_draft else args.draft
+    plan = None if args.plan == "none" else args.plan
+    return Engine.from_pretrained(args.model, draft=draft, device=device or args.device, dtype=args.dtype,
+                                  offload=args.offload, gpu_memory=args.gpu_memory, max_seq_len=args.max_seq_len,
+                                  batch_size=batch_size, plan=plan, progress=sys.stderr.isatty())
+
+
+def run_main(main: Callable[[], int | None], debug: bool | None = None) -> NoReturn:
+    """Run a command's main: user errors become one line and an exit status, never a traceback."""
+    debug = ("--debug" in sys.argv[1:]) if debug is None else debug
+    try:
+        code = main() or 0
+    except OffloadError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:
+        code = 0
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except Exception as e:  # noqa: BLE001 - the last line of defence: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e} (run again with --debug for the traceback, and please report it)",
+              file=sys.stderr)
+        code = 1
+    sys.exit(code)
+

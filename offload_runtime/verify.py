@@ -1,0 +1,301 @@
+"""Lossless verification of a drafted token tree against the target's distributions.
+
+The tree is a parent array in breadth-first order: node 0 is the root, whose token is the last token
+already accepted; parents[0] == -1 and parents[i] < i; the children of a node appear in index order,
+which is the order in which the draft sampled them.
+
+Definitions (the vLLM rejection-sampler vocabulary):
+- accepted path: the nodes whose tokens the target accepts, walking down from the root: at each node
+  the verifier tries its children in order and moves to the first one it accepts. The root itself is
+  not on the path (its token was accepted in an earlier step).
+- bonus token: one extra token drawn from the target's residual distribution at the last node of the
+  walk (the last accepted node, or the root if nothing was accepted), i.e. what P has become after
+  every rejected child there. Each step therefore emits len(path) + 1 >= 1 tokens, distributed
+  exactly as if the target had sampled them one by one.
+
+Inputs, shared by every verifier:
+- parents [n] int, tokens [n] int (tokens[0] is the root's token). A node whose token is negative
+  (-1: the draft ran out of support, see sampling.gumbel_top_k) is absent: it is never tested or
+  visited, so its subtree is unreachable;
+- target_probs [n, V]: P at every node (already warped), the target's next-token distribution given
+  the context ending at that node;
+- draft_probs [n, V]: Q at every node, the warped draft distribution the node's children were drawn
+  from (rows of leaves are never read and may be anything, e.g. zeros);
+- generator: a CPU torch.Generator. Each call draws exactly n float64 uniforms u[0..n-1] up front:
+  u[c] decides the acceptance test of child c (every non-root node is tested at most once) and u[0]
+  (the root is never a child) draws the bonus token by inverse CDF. So the same generator state
+  gives the same result, whatever the tree's shape.
+
+The probability tensors may be large and live on a GPU (n = 512, V = 128k): only the rows of nodes
+actually visited on the walk are read, each moved to CPU float64 when it is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import UsageError
+
+__all__ = [
+    "METHODS",
+    "VerifyResult",
+    "verify",
+    "verify_greedy",
+    "verify_sequoia",
+    "verify_specinfer",
+    "verify_topk",
+]
+
+METHODS = ("sequoia", "specinfer", "topk", "greedy")
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Accepted node indices (root excluded, top-down) and the bonus token."""
+
+    path: list[int]
+    bonus_token: int
+
+    def emitted_tokens(self, tokens: Tensor | list[int]) -> list[int]:
+        """The tokens this step emits: those of the accepted path, then the bonus token."""
+        token_list = torch.as_tensor(tokens)[self.path].tolist() if self.path else []
+        return token_list + [self.bonus_token]
+
+
+# --- inputs
+
+
+def _tree_on_cpu(parents: Tensor | list[int], tokens: Tensor | list[int]) -> tuple[Tensor, Tensor]:
+    parents = torch.as_tensor(parents, dtype=torch.int64).cpu()
+    tokens = torch.as_tensor(tokens, dtype=torch.int64).cpu()
+    n = parents.shape[0]
+    assert parents.dim() == 1 and n >= 1, f"parents must be [n] with n >= 1, got {tuple(parents.shape)}"
+    assert tokens.shape == (n,), f"tokens must be [{n}], got {tuple(tokens.shape)}"
+    assert parents[0] == -1, "parents[0] must be -1 (node 0 is the root)"
+    index = torch.arange(n)
+    assert bool(((parents[1:] >= 0) & (parents[1:] < index[1:])).all()), "need 0 <= parents[i] < i"
+    return parents, tokens
+
+
+def _check_probs(name: str, probs: Tensor, n: int, vocab: int | None = None) -> int:
+    assert probs.dim() == 2 and probs.shape[0] == n, f"{name} must be [{n}, V], got {tuple(probs.shape)}"
+    assert vocab is None or probs.shape[1] == vocab, (
+        f"{name} must be [{n}, {vocab}], got {tuple(probs.shape)}"
+    )
+    return probs.shape[1]
+
+
+def _children(parents: Tensor, node: int) -> list[int]:
+    # children in index order = the draft's sampling order; one vectorised scan per visited node
+    return torch.nonzero(parents == node).flatten().tolist()
+
+
+def _row(probs: Tensor, node: int) -> Tensor:
+    """Row `node` as a normalised CPU float64 distribution (the only place rows are read)."""
+    row = probs[node].to(device="cpu", dtype=torch.float64)
+    total = float(row.sum())
+    assert total > 0 and total < float("inf"), f"row {node} is not a distribution (sum {total})"
+    return row / total
+
+
+# --- the walk
+
+
+def _inverse_cdf(P: Tensor, u: float) -> int:
+    """The token whose CDF interval holds u; never a zero-probability token."""
+    cdf = torch.cumsum(P, dim=0)
+    token = int(torch.searchsorted(cdf, torch.tensor([u * float(cdf[-1])], dtype=cdf.dtype), right=True))
+    if token >= P.shape[0]:  # u * total rounded up to the total: take the last token with mass
+        token = int(torch.nonzero(P).max())
+    return token
+
+
+def _walk(
+    parents: Tensor | list[int],
+    tokens: Tensor | list[int],
+    target_probs: Tensor,
+    draft_probs: Tensor | None,
+    generator: torch.Generator,
+    draft: str,
+) -> VerifyResult:
+    """Rejection walk shared by the three sampling verifiers.
+
+    `draft` says how the children of a node were drawn, which fixes Q for each child test:
+    "without_replacement" (Q loses each rejected child), "with_replacement" (Q fixed) or
+    "point_mass" (deterministic children: Q is the point mass on the child being tested).
+
+    Why the emitted token at a node has law P, by induction on the number of children k: with
+    k = 0 the bonus is drawn from P. With k > 0 the first child x has law Q and is accepted with
+    probability min(1, P[x]/Q[x]), which emits min(P, Q); it is rejected with probability
+    sum(max(Q - P, 0)) = sum(max(P - Q, 0)), and then the remaining k - 1 children, given x, are
+    k - 1 draws from the Q the walk uses next (Q without x renormalised, Q itself, or the next point
+    mass), so by induction they emit the residual norm(max(P - Q, 0)) whatever x was. In total
+    min(P, Q) + max(P - Q, 0) = P. An accepted child then continues the same argument one level
+    down with that child's P, so the whole emitted sequence follows the target.
+    """
+    parents, tokens = _tree_on_cpu(parents, tokens)
+    n = parents.shape[0]
+    vocab = _check_probs("target_probs", target_probs, n)
+    if draft != "point_mass":
+        assert draft_probs is not None, "this verifier needs draft_probs (Q at every node)"
+        _check_probs("draft_probs", draft_probs, n, vocab)
+    assert tokens[0] >= 0 and bool((tokens < vocab).all()), f"tokens must be < {vocab}, the root's >= 0"
+    assert generator is not None and generator.device.type == "cpu", (
+        "pass a CPU torch.Generator (the walk is on the host)"
+    )
+
+    uniforms = torch.rand(n, generator=generator, dtype=torch.float64).tolist()
+    token_of = tokens.tolist()
+    path: list[int] = []
+    node = 0
+    point_mass = draft == "point_mass"
+    while True:
+        children = _children(parents, node)
+        P = _row(target_probs, node)
+        # Q is read only where there are children: the drafter need not fill Q at leaves.
+        Q = _row(draft_probs, node) if children and not point_mass else None
+        accepted = None
+        for child in children:
+            x = token_of[child]
+            if x < 0:  # absent node
+                continue
+            q_x = 1.0 if point_mass else Q[x].item()
+            # A child drawn from Q has Q[x] > 0: drafts without replacement are distinct, and
+            # renormalising Q after removing earlier children keeps positive entries positive.
+            assert q_x > 0, f"node {child}: token {x} has zero draft probability; draw children from Q"
+            if uniforms[child] < P[x].item() / q_x:  # accept with probability min(1, P[x]/Q[x])
+                accepted = child
+                break
+            # Rejected: the rest of the walk must emit the residual norm(max(P - Q, 0)), which is
+            # exactly what makes accept-or-residual reproduce P. Rejection implies P[x] < Q[x], so
+            # the residual gives x no mass. With Q a point mass the residual is P without x.
+            if point_mass:
+                residual = P.clone()
+                residual[x] = 0.0
+            else:
+                residual = (P - Q).clamp_min_(0.0)
+            mass = float(residual.sum())
+            # mass == 0 would need P <= Q everywhere, i.e. P == Q (both sum to 1), and then x is
+            # accepted with probability 1: it only happens through float rounding, an O(eps)
+            # event, so keeping P there changes the output distribution by O(eps) at most.
+            if mass > 0:
+                P = residual / mass
+            if draft == "without_replacement":
+                # The next child is drawn from Q without x: conditionally on the earlier draws, its
+                # distribution is Q with x removed and renormalised, and that is the Q its test must
+                # use (Sequoia's induction on the number of children). If Q was a point mass on x
+                # nothing is left; a valid tree then has no further children here (asserted above).
+                Q[x] = 0.0
+                q_mass = float(Q.sum())
+                if q_mass > 0:
+                    Q = Q / q_mass
+        if accepted is None:
+            # No child accepted (or a leaf): the bonus comes from the current residual P.
+            return VerifyResult(path=path, bonus_token=_inverse_cdf(P, uniforms[0]))
+        path.append(accepted)
+        node = accepted
+
+
+# --- public verifiers
+
+
+def verify_sequoia(
+    parents: Tensor | list[int],
+    tokens: Tensor | list[int],
+    target_probs: Tensor,
+    draft_probs: Tensor,
+    generator: torch.Generator,
+) -> VerifyResult:
+    """Sequoia: the children of each node were drawn from Q WITHOUT replacement (Gumbel-top-k).
+
+    For each child x in order: accept with probability min(1, P[x]/Q[x]); on rejection
+    P = norm(max(P - Q, 0)), then Q[x] = 0 and Q = norm(Q).
+    """
+    return _walk(parents, tokens, target_probs, draft_probs, generator, draft="without_replacement")
+
+
+def verify_specinfer(
+    parents: Tensor | list[int],
+    tokens: Tensor | list[int],
+    target_probs: Tensor,
+    draft_probs: Tensor,
+    generator: torch.Generator,
+) -> VerifyResult:
+    """SpecInfer: the children were drawn from Q WITH replacement (independently).
+
+    Like Sequoia, but Q is left unchanged after a rejection. Not lossless for children drawn
+    without replacement.
+    """
+    return _walk(parents, tokens, target_probs, draft_probs, generator, draft="with_replacement")
+
+
+def verify_topk(
+    parents: Tensor | list[int],
+    tokens: Tensor | list[int],
+    target_probs: Tensor,
+    draft_probs: Tensor | None,
+    generator: torch.Generator,
+) -> VerifyResult:
+    """Deterministic children (the draft's top-k); draft_probs is ignored and may be None.
+
+    Each child is treated as a point mass: accept x with probability P[x] (P renormalised), on
+    rejection zero P[x] and renormalise. Lossless for any children chosen independently of the
+    verifier's uniforms.
+    """
+    return _walk(parents, tokens, target_probs, None, generator, draft="point_mass")
+
+
+def verify_greedy(
+    parents: Tensor | list[int],
+    tokens: Tensor | list[int],
+    target_probs: Tensor,
+    draft_probs: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> VerifyResult:
+    """Temperature 0: follow the child whose token is the target's argmax; bonus = that argmax.
+
+    target_probs is either [n, V] probabilities/logits (the argmax of a visited row only, ties ->
+    lowest index) or [n] argmax tokens. draft_probs and generator are ignored. Deterministic.
+    """
+    parents, tokens = _tree_on_cpu(parents, tokens)
+    n = parents.shape[0]
+    if target_probs.dim() == 2:
+        _check_probs("target_probs", target_probs, n)
+    else:
+        assert target_probs.shape == (n,), f"target argmax must be [{n}], got {tuple(target_probs.shape)}"
+    path: list[int] = []
+    node = 0
+    while True:
+        row = target_probs[node]
+        best = int(row.argmax()) if row.dim() == 1 else int(row)
+        kids = torch.tensor(_children(parents, node), dtype=torch.int64)
+        matching = kids[tokens[kids] == best]
+        if matching.numel() == 0:
+            return VerifyResult(path=path, bonus_token=best)
+        node = int(matching[0])
+        path.append(node)
+
+
+_VERIFIERS = {
+    "sequoia": verify_sequoia,
+    "specinfer": verify_specinfer,
+    "topk": verify_topk,
+    "greedy": verify_greedy,
+}
+
+
+def verify(
+    method: str,
+    parents: Tensor | list[int],
+    tokens: Tensor | list[int],
+    target_probs: Tensor,
+    draft_probs: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> VerifyResult:
+    """Dispatch to verify_<method>; method is one of METHODS (greedy needs neither Q nor a generator)."""
+    if method not in _VERIFIERS:
+        raise UsageError(f"unknown verification method {method!r}; choose one of {', '.join(METHODS)}")
+    return _VERIFIERS[method](parents, tokens, target_probs, draft_probs, generator)

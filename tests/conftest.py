@@ -9,7 +9,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: the tests run small ops, where thread wake-ups cost more than they save (and the
+# machine may be shared).
+torch.set_num_threads(1)
 
 from helpers import CONFIGS, make_checkpoint, make_tokenizer  # noqa: E402
 

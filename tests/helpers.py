@@ -36,7 +36,8 @@ def hf_config(name: str, **overrides: Any):
     model_type = cfg.pop("model_type")
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config}[model_type]
-    return cls(initializer_range=0.15, bos_token_id=1, eos_token_id=2, pad_token_id=0, **cfg)
+    cfg.setdefault("initializer_range", 0.15)  # larger than usual, so random logits carry signal
+    return cls(bos_token_id=1, eos_token_id=2, pad_token_id=0, **cfg)
 
 
 def make_checkpoint(path: Path, name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -85,3 +86,37 @@ def make_tokenizer(path: Path, vocab_size: int) -> None:
 
 def write_generation_config(path: Path, **fields: Any) -> None:
     (Path(path) / "generation_config.json").write_text(json.dumps(fields))
+
+
+# --- statistics
+
+# Statistical tests compare counts from fixed seeds with a chi-square test. A correct sampler must
+# give p > ALPHA; each test also runs a plausible wrong sampler through the same check and asserts
+# p < ALPHA, which proves the sample size is large enough for the test to fail.
+ALPHA = 1e-4
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit of `counts` to `probs` (flattened).
+
+    A count in a cell of probability 0 is impossible under `probs`: p-value 0. Cells whose expected
+    count is below `min_expected` are pooled into one, so the chi-square approximation holds.
+    """
+    counts = counts.flatten().to(torch.float64)
+    probs = probs.flatten().to(torch.float64)
+    assert counts.shape == probs.shape
+    if bool((counts[probs == 0] > 0).any()):
+        return 0.0
+    total = float(counts.sum())
+    expected = probs / probs.sum() * total
+    small = expected < min_expected
+    cells_obs = torch.cat([counts[~small], counts[small].sum().reshape(1)])
+    cells_exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    keep = cells_exp > 0
+    cells_obs, cells_exp = cells_obs[keep], cells_exp[keep]
+    dof = cells_obs.numel() - 1
+    assert dof >= 1, "need at least two cells with mass"
+    stat = float(((cells_obs - cells_exp) ** 2 / cells_exp).sum())
+    # chi-square survival function: regularised upper incomplete gamma Q(dof / 2, stat / 2)
+    half = torch.tensor([dof / 2, stat / 2], dtype=torch.float64)
+    return float(torch.special.gammaincc(half[0], half[1]))

@@ -19,7 +19,7 @@ from offload_runtime.verify import (
     verify_specinfer,
     verify_topk,
 )
-from test_sampling import ALPHA, chi_square_pvalue
+from helpers import ALPHA, chi_square_pvalue
 
 F64 = torch.float64
 

@@ -76,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_sigint)
+    status = 0  # piped input: a failed turn makes the exit status non-zero, after the remaining lines ran
     while True:
         try:
             line = input("> " if interactive else "")
         except EOFError:
             if interactive:
                 print()
-            return 0
+            return status
         except KeyboardInterrupt:
             print()
             continue
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if message.startswith("/"):
             cmd = message.split()[0]
             if cmd in ("/quit", "/exit"):
-                return 0
+                return status
             if cmd == "/reset":
                 start()
                 print(f"{dim}(conversation cleared){reset}")
@@ -110,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.flush()
         except OffloadError as e:  # this turn failed; the session and its history stay
             print(f"error: {e}", file=sys.stderr)
-            if not interactive and e.exit_code == 2:
-                return 2
+            status = status if interactive else max(status, e.exit_code)
             continue
         print()
         if session.interrupted:

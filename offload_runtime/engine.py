@@ -161,6 +161,7 @@ class Engine:
         draft_cache = KVCache(draft.args, batch_size, max_seq_len, draft.dtype, draft.device) if draft else None
         self.decoder = Decoder(target, target_cache, draft, draft_cache, tree, method=method, max_chunk=max_chunk)
         self.residency: Residency | None = None
+        self.plan = None  # the planner's Plan this engine follows, if any
         self._row_owner: list[Request | None] = [None] * batch_size
         self.last_stats: list[SequenceStats] = []
 
@@ -173,7 +174,7 @@ class Engine:
                         max_seq_len: int | None = None, batch_size: int = 1, tree: Sequence[int] | Tree | None = None,
                         method: str = "sequoia", plan: str | os.PathLike | None = "auto", slots: int = 2,
                         resident_layers: int | None = None, max_chunk: int = 2048,
-                        progress: bool | None = None) -> "Engine":
+                        progress: bool | None = None, quiet: bool = False) -> "Engine":
         """Load a target and (optionally) a draft.
 
         model / draft: a checkpoint directory, a Hugging Face repo id, or an alias (`demo`, `llama-2-70b`, ...).
@@ -181,6 +182,8 @@ class Engine:
         offload: stream the target's layers from host RAM (None: only when it does not fit `gpu_memory`).
         gpu_memory: the device budget ("20GiB"); default: the GPU's free memory (none on the CPU).
         tree: a parent array overriding the plan's tree.
+        plan: "auto" uses the planner's plan for this machine and model pair (one line on stderr says which, or
+        that none matched and the default tree is used); a path uses that plan file; None skips plans.
         """
         dev = parse_device(device)
         model = str(model)
@@ -202,6 +205,13 @@ class Engine:
         if draft_name is not None:
             draft_path, draft_ckpt = _open_checkpoint(draft_name)
             check_vocab_compatible(targs, draft_ckpt.args, tokenizer, load_tokenizer(draft_path), model, draft_name)
+        plan_obj = None
+        if draft_ckpt is not None and tree is None and plan is not None:
+            plan_obj = _find_plan(plan, target_path, draft_path, dev, dt, batch_size, quiet)
+            if plan_obj is not None:
+                tree = plan_obj.tree
+                if gpu_memory is None and resident_layers is None and plan_obj.offload:
+                    gpu_memory = plan_obj.gpu_memory  # the budget the plan chose its resident layers for
         chosen_tree = _choose_tree(tree) if draft_ckpt is not None else None
         fixed = fixed_device_bytes(targs, dt, draft_args=draft_ckpt.args if draft_ckpt else None, batch=batch_size,
                                    max_seq_len=seq_len, tree_size=len(chosen_tree) if chosen_tree else 1,
@@ -223,6 +233,7 @@ class Engine:
         engine = cls(target, draft_model, tokenizer, max_seq_len=seq_len, batch_size=batch_size, tree=chosen_tree,
                      method=method, generation_config=gen_cfg, eos_ids=eos, name=model, max_chunk=max_chunk)
         engine.residency = residency
+        engine.plan = plan_obj
         return engine
 
     # --- introspection
@@ -492,6 +503,19 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if all(isinstance(t, int) for t in prompts):
         return [prompts]
     return prompts
+
+
+def _find_plan(plan: str | os.PathLike, target: Path, draft: Path, device: torch.device, dtype: torch.dtype,
+               batch_size: int, quiet: bool):
+    from planner.plan import find_plan, load_plan
+
+    if str(plan) == "auto":
+        found, message = find_plan(target, draft, device, dtype, batch_size=batch_size)
+    else:
+        found, message = load_plan(plan, target=target, draft=draft, device=device, dtype=dtype)
+    if not quiet:
+        print(message, file=sys.stderr)
+    return found
 
 
 def _choose_tree(tree: Sequence[int] | Tree | None) -> Tree:

@@ -8,7 +8,7 @@ import torch
 from .checkpoint import Checkpoint
 from .config import ModelArgs
 from .errors import ResourceError
-from .memory import DeviceBudget, activation_bytes, device_free_memory, fmt_bytes, itemsize
+from .memory import DeviceBudget, activation_bytes, check_host_memory, device_free_memory, fmt_bytes, itemsize
 from .model import ResidentLayers, Transformer
 from .streaming import HostLayerStore, StreamedLayers, layer_layout
 from .weights import load_globals, load_layer
@@ -93,10 +93,10 @@ def build_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, resi
     if residency.offload:
         store = HostLayerStore(args, dtype, [i for i in range(args.n_layers) if i not in residency.resident],
                                pin=device.type == "cuda")
-        # Checked before anything is allocated; on the CPU the device part lives in RAM too.
-        on_host = 0 if device.type == "cuda" else (
-            (args.global_numel() + len(residency.resident) * args.layer_numel()) * itemsize(dtype))
-        store.check_host_memory(extra=on_host)
+    # Checked before anything is allocated; on the CPU the "device" part lives in RAM too.
+    on_host = 0 if device.type == "cuda" else (args.global_numel() + len(residency.resident) * args.layer_numel()) * itemsize(dtype)
+    check_host_memory(on_host + (store.nbytes if store else 0),
+                      f"{'streaming' if store else 'loading'} {ckpt.path.name} ({args.n_layers} layers, {dtype})")
     resident = {}
     for i in residency.resident:
         resident[i] = load_layer(ckpt, i, dtype, device)

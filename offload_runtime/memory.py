@@ -1,6 +1,7 @@
 """Memory sizes: parsing budgets, what a configuration needs on the device, what the host has."""
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -8,7 +9,7 @@ import psutil
 import torch
 
 from .config import ModelArgs
-from .errors import UsageError
+from .errors import ResourceError, UsageError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -39,8 +40,23 @@ def itemsize(dtype: torch.dtype) -> int:
 
 
 def available_host_memory() -> int:
-    """Bytes of host RAM that can be allocated without swapping or the OOM killer (tests lower it)."""
-    return psutil.virtual_memory().available
+    """Bytes of host RAM that can be allocated without swapping or the OOM killer.
+
+    OFFLOAD_RUNTIME_MAX_HOST_MEMORY (e.g. "48GiB") caps it, for machines shared with other jobs.
+    """
+    available = psutil.virtual_memory().available
+    cap = os.environ.get("OFFLOAD_RUNTIME_MAX_HOST_MEMORY")
+    return min(available, parse_bytes(cap)) if cap else available
+
+
+def check_host_memory(need: int, what: str) -> None:
+    """Stop with a clear error, before allocating, when `need` bytes of RAM are not there."""
+    have = available_host_memory()
+    if need > have:
+        raise ResourceError(
+            f"{what} needs {fmt_bytes(need)} of host RAM but only {fmt_bytes(have)} is available; close other "
+            f"programs, pick a 16-bit dtype, or give the GPU a larger --gpu-memory budget so more layers stay resident"
+        )
 
 
 def device_free_memory(device: torch.device) -> int:

@@ -21,8 +21,7 @@ import torch
 
 from .checkpoint import Checkpoint
 from .config import ModelArgs
-from .errors import ResourceError
-from .memory import available_host_memory, fmt_bytes, itemsize
+from .memory import itemsize
 from .model import LayerWeights
 
 ALIGN_BYTES = 256
@@ -90,15 +89,6 @@ class HostLayerStore:
                           RuntimeWarning, stacklevel=3)
             self._want_pin = self.pinned = False
         return buf
-
-    def check_host_memory(self, extra: int = 0) -> None:
-        need, have = self.nbytes + extra, available_host_memory()
-        if need > have:
-            raise ResourceError(
-                f"streaming needs {fmt_bytes(need)} of host RAM for {len(self.layer_ids)} decoder layers but only "
-                f"{fmt_bytes(have)} is available; close other programs, pick a 16-bit dtype, or give the GPU a "
-                f"larger --gpu-memory budget so more layers stay resident"
-            )
 
     def fill_from_checkpoint(self, ckpt: Checkpoint, progress: Callable[[int], None] | None = None) -> None:
         """Read each layer's tensors straight into its buffer: the model is never held twice."""

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Plans, profiles and acceptance files of this test session stay out of the user's cache.
+os.environ["OFFLOAD_RUNTIME_HOME"] = tempfile.mkdtemp(prefix="offload-runtime-home-")
 # One thread: the tests run small ops, where thread wake-ups cost more than they save (and the
 # machine may be shared).
 torch.set_num_threads(1)

@@ -230,6 +230,22 @@ def test_parse_vector_and_prompts(tmp_path):
     assert 24 <= len(acc.BUILTIN_PROMPTS) <= 64
 
 
+def test_resolve_model_falls_back_to_shape_presets(monkeypatch):
+    """Without a local checkpoint an alias, its repo id or its chat variant profiles the published shapes."""
+    from planner import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "_local_dir", lambda name: None)  # as on a machine without the weights
+    for name in ("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama-2-70b-chat"):
+        ref, args, note = plan_module.resolve_model(name)
+        assert ref.identity == "preset:llama-2-70b" and ref.is_preset and args == ModelArgs.from_name("llama-2-70b")
+        assert "not available locally" in note
+    assert plan_module.resolve_model("tiny")[2] is None
+    from offload_runtime.errors import MissingFileError
+
+    with pytest.raises(MissingFileError, match="nothing is downloaded"):
+        plan_module.resolve_model("someone/unknown-model")
+
+
 # --- end to end on the CPU ----------------------------------------------------------------------
 
 CPU = ["--device", "cpu", "--threads", "1"]
@@ -489,3 +505,21 @@ def test_cli_one_line_errors(tmp_path):
     assert missing.returncode == 1
     assert "Traceback" not in missing.stderr and missing.stderr.strip().count("\n") == 0
     assert "not found" in missing.stderr
+
+
+def test_engine_follows_the_plan(planned, pair, capsys):
+    from offload_runtime.engine import Engine
+
+    target, draft = pair
+    engine = Engine.from_pretrained(target, draft=str(draft), dtype="float32")
+    assert engine.plan == planned and list(engine.decoder.tree.parents) == planned.tree
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("using plan")
+    engine = Engine.from_pretrained(target, draft=str(draft), dtype="float64")  # no plan for float64
+    assert engine.plan is None and len(engine.decoder.tree) > 1
+    assert "no plan for this machine and model pair; using the default tree" in capsys.readouterr().err
+    engine = Engine.from_pretrained(target, draft=str(draft), dtype="float64", plan=str(planned.path))
+    assert list(engine.decoder.tree.parents) == planned.tree
+    assert "built for dtype float32" in capsys.readouterr().err
+    engine = Engine.from_pretrained(target, draft=str(draft), dtype="float32", tree=[-1, 0])
+    assert list(engine.decoder.tree.parents) == [-1, 0] and capsys.readouterr().err == ""

@@ -109,14 +109,16 @@ def test_engine_offloads_when_budget_is_small(deep):
 
 
 def test_too_little_ram_is_a_clear_error_before_allocating(deep, monkeypatch):
-    monkeypatch.setattr(streaming, "available_host_memory", lambda: 10_000)
+    monkeypatch.setenv("OFFLOAD_RUNTIME_MAX_HOST_MEMORY", "10000")
 
     def no_alloc(*a, **k):
         raise AssertionError("allocated host memory despite the RAM check")
 
     monkeypatch.setattr(streaming, "_alloc_host", no_alloc)
-    with pytest.raises(ResourceError, match=r"needs .* of host RAM .* only 9.8 KiB is available"):
+    with pytest.raises(ResourceError, match=r"streaming m .* needs .* of host RAM but only 9.8 KiB is available"):
         Engine.from_pretrained(deep, dtype="float32", draft=False, offload=True)
+    with pytest.raises(ResourceError, match=r"loading m .* needs .* of host RAM"):
+        Engine.from_pretrained(deep, dtype="float32", draft=False, offload=False)
 
 
 def test_peak_rss_while_loading_stays_near_checkpoint_size(tmp_path):

@@ -1,0 +1,558 @@
+"""What this machine is and how fast it runs one model pair: fingerprint, copy bandwidth, time curves.
+
+Everything here measures; nothing decides. The optimiser (planner/optimizer.py) turns a profile into a plan.
+
+A *profile* holds, for one (machine, device, dtype, target shape, draft shape):
+- the host-to-device copy figures: bandwidth of large pinned copies (a plain memcpy on the CPU) and the time
+  of one copy of a packed target layer (what a sweep moves, layer by layer);
+- T_layer(n): one target decoder layer on the target's real shapes (random weights) for n new tokens
+  against a prefix, at a grid of n;
+- T_head(n): the target's embedding, final norm, lm_head and probability warp over n tokens;
+- T_host(n): host-side work of one step for a tree of n nodes (the forward's inputs, the verification walk);
+- T_level(w): one draft forward over w tokens plus drawing their children, as the engine grows a tree level.
+Timings synchronise CUDA (events around every call); on the CPU they are wall-clock.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import psutil
+import torch
+import torch.nn.functional as F
+
+from offload_runtime.config import ModelArgs
+from offload_runtime.errors import UsageError
+from offload_runtime.memory import itemsize
+from offload_runtime.streaming import layer_layout, views
+
+PROFILE_VERSION = 1
+
+# 1, 2, 3, 4, 6, 8, 12, ... 4096: powers of two and the points halfway between them (in log scale), so a
+# kernel's tile steps show up and linear interpolation between grid points stays close.
+DEFAULT_GRID: tuple[int, ...] = tuple(sorted({1, *(2 ** k for k in range(13)), *(3 * 2 ** k for k in range(11))}))
+QUICK_GRID: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_PREFIX = 512  # cached tokens the timed tokens attend to (a typical prompt plus some reply)
+
+
+# --- where the planner keeps its files
+
+
+def planner_home() -> Path:
+    """$OFFLOAD_RUNTIME_HOME, else ~/.cache/offload_runtime (profiles/, acceptance/, plans/ live under it)."""
+    env = os.environ.get("OFFLOAD_RUNTIME_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "offload_runtime"
+
+
+def store_dir(kind: str) -> Path:
+    assert kind in ("profiles", "acceptance", "plans"), kind
+    return planner_home() / kind
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    """Write atomically (temp file + rename): a killed run never leaves half a file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def short_hash(obj: Any, length: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+# --- the machine's fingerprint
+
+# Fields that identify the machine for a plan: a change in any of them makes its plans stale. The current
+# PCIe link is left out on purpose: GPUs drop to a slower link when idle, so only the maximum is stable.
+_IDENTITY_FIELDS = ("device_type", "gpu_name", "gpu_driver", "gpu_memory_total", "pcie_max_gen",
+                    "pcie_max_width", "cpu_model", "cpu_count", "ram_total_gib")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _gpu_fields(device: torch.device) -> dict[str, Any]:
+    """GPU name, driver, memory and PCIe link through NVML; torch's view when NVML is not there."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    fields: dict[str, Any] = {"gpu_name": props.name, "gpu_driver": None, "gpu_memory_total": int(props.total_memory),
+                              "pcie_max_gen": None, "pcie_max_width": None, "pcie_gen": None, "pcie_width": None,
+                              "cuda_version": torch.version.cuda}
+    try:
+        import pynvml
+    except ImportError:
+        return fields
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return fields
+    try:
+        # NVML numbers devices by PCI bus order, CUDA (by default) fastest first; match by bus id.
+        bus = getattr(props, "pci_bus_id", None)
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        if bus is not None:
+            pci = f"{getattr(props, 'pci_domain_id', 0):08x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByPciBusId(pci.encode())
+            except pynvml.NVMLError:
+                pass
+        name = pynvml.nvmlDeviceGetName(handle)
+        fields["gpu_name"] = name.decode() if isinstance(name, bytes) else name
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        fields["gpu_driver"] = driver.decode() if isinstance(driver, bytes) else driver
+        fields["gpu_memory_total"] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+        for key, fn in (("pcie_max_gen", "nvmlDeviceGetMaxPcieLinkGeneration"),
+                        ("pcie_max_width", "nvmlDeviceGetMaxPcieLinkWidth"),
+                        ("pcie_gen", "nvmlDeviceGetCurrPcieLinkGeneration"),
+                        ("pcie_width", "nvmlDeviceGetCurrPcieLinkWidth")):
+            try:
+                fields[key] = int(getattr(pynvml, fn)(handle))
+            except (pynvml.NVMLError, AttributeError):
+                pass
+    except pynvml.NVMLError:
+        pass
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except pynvml.NVMLError:
+            pass
+    return fields
+
+
+def machine_fingerprint(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """GPU name, driver, PCIe link (CUDA only; null on the CPU), CPU model, core count, RAM; `id` hashes them."""
+    device = torch.device(device)
+    ram = psutil.virtual_memory().total
+    fp: dict[str, Any] = {
+        "device_type": device.type,
+        "gpu_name": None, "gpu_driver": None, "gpu_memory_total": None,
+        "pcie_max_gen": None, "pcie_max_width": None, "pcie_gen": None, "pcie_width": None, "cuda_version": None,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_physical_cores": psutil.cpu_count(logical=False),
+        "ram_total": int(ram),
+        "ram_total_gib": round(ram / 2 ** 30),  # rounded: what the kernel reserves may move a few MiB
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        fp.update(_gpu_fields(device))
+    fp["id"] = machine_id(fp)
+    return fp
+
+
+def machine_id(fp: dict[str, Any]) -> str:
+    return short_hash({k: fp.get(k) for k in _IDENTITY_FIELDS})
+
+
+def describe_machine(fp: dict[str, Any]) -> str:
+    cpu = f"{fp.get('cpu_model')} ({fp.get('cpu_count')} threads, {fp.get('ram_total_gib')} GiB RAM)"
+    if fp.get("gpu_name"):
+        link = (f", PCIe gen{fp['pcie_max_gen']} x{fp['pcie_max_width']}"
+                if fp.get("pcie_max_gen") else "")
+        return f"{fp['gpu_name']} (driver {fp.get('gpu_driver') or '?'}{link}) on {cpu}"
+    return cpu
+
+
+# --- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, *, min_time: float, max_repeats: int,
+              warmup: int = 1) -> float:
+    """Median seconds of fn(), repeated until `min_time` has passed or `max_repeats` runs; CUDA synchronised."""
+    assert max_repeats >= 1
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < max_repeats and (spent < min_time or not times):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+        times.append(dt)
+        spent += dt
+    return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class Effort:
+    """How hard to measure: minimum seconds per point, most repeats, size of the bandwidth copies."""
+
+    min_time: float = 0.25
+    max_repeats: int = 20
+    copy_bytes: int = 512 * 2 ** 20
+
+    @classmethod
+    def quick(cls) -> "Effort":
+        return cls(min_time=0.01, max_repeats=3, copy_bytes=16 * 2 ** 20)
+
+
+# --- bandwidth
+
+
+def _host_buffer(numel: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    if pin:
+        try:
+            return torch.empty(numel, dtype=dtype, pin_memory=True)
+        except RuntimeError:
+            print("warning: pinned host memory was refused; measuring pageable copies", file=sys.stderr)
+    return torch.empty(numel, dtype=dtype)
+
+
+def copy_time(nbytes: int, device: torch.device, effort: Effort) -> float:
+    """Seconds for one host-to-device copy of `nbytes` from pinned memory (a memcpy when the device is the CPU)."""
+    n = max(1, nbytes)
+    src = _host_buffer(n, torch.uint8, pin=device.type == "cuda")
+    src.fill_(1)
+    dst = torch.empty(n, dtype=torch.uint8, device=device)
+    copy = (lambda: dst.copy_(src, non_blocking=True)) if device.type == "cuda" else (lambda: dst.copy_(src))
+    return time_call(copy, device, min_time=effort.min_time, max_repeats=max(3, effort.max_repeats))
+
+
+def measure_bandwidth(device: torch.device, effort: Effort) -> float:
+    """Bytes per second of large host-to-device copies (pinned on CUDA; memcpy on the CPU)."""
+    return effort.copy_bytes / copy_time(effort.copy_bytes, device, effort)
+
+
+# --- random weights of a model's real shapes
+
+
+def random_layer(args: ModelArgs, dtype: torch.dtype, device: torch.device, generator: torch.Generator,
+                 std: float = 0.02) -> dict[str, torch.Tensor]:
+    """One decoder layer as one packed buffer (as the streamer holds it), random normal weights, unit norms."""
+    layout, numel = layer_layout(args, dtype)
+    buf = torch.empty(numel, dtype=dtype, device=device)
+    w = views(buf, layout)
+    for name, t in w.items():
+        if name.endswith("layernorm.weight"):
+            t.fill_(1.0)
+        else:
+            t.normal_(0.0, std, generator=generator)
+    return w
+
+
+def _device_generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _random_globals(args: ModelArgs, dtype: torch.dtype, device: torch.device, g: torch.Generator):
+    from offload_runtime.model import GlobalWeights
+
+    embed = torch.empty(args.vocab_size, args.dim, dtype=dtype, device=device).normal_(0, 0.02, generator=g)
+    head = embed if args.tie_word_embeddings else torch.empty_like(embed).normal_(0, 0.02, generator=g)
+    return GlobalWeights(embed=embed, norm=torch.ones(args.dim, dtype=dtype, device=device), lm_head=head)
+
+
+def _copies_for_timing(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> int:
+    """Distinct layer copies to cycle through, so weights are not cache-hot in a way a sweep never is."""
+    layer_bytes = layer_layout(args, dtype)[1] * itemsize(dtype)
+    budget = 2 ** 30 if device.type == "cuda" else 512 * 2 ** 20
+    return max(1, min(args.n_layers, 8, budget // max(1, layer_bytes)))
+
+
+# --- the target's curves
+
+
+def _chain_mask(prefix: int, n: int, device: torch.device) -> torch.Tensor:
+    """[1, 1, n, prefix + n]: every token sees the prefix and the tokens before it (a dense mask like a tree's)."""
+    mask = torch.ones(n, prefix + n, dtype=torch.bool)
+    mask[:, prefix:] = torch.ones(n, n, dtype=torch.bool).tril_()
+    return mask[None, None].to(device)
+
+
+def layer_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, grid: Sequence[int], *,
+                     prefix: int = DEFAULT_PREFIX, effort: Effort = Effort(), seed: int = 0,
+                     progress: Callable[[int], None] | None = None) -> list[float]:
+    """T_layer(n) for n in `grid`: seconds of one decoder layer over n new tokens against `prefix` cached ones."""
+    from offload_runtime.model import decoder_layer, rope_cos_sin, rope_inv_freq
+
+    grid = _check_grid(grid)
+    g = _device_generator(device, seed)
+    m = _copies_for_timing(args, dtype, device)
+    layers = [random_layer(args, dtype, device, g) for _ in range(m)]
+    S = prefix + max(grid) + 1
+    caches = [(torch.zeros(1, args.n_kv_heads, S, args.head_dim, dtype=dtype, device=device),
+               torch.zeros(1, args.n_kv_heads, S, args.head_dim, dtype=dtype, device=device)) for _ in range(m)]
+    inv_freq = rope_inv_freq(args, device)
+    out: list[float] = []
+    with torch.inference_mode():
+        for n in grid:
+            x = torch.randn(1, n, args.dim, generator=g, device=device, dtype=torch.float32).to(dtype)
+            positions = torch.arange(prefix, prefix + n, device=device)[None]
+            cos, sin = rope_cos_sin(inv_freq, positions, dtype)
+            mask = _chain_mask(prefix, n, device)
+
+            def run() -> None:
+                for w, (k, v) in zip(layers, caches):
+                    decoder_layer(args, w, x, cos, sin, mask, k, v, positions)
+
+            out.append(time_call(run, device, min_time=effort.min_time, max_repeats=effort.max_repeats) / m)
+            if progress:
+                progress(1)
+    return out
+
+
+def head_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, grid: Sequence[int], *,
+                    effort: Effort = Effort(), seed: int = 0,
+                    progress: Callable[[int], None] | None = None) -> list[float]:
+    """T_head(n): embedding lookup, final norm, lm_head and the probability warp for n tokens."""
+    from offload_runtime.model import rms_norm
+    from offload_runtime.sampling import warp_probs
+
+    grid = _check_grid(grid)
+    g = _device_generator(device, seed)
+    gw = _random_globals(args, dtype, device, g)
+    out: list[float] = []
+    with torch.inference_mode():
+        for n in grid:
+            tokens = torch.randint(0, args.vocab_size, (1, n), generator=g, device=device)
+
+            def run() -> None:
+                x = F.embedding(tokens, gw.embed)
+                logits = F.linear(rms_norm(x, gw.norm, args.rms_norm_eps), gw.lm_head)
+                warp_probs(logits[0], 1.0, 1.0)
+
+            out.append(time_call(run, device, min_time=effort.min_time, max_repeats=effort.max_repeats))
+            if progress:
+                progress(1)
+    return out
+
+
+def host_time_curve(args: ModelArgs, device: torch.device, grid: Sequence[int], *, prefix: int = DEFAULT_PREFIX,
+                    effort: Effort = Effort(), seed: int = 0,
+                    progress: Callable[[int], None] | None = None) -> list[float]:
+    """T_host(n): the step's host work for a tree of n nodes: the target forward's inputs and the verification walk.
+
+    The trees are the best-first trees of the default acceptance vector (the shapes plans use); the walk runs
+    Sequoia's verifier on random P and Q of the target's vocabulary, which visits about as many nodes as a
+    real step (a few children per level, down a short path).
+    """
+    from offload_runtime.inputs import RowChunk, build_forward
+    from offload_runtime.tree import Tree
+    from offload_runtime.verify import verify
+
+    from .tree_search import DEFAULT_ACCEPTANCE, best_first_tree
+
+    grid = _check_grid(grid)
+    g = torch.Generator().manual_seed(seed)
+    out: list[float] = []
+    for n in grid:
+        parents = best_first_tree(DEFAULT_ACCEPTANCE, n, 16)[1] if n > 1 else [-1]
+        tree = Tree(parents)
+        tokens = torch.randint(0, args.vocab_size, (len(parents),), generator=g).tolist()
+        # One row broadcast to every node: the walk reads rows one at a time, and [n, V] of real rows
+        # would take gigabytes for large vocabularies and trees.
+        P = torch.rand(args.vocab_size, generator=g).softmax(-1).to(device).expand(len(parents), -1)
+        Q = torch.rand(args.vocab_size, generator=g).softmax(-1).to(device).expand(len(parents), -1)
+        rng = torch.Generator().manual_seed(seed + n)
+
+        def run() -> None:
+            build_forward([RowChunk(prefix, tree, tokens, range(len(tree)), range(len(tree)))], prefix + len(tree),
+                          args.sliding_window, device)
+            verify("sequoia", parents, tokens, P, Q, rng)
+
+        out.append(time_call(run, device, min_time=effort.min_time, max_repeats=effort.max_repeats))
+        if progress:
+            progress(1)
+    return out
+
+
+# --- the draft's curve
+
+
+def draft_level_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, grid: Sequence[int], *,
+                      prefix: int = DEFAULT_PREFIX, effort: Effort = Effort(), seed: int = 0,
+                      progress: Callable[[int], None] | None = None) -> list[float]:
+    """T_level(w): one draft forward over w tree nodes of one level, then drawing their children, as the engine does.
+
+    The whole draft is built (random weights, every layer distinct: it is resident in a real run too).
+    """
+    from offload_runtime.inputs import RowChunk, build_forward
+    from offload_runtime.kv_cache import KVCache
+    from offload_runtime.model import ResidentLayers, Transformer
+    from offload_runtime.sampling import gumbel_top_k, warp_probs
+    from offload_runtime.tree import Tree
+
+    grid = _check_grid(grid)
+    g = _device_generator(device, seed)
+    model = Transformer(args, _random_globals(args, dtype, device, g),
+                        ResidentLayers([random_layer(args, dtype, device, g) for _ in range(args.n_layers)]), device)
+    cache = KVCache(args, 1, prefix + max(grid) + 2, dtype, device)
+    out: list[float] = []
+    for w in grid:
+        tree = Tree([-1] + [0] * w)  # the level's w nodes; siblings or cousins cost the same
+        tokens = torch.randint(0, args.vocab_size, (w + 1,), generator=torch.Generator().manual_seed(w)).tolist()
+        row = RowChunk(prefix, tree, tokens, range(1, w + 1), range(w))
+
+        def run() -> None:
+            batch = build_forward([row], cache.scratch_slot, args.sliding_window, device)
+            logits = model.forward(batch, cache)
+            probs = warp_probs(logits[0], 1.0, 1.0).float()
+            gumbel_top_k(probs, [2] * w, g).tolist()  # .tolist(): the engine reads the children on the host
+
+        out.append(time_call(run, device, min_time=effort.min_time, max_repeats=effort.max_repeats))
+        if progress:
+            progress(1)
+    return out
+
+
+def _check_grid(grid: Iterable[int]) -> list[int]:
+    grid = [int(n) for n in grid]
+    if not grid or any(n < 1 for n in grid) or grid != sorted(set(grid)):
+        raise UsageError(f"a grid of token counts must be increasing whole numbers >= 1, got {grid}")
+    return grid
+
+
+def parse_grid(text: str) -> list[int]:
+    """'1,2,4,8' or '1-64' (powers of two from 1 to 64)."""
+    try:
+        if "-" in text and "," not in text:
+            lo, hi = (int(x) for x in text.split("-"))
+            if lo < 1 or hi < lo:
+                raise ValueError
+            grid = sorted({lo, hi, *(2 ** k for k in range(int(math.log2(hi)) + 1) if lo <= 2 ** k <= hi)})
+        else:
+            grid = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"cannot read grid {text!r}; write it like 1,2,4,8 or 1-4096") from None
+    return _check_grid(grid)
+
+
+# --- a whole profile
+
+
+def shape_fields(args: ModelArgs) -> dict[str, Any]:
+    """The fields of ModelArgs that decide timings (not rope, eps or token ids)."""
+    keys = ("model_type", "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "intermediate_size",
+            "tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias", "sliding_window")
+    return {k: getattr(args, k) for k in keys}
+
+
+def shape_id(args: ModelArgs) -> str:
+    return short_hash(shape_fields(args), 12)
+
+
+def profile_path(machine: str, device: torch.device, dtype: torch.dtype, target: ModelArgs,
+                 draft: ModelArgs | None) -> Path:
+    dname = str(dtype).replace("torch.", "")
+    return store_dir("profiles") / (f"{machine[:12]}-{device.type}-{dname}-{shape_id(target)}-"
+                                    f"{shape_id(draft) if draft is not None else 'nodraft'}.json")
+
+
+def run_profile(target: ModelArgs, draft: ModelArgs | None, device: torch.device, dtype: torch.dtype, *,
+                grid: Sequence[int] = DEFAULT_GRID, prefix: int = DEFAULT_PREFIX, effort: Effort = Effort(),
+                names: tuple[str, str | None] = ("target", None), progress: bool = False,
+                log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Measure everything a plan needs for this machine and model pair; returns the profile as a JSON dict."""
+    grid = _check_grid(grid)
+    if prefix < 0:
+        raise UsageError(f"prefix must be >= 0, got {prefix}")
+    fp = machine_fingerprint(device)
+    layer_bytes = layer_layout(target, dtype)[1] * itemsize(dtype)
+    steps = 3 * len(grid) + (len(grid) if draft is not None else 0)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="profiling", unit="point", leave=False, file=sys.stderr)
+    tick = bar.update if bar is not None else None
+    try:
+        log(f"measuring {'pinned host-to-device' if device.type == 'cuda' else 'memcpy'} bandwidth")
+        bandwidth = measure_bandwidth(device, effort)
+        layer_copy = copy_time(layer_bytes, device, effort)
+        log(f"timing one {names[0]} decoder layer for {grid[0]}..{grid[-1]} tokens")
+        layer_s = layer_time_curve(target, dtype, device, grid, prefix=prefix, effort=effort, progress=tick)
+        head_s = head_time_curve(target, dtype, device, grid, effort=effort, progress=tick)
+        host_s = host_time_curve(target, device, grid, prefix=prefix, effort=effort, progress=tick)
+        level_s = None
+        if draft is not None:
+            log(f"timing the draft {names[1]} per tree level")
+            level_s = draft_level_curve(draft, dtype, device, grid, prefix=prefix, effort=effort, progress=tick)
+    finally:
+        if bar is not None:
+            bar.close()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {
+        "kind": "profile",
+        "version": PROFILE_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": fp,
+        "device": device.type,
+        "dtype": str(dtype).replace("torch.", ""),
+        "target": {"name": names[0], "shape": shape_fields(target), "shape_id": shape_id(target)},
+        "draft": None if draft is None else {"name": names[1], "shape": shape_fields(draft), "shape_id": shape_id(draft)},
+        "bandwidth_Bps": bandwidth,
+        "bandwidth_copy_bytes": effort.copy_bytes,
+        "pinned": device.type == "cuda",
+        "layer_bytes": layer_bytes,
+        "layer_copy_s": layer_copy,
+        "prefix": prefix,
+        "threads": torch.get_num_threads(),
+        "grid": grid,
+        "layer_s": layer_s,
+        "head_s": head_s,
+        "host_s": host_s,
+        "draft_level_s": level_s,
+    }
+
+
+def check_profile(profile: dict[str, Any], device: torch.device, dtype: torch.dtype, target: ModelArgs,
+                  draft: ModelArgs | None, where: str) -> None:
+    """A profile given by hand must describe the device, dtype and model shapes being planned for."""
+    want = {"device": device.type, "dtype": str(dtype).replace("torch.", ""), "target": shape_id(target),
+            "draft": shape_id(draft) if draft is not None else None}
+    have = {"device": profile.get("device"), "dtype": profile.get("dtype"),
+            "target": (profile.get("target") or {}).get("shape_id"),
+            "draft": (profile.get("draft") or {}).get("shape_id")}
+    wrong = [f"{k} {have[k]} (need {want[k]})" for k in want if have[k] != want[k]]
+    if wrong:
+        raise UsageError(f"profile {where} does not fit this plan: {', '.join(wrong)}; profile again with "
+                         f"`python -m planner profile` and the same --model, --draft, --device and --dtype")
+
+
+def read_profile(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read profile {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{path} is not a valid profile (not JSON); delete it and run `python -m planner profile`") \
+            from None
+    need = ("grid", "layer_s", "head_s", "host_s", "layer_bytes", "layer_copy_s", "machine", "device", "dtype")
+    missing = [k for k in need if k not in data] if isinstance(data, dict) else list(need)
+    if missing or data.get("kind") != "profile":
+        raise UsageError(f"{path} is not a planner profile (missing {', '.join(missing) or 'kind'}); "
+                         f"delete it and run `python -m planner profile`")
+    return data

@@ -43,8 +43,11 @@ class SequenceStats:
     prefill_tokens: int = 0  # tokens the target ran as pending chains (prompt, chat turns, cut paths)
     accepted_per_step: list[int] = field(default_factory=list)  # path length (without the bonus) per step
     accepted_ranks: list[tuple[int, ...]] = field(default_factory=list)  # per step: sibling rank of each path node
+    # Wall time of the sweeps this sequence took part in, split by phase (in a batch the rows share them).
     time_s: float = 0.0
-    first_token_s: float | None = None
+    draft_s: float = 0.0
+    verify_s: float = 0.0  # the target sweep
+    other_s: float = 0.0  # verification walk, cache compaction, bookkeeping
 
     @property
     def tokens_per_step(self) -> float:
@@ -240,6 +243,9 @@ class Decoder:
         self.times.add(StepTimes(draft_s=t1 - t0, verify_s=t2 - t1, other_s=t3 - t2, steps=1, sweeps=1))
         for _, s in live:
             s.stats.time_s += t3 - t0
+            s.stats.draft_s += t1 - t0
+            s.stats.verify_s += t2 - t1
+            s.stats.other_s += t3 - t2
 
     # --- drafting
 
@@ -350,8 +356,6 @@ class Decoder:
         s.stats.accepted_ranks.append(tuple(tree.children[tree.parents[u]].index(u) + 1 for u in result.path))
         s.tokens.extend(emitted)
         s.stats.new_tokens = len(s.generated)
-        if s.stats.first_token_s is None:
-            s.stats.first_token_s = s.stats.time_s
         if finish is None and s.on_tokens is not None and s.on_tokens(s, emitted):
             finish = "stop"
         if finish is None and len(s.tokens) > self.target_cache.max_len:

@@ -32,6 +32,7 @@ from .streaming import StreamedLayers, SweepStats
 from .tree import Tree
 
 Prompt = str | Sequence[int]
+SPEC_METHODS = ("sequoia", "specinfer", "topk")  # how sampled trees are drawn and verified (greedy is automatic)
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -148,14 +149,13 @@ class Engine:
     def __init__(self, target: Transformer, draft: Transformer | None, tokenizer, *, max_seq_len: int,
                  batch_size: int = 1, tree: Tree | None = None, method: str = "sequoia",
                  generation_config: dict[str, Any] | None = None, eos_ids: Sequence[int] = (),
-                 name: str = "model", plan_info: dict[str, Any] | None = None, max_chunk: int = 2048):
+                 name: str = "model", max_chunk: int = 2048):
         self.target, self.draft, self.tokenizer = target, draft, tokenizer
         self.name = name
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
         self.generation_config = generation_config or {}
         self.eos_ids = frozenset(eos_ids)
-        self.plan_info = plan_info or {}
         dtype = target.dtype
         target_cache = KVCache(target.args, batch_size, max_seq_len, dtype, target.device)
         draft_cache = KVCache(draft.args, batch_size, max_seq_len, draft.dtype, draft.device) if draft else None
@@ -192,6 +192,8 @@ class Engine:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if slots < 1:
             raise UsageError(f"slots must be >= 1, got {slots}")
+        if method not in SPEC_METHODS:
+            raise UsageError(f"unknown verification method {method!r}; use one of {', '.join(SPEC_METHODS)}")
         target_path, target_ckpt = _open_checkpoint(model)
         targs = target_ckpt.args
         dt = parse_dtype(dtype, dev, targs.torch_dtype)
@@ -212,7 +214,7 @@ class Engine:
                 tree = plan_obj.tree
                 if gpu_memory is None and resident_layers is None and plan_obj.offload:
                     gpu_memory = plan_obj.gpu_memory  # the budget the plan chose its resident layers for
-        chosen_tree = _choose_tree(tree) if draft_ckpt is not None else None
+        chosen_tree = _choose_tree(tree, dev) if draft_ckpt is not None else None
         fixed = fixed_device_bytes(targs, dt, draft_args=draft_ckpt.args if draft_ckpt else None, batch=batch_size,
                                    max_seq_len=seq_len, tree_size=len(chosen_tree) if chosen_tree else 1,
                                    max_chunk=max_chunk, slots=slots, on_cuda=dev.type == "cuda")
@@ -518,7 +520,7 @@ def _find_plan(plan: str | os.PathLike, target: Path, draft: Path, device: torch
     return found
 
 
-def _choose_tree(tree: Sequence[int] | Tree | None) -> Tree:
+def _choose_tree(tree: Sequence[int] | Tree | None, device: torch.device) -> Tree:
     if isinstance(tree, Tree):
         return tree
     if tree is not None:
@@ -528,4 +530,6 @@ def _choose_tree(tree: Sequence[int] | Tree | None) -> Tree:
             raise UsageError(f"invalid tree: {e}") from None
     from planner.tree_search import DEFAULT_ACCEPTANCE, best_tree
 
-    return Tree(best_tree(DEFAULT_ACCEPTANCE, 16, 6)[1])
+    # Without a plan: a GPU verifies a bigger tree for about the price of one token (more so when streaming);
+    # a CPU's verification cost grows with the tree at once.
+    return Tree(best_tree(DEFAULT_ACCEPTANCE, 64 if device.type == "cuda" else 16, 8 if device.type == "cuda" else 6)[1])

@@ -110,3 +110,41 @@ def test_bad_inputs_raise_clear_errors(checkpoints):
         Engine.from_pretrained(checkpoints["llama-mha"], dtype="int8")
     with pytest.raises(UsageError, match="device"):
         Engine.from_pretrained(checkpoints["llama-mha"], device="tpu")
+
+
+def test_stream_pieces_join_to_the_generated_text(tiny_pair):
+    target, draft = tiny_pair
+    engine = Engine.from_pretrained(target, draft=str(draft), dtype="float32")
+    pieces = list(engine.stream("the cat sat", max_new_tokens=12, temperature=0, ignore_eos=True))
+    whole = engine.generate("the cat sat", max_new_tokens=12, temperature=0, ignore_eos=True)[0]
+    assert len(pieces) > 1 and "".join(pieces) == whole.text
+    stats = whole.stats
+    assert stats.time_s >= stats.draft_s + stats.verify_s > 0 and stats.other_s >= 0
+    assert sum(stats.histogram().values()) == stats.steps
+
+
+def test_stop_strings_cut_text_and_generation(tiny_pair):
+    target, _ = tiny_pair
+    engine = Engine.from_pretrained(target, draft=False, dtype="float32")
+    full = engine.generate("the cat sat", max_new_tokens=12, temperature=0, ignore_eos=True)[0].text
+    words = full.split()
+    stop = words[3]
+    cut = engine.generate("the cat sat", max_new_tokens=12, temperature=0, ignore_eos=True, stop=[stop])[0]
+    assert cut.finish_reason == "stop" and stop not in cut.text and full.startswith(cut.text)
+    assert len(cut.token_ids) < 12
+
+
+def test_generation_config_supplies_sampling_defaults(tiny_pair, tmp_path):
+    import shutil
+
+    from helpers import write_generation_config
+
+    target, _ = tiny_pair
+    path = shutil.copytree(target, tmp_path / "t")
+    write_generation_config(path, do_sample=True, temperature=0.7, top_p=0.85, eos_token_id=2)
+    engine = Engine.from_pretrained(path, draft=False, dtype="float32")
+    params = engine.sampling_params(None, None, None, False, 1)
+    assert (params.temperature, params.top_p) == (0.7, 0.85)
+    write_generation_config(path, do_sample=False)
+    engine = Engine.from_pretrained(path, draft=False, dtype="float32")
+    assert engine.sampling_params(None, None, None, False, 1).temperature == 0.0

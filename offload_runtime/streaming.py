@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
@@ -54,13 +55,29 @@ def views(buffer: torch.Tensor, layout: Mapping[str, tuple[int, tuple[int, ...]]
     return out
 
 
-def _alloc_host(numel: int, dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, bool]:
-    if pin:
-        try:
-            return torch.empty(numel, dtype=dtype, pin_memory=True), True
-        except RuntimeError:
-            pass
-    return torch.empty(numel, dtype=dtype), False
+def alloc_host(numel: int, dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, bool]:
+    """A host tensor of exactly `numel` elements, page-locked when asked and allowed: (tensor, pinned).
+
+    PyTorch's pinned allocator rounds every block up to a power of two (a 1.6 GiB 70B layer would take 2 GiB), so
+    the buffer is allocated pageable and then registered with the driver (cudaHostRegister), which pins exactly
+    its own pages; it is unregistered when the tensor is freed. Where registration is refused, the caching
+    allocator's pinned memory is the fallback, then pageable memory.
+    """
+    buf = torch.empty(numel, dtype=dtype)
+    if not pin or numel == 0:
+        return buf, False
+    try:
+        cudart = torch.cuda.cudart()
+        nbytes = numel * buf.element_size()
+        if int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
+            weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
+            return buf, True
+    except (RuntimeError, AttributeError, AssertionError):
+        pass
+    try:
+        return torch.empty(numel, dtype=dtype, pin_memory=True), True
+    except RuntimeError:
+        return buf, False
 
 
 class HostLayerStore:
@@ -83,7 +100,7 @@ class HostLayerStore:
         return self.layer_bytes * len(self.layer_ids)
 
     def _new_buffer(self) -> torch.Tensor:
-        buf, pinned = _alloc_host(self.layer_numel, self.dtype, self._want_pin)
+        buf, pinned = alloc_host(self.layer_numel, self.dtype, self._want_pin)
         if self._want_pin and not pinned:
             warnings.warn("pinned host memory was refused; streaming from pageable memory (slower copies)",
                           RuntimeWarning, stacklevel=3)

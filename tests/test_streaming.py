@@ -114,7 +114,7 @@ def test_too_little_ram_is_a_clear_error_before_allocating(deep, monkeypatch):
     def no_alloc(*a, **k):
         raise AssertionError("allocated host memory despite the RAM check")
 
-    monkeypatch.setattr(streaming, "_alloc_host", no_alloc)
+    monkeypatch.setattr(streaming, "alloc_host", no_alloc)
     with pytest.raises(ResourceError, match=r"streaming m .* needs .* of host RAM but only 9.8 KiB is available"):
         Engine.from_pretrained(deep, dtype="float32", draft=False, offload=True)
     with pytest.raises(ResourceError, match=r"loading m .* needs .* of host RAM"):

@@ -326,8 +326,8 @@ class Decoder:
         if params.greedy:
             result = verify.verify_greedy(list(tree.parents), node_tokens, logits)
         else:
-            P = sampling.warp_probs(logits, params.temperature, params.top_p)
-            Q = q if q is not None else torch.zeros_like(P)
+            P = sampling.WarpedRows(logits, params.temperature, params.top_p)  # only the walk's rows get warped
+            Q = q if q is not None else torch.zeros(P.shape, device=logits.device)
             result = verify.verify(self.method, list(tree.parents), node_tokens, P, Q, s.rng)
         emitted = [node_tokens[u] for u in result.path] + [result.bonus_token]
         # Cut where EOS, max_new_tokens or a stop condition fall.

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .errors import UsageError
 
-__all__ = ["make_generator", "warp_probs", "sample", "gumbel_top_k"]
+__all__ = ["make_generator", "warp_probs", "WarpedRows", "sample", "gumbel_top_k"]
 
 
 # --- generators
@@ -81,6 +81,33 @@ def warp_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
         flat = flat.masked_fill(_top_p_mask(flat, float(top_p)), -math.inf)
         scores = flat.reshape(scores.shape)
     return scores.softmax(dim=-1)
+
+
+class WarpedRows:
+    """warp_probs(logits) [n, V], computed one row at a time when a row is first read.
+
+    The verifier walks a handful of the tree's n rows; warping only those saves a vocabulary-wide sort per
+    unvisited node when top-p is on. Indexing a row gives exactly warp_probs(logits[row]).
+    """
+
+    def __init__(self, logits: Tensor, temperature: float, top_p: float):
+        assert logits.dim() == 2, f"logits must be [n, V], got {tuple(logits.shape)}"
+        _check_warp_args(temperature, top_p)
+        self.logits, self.temperature, self.top_p = logits, temperature, top_p
+        self._rows: dict[int, Tensor] = {}
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.logits.shape
+
+    def dim(self) -> int:
+        return 2
+
+    def __getitem__(self, row: int) -> Tensor:
+        row = int(row)
+        if row not in self._rows:
+            self._rows[row] = warp_probs(self.logits[row], self.temperature, self.top_p)
+        return self._rows[row]
 
 
 # --- drawing tokens

@@ -183,8 +183,11 @@ def ensure_profile(args: argparse.Namespace, dev, tref, targs, dref, dargs, dt, 
     path = Path(args.output) if getattr(args, "output", None) and args.command == "profile" else \
         hardware.profile_path(fp["id"], dev, dt, targs, dargs)
     if not force and path.is_file():
-        profile = hardware.read_profile(path)
-        if profile["machine"].get("id") == fp["id"]:
+        try:
+            profile = hardware.read_profile(path)
+        except UsageError:  # from an older profiler: measure again
+            profile = {"machine": {}}
+        if profile["machine"].get("id") == fp["id"] and hardware.is_current(profile):
             _notice(f"using profile {path} (made {profile.get('created', '?')})")
             return profile, path
     _notice(f"profiling {tref.name}{f' and draft {dref.name}' if dref else ''} on {hardware.describe_machine(fp)}, "
@@ -372,7 +375,8 @@ def build_plan(args: argparse.Namespace):
         return opt.residency(targs, dt, dev, draft=dargs, budget_bytes=budget, batch=B, max_seq_len=max_seq_len,
                              max_tree=args.max_tree, slots=args.slots, offload=args.offload)
 
-    tm = opt.time_model_from_profile(profile, resident=targs.n_layers, n_layers=targs.n_layers)
+    tm = opt.time_model_from_profile(profile, resident=targs.n_layers, n_layers=targs.n_layers,
+                                     temperature=temperature, top_p=top_p)
     best, choices = opt.optimize_batch(p, tm, batches, residency_of, max_tree=args.max_tree,
                                        max_depth=args.max_depth, top=args.top)
     c = best.optimum.best
@@ -385,7 +389,7 @@ def build_plan(args: argparse.Namespace):
         "overlap": tm_best.overlap, "stream_s": tm_best.stream_s if res.offload else 0.0,
         "prefix": profile.get("prefix"), "threads": profile.get("threads"), "grid": profile["grid"],
         "layer_s": profile["layer_s"], "head_s": profile["head_s"], "host_s": profile["host_s"],
-        "draft_level_s": profile["draft_level_s"],
+        "warp_s": profile["warp_s"], "draft_level_s": profile["draft_level_s"],
     }
     row = c.row()
     predicted = {k: row[k] for k in ("tokens_per_step", "step_s", "draft_s", "verify_s", "host_s", "s_per_token",

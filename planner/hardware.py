@@ -35,7 +35,7 @@ from offload_runtime.errors import UsageError
 from offload_runtime.memory import itemsize
 from offload_runtime.streaming import layer_layout, views
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: warp_s (top-p warping cost per row count)
 
 # 1, 2, 3, 4, 6, 8, 12, ... 4096: powers of two and the points halfway between them (in log scale), so a
 # kernel's tile steps show up and linear interpolation between grid points stays close.
@@ -326,9 +326,8 @@ def layer_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
 def head_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, grid: Sequence[int], *,
                     effort: Effort = Effort(), seed: int = 0,
                     progress: Callable[[int], None] | None = None) -> list[float]:
-    """T_head(n): embedding lookup, final norm, lm_head and the probability warp for n tokens."""
+    """T_head(n): embedding lookup, final norm and lm_head for n tokens (warping is warp_s: only walked rows)."""
     from offload_runtime.model import rms_norm
-    from offload_runtime.sampling import warp_probs
 
     grid = _check_grid(grid)
     g = _device_generator(device, seed)
@@ -340,12 +339,32 @@ def head_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, g
 
             def run() -> None:
                 x = F.embedding(tokens, gw.embed)
-                logits = F.linear(rms_norm(x, gw.norm, args.rms_norm_eps), gw.lm_head)
-                warp_probs(logits[0], 1.0, 1.0)
+                F.linear(rms_norm(x, gw.norm, args.rms_norm_eps), gw.lm_head)
 
             out.append(time_call(run, device, min_time=effort.min_time, max_repeats=effort.max_repeats))
             if progress:
                 progress(1)
+    return out
+
+
+def warp_time_curve(vocab_size: int, device: torch.device, grid: Sequence[int], *, effort: Effort = Effort(),
+                    seed: int = 0, progress: Callable[[int], None] | None = None) -> list[float]:
+    """T_warp(rows): temperature and top-p warping of `rows` distributions over the vocabulary.
+
+    Measured with top-p on (its vocabulary-wide sort is the cost); the optimiser adds it to each draft level and to
+    the verifier's walk when a plan samples with top-p < 1.
+    """
+    from offload_runtime.sampling import warp_probs
+
+    grid = _check_grid(grid)
+    g = _device_generator(device, seed)
+    out: list[float] = []
+    for rows in grid:
+        logits = torch.randn(rows, vocab_size, generator=g, device=device)
+        out.append(time_call(lambda: warp_probs(logits, 0.7, 0.9), device, min_time=effort.min_time,
+                             max_repeats=effort.max_repeats))
+        if progress:
+            progress(1)
     return out
 
 
@@ -480,7 +499,7 @@ def run_profile(target: ModelArgs, draft: ModelArgs | None, device: torch.device
         raise UsageError(f"prefix must be >= 0, got {prefix}")
     fp = machine_fingerprint(device)
     layer_bytes = layer_layout(target, dtype)[1] * itemsize(dtype)
-    steps = 3 * len(grid) + (len(grid) if draft is not None else 0)
+    steps = 4 * len(grid) + (len(grid) if draft is not None else 0)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -495,6 +514,7 @@ def run_profile(target: ModelArgs, draft: ModelArgs | None, device: torch.device
         layer_s = layer_time_curve(target, dtype, device, grid, prefix=prefix, effort=effort, progress=tick)
         head_s = head_time_curve(target, dtype, device, grid, effort=effort, progress=tick)
         host_s = host_time_curve(target, device, grid, prefix=prefix, effort=effort, progress=tick)
+        warp_s = warp_time_curve(target.vocab_size, device, grid, effort=effort, progress=tick)
         level_s = None
         if draft is not None:
             log(f"timing the draft {names[1]} per tree level")
@@ -524,6 +544,7 @@ def run_profile(target: ModelArgs, draft: ModelArgs | None, device: torch.device
         "layer_s": layer_s,
         "head_s": head_s,
         "host_s": host_s,
+        "warp_s": warp_s,
         "draft_level_s": level_s,
     }
 
@@ -550,9 +571,15 @@ def read_profile(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UsageError(f"{path} is not a valid profile (not JSON); delete it and run `python -m planner profile`") \
             from None
-    need = ("grid", "layer_s", "head_s", "host_s", "layer_bytes", "layer_copy_s", "machine", "device", "dtype")
+    need = ("grid", "layer_s", "head_s", "host_s", "warp_s", "layer_bytes", "layer_copy_s", "machine", "device",
+            "dtype")
     missing = [k for k in need if k not in data] if isinstance(data, dict) else list(need)
     if missing or data.get("kind") != "profile":
         raise UsageError(f"{path} is not a planner profile (missing {', '.join(missing) or 'kind'}); "
                          f"delete it and run `python -m planner profile`")
     return data
+
+
+def is_current(profile: dict[str, Any]) -> bool:
+    """Made by this version of the profiler (older ones lack curves the optimiser now uses)."""
+    return profile.get("version") == PROFILE_VERSION

@@ -99,6 +99,7 @@ class TimeModel:
     bandwidth: float  # bytes per second of one layer's host-to-device copy
     overlap: bool = True  # copies overlap compute (CUDA) or add to it (CPU)
     overhead_s: float = 0.0  # anything else paid once per step
+    warp: Curve | None = None  # T_warp(rows): top-p warping, paid per drafted row and per walked row; None: top-p off
 
     def __post_init__(self) -> None:
         assert 0 <= self.resident <= self.n_layers, (self.resident, self.n_layers)
@@ -118,15 +119,19 @@ class TimeModel:
         out = core + self.head(tokens)
         return float(out) if np.ndim(out) == 0 else out
 
+    def _warp(self, rows: float) -> float:
+        return 0.0 if self.warp is None else float(self.warp(rows))
+
     def t_draft(self, parents: Sequence[int], batch: int = 1) -> float:
         if len(parents) <= 1:
             return 0.0
-        return sum(float(self.draft_level(batch * w)) for w in internal_per_level(parents))
+        return sum(float(self.draft_level(batch * w)) + batch * self._warp(w) for w in internal_per_level(parents))
 
     def step_parts(self, parents: Sequence[int], batch: int = 1) -> dict[str, float]:
         n = len(parents)
+        walked = len(internal_per_level(parents)) + 1  # the verifier warps at most one row per depth
         parts = {"draft_s": self.t_draft(parents, batch), "verify_s": float(self.t_verify(batch * n)),
-                 "host_s": batch * float(self.host(n)), "overhead_s": self.overhead_s}
+                 "host_s": batch * (float(self.host(n)) + self._warp(walked)), "overhead_s": self.overhead_s}
         parts["step_s"] = sum(parts.values())
         return parts
 
@@ -337,8 +342,10 @@ def suffix_min(seconds: Sequence[float]) -> tuple[float, ...]:
     return tuple(float(x) for x in np.minimum.accumulate(arr[::-1])[::-1])
 
 
-def time_model_from_profile(profile: dict[str, Any], *, resident: int, n_layers: int) -> TimeModel:
-    """The time model a profile (planner/hardware.py) describes, for R resident layers of L."""
+def time_model_from_profile(profile: dict[str, Any], *, resident: int, n_layers: int, temperature: float = 0.0,
+                            top_p: float = 1.0) -> TimeModel:
+    """The time model a profile (planner/hardware.py) describes, for R resident layers of L, sampling as given
+    (top-p warping sorts the vocabulary for every drafted and walked row; greedy and top-p 1 do not)."""
     grid = tuple(int(n) for n in profile["grid"])
     if profile.get("draft_level_s") is None:
         raise UsageError("this profile has no draft timings; profile again with --draft")
@@ -349,6 +356,7 @@ def time_model_from_profile(profile: dict[str, Any], *, resident: int, n_layers:
 
     return TimeModel(layer=curve("layer_s"), head=curve("head_s"), host=curve("host_s"),
                      draft_level=curve("draft_level_s"),
+                     warp=curve("warp_s") if temperature > 0 and top_p < 1 else None,
                      n_layers=n_layers, resident=resident, layer_bytes=layer_b,
                      bandwidth=layer_b / max(float(profile["layer_copy_s"]), 1e-12),
                      overlap=profile["device"] == "cuda")

@@ -3,6 +3,7 @@ profile -> acceptance -> plan path end to end on the CPU with tiny checkpoints (
 find_plan's messages, the command line's one-line errors)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -523,3 +524,17 @@ def test_engine_follows_the_plan(planned, pair, capsys):
     assert "built for dtype float32" in capsys.readouterr().err
     engine = Engine.from_pretrained(target, draft=str(draft), dtype="float32", tree=[-1, 0])
     assert list(engine.decoder.tree.parents) == [-1, 0] and capsys.readouterr().err == ""
+
+
+def test_top_p_warping_is_charged_per_drafted_and_walked_row():
+    base = model(opt.Curve.constant(1e-3), draft_s=1e-3)
+    warped = dataclasses.replace(base, warp=opt.Curve((1, 4), (1e-4, 4e-4)))
+    tree = [-1, 0, 0, 1, 1, 2, 3]  # levels with children: [1, 2, 1] nodes -> 3 draft levels, 4 walked rows at most
+    assert warped.t_draft(tree) - base.t_draft(tree) == pytest.approx((1 + 2 + 1) * 1e-4)
+    extra_host = warped.step_parts(tree)["host_s"] - base.step_parts(tree)["host_s"]
+    assert extra_host == pytest.approx(4e-4)
+    profile = {"grid": [1, 4], "layer_s": [1e-3, 1e-3], "head_s": [0, 0], "host_s": [0, 0], "warp_s": [1e-4, 4e-4],
+               "draft_level_s": [1e-3, 1e-3], "layer_bytes": 10, "layer_copy_s": 1e-6, "device": "cpu"}
+    assert opt.time_model_from_profile(profile, resident=1, n_layers=1, temperature=0.7, top_p=0.9).warp is not None
+    assert opt.time_model_from_profile(profile, resident=1, n_layers=1, temperature=0.7, top_p=1.0).warp is None
+    assert opt.time_model_from_profile(profile, resident=1, n_layers=1, temperature=0.0, top_p=0.9).warp is None

@@ -197,3 +197,15 @@ def test_gumbel_top_k_first_draw_has_probs_law_with_zeros() -> None:
     for first, second, third in itertools.islice(drawn.tolist(), 200):
         assert {first, second, third} == {1, 2, 4}
     assert chi_square_pvalue(torch.bincount(drawn[:, 0], minlength=5), p) > ALPHA
+
+
+def test_warped_rows_equal_warp_probs_row_by_row() -> None:
+    from offload_runtime.sampling import WarpedRows
+
+    logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    lazy = WarpedRows(logits, 0.7, 0.8)
+    full = warp_probs(logits, 0.7, 0.8)
+    assert lazy.shape == full.shape and lazy.dim() == 2
+    for i in (3, 0, 3):
+        assert torch.equal(lazy[i], full[i])
+    assert sorted(lazy._rows) == [0, 3]  # rows never read are never warped

@@ -117,6 +117,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     _profile_args(pl)
     _acceptance_args(pl)
     pl.add_argument("--remeasure", action="store_true", help="profile and measure acceptance again")
+    pl.add_argument("--no-calibrate", action="store_true",
+                    help="skip the short real-engine run that scales the time model to measured step times")
     pl.add_argument("--top", type=_positive_int, default=10, help="candidates in the table (default 10)")
     pl.add_argument("--plot", default=None, help="also plot tokens/s vs tree size into this PNG (needs matplotlib)")
     pl.add_argument("--output", default=None, help="write the plan here too (the store always gets a copy)")
@@ -379,6 +381,21 @@ def build_plan(args: argparse.Namespace):
                                      temperature=temperature, top_p=top_p)
     best, choices = opt.optimize_batch(p, tm, batches, residency_of, max_tree=args.max_tree,
                                        max_depth=args.max_depth, top=args.top)
+    calibration = None
+    if not args.no_calibrate and not (tref.is_preset or dref.is_preset) and best.optimum.best.n > 1:
+        from .calibrate import measure_step_split
+
+        tree = list(best.optimum.best.parents)
+        _notice(f"calibrating on {best.optimum.best.n}-node trees with the real engine")
+        measured = measure_step_split(str(tref.path), str(dref.path), device=dev, dtype=dt, tree=tree,
+                                      temperature=temperature, top_p=top_p, batch=best.batch,
+                                      offload=best.residency.offload, gpu_memory=budget,
+                                      tokens=16 if best.residency.offload else 64)  # streamed steps are slow
+        tm = tm.with_resident(len(best.residency.resident)).calibrated(measured, tree, best.batch)
+        calibration = {"tree": tree, "batch": best.batch, "measured": measured,
+                       "factors": {"draft": tm.draft_scale, "verify": tm.verify_scale, "host": tm.host_scale}}
+        best, choices = opt.optimize_batch(p, tm, batches, residency_of, max_tree=args.max_tree,
+                                           max_depth=args.max_depth, top=args.top)
     c = best.optimum.best
     tm_best = tm.with_resident(len(best.residency.resident))
     res = best.residency
@@ -389,7 +406,7 @@ def build_plan(args: argparse.Namespace):
         "overlap": tm_best.overlap, "stream_s": tm_best.stream_s if res.offload else 0.0,
         "prefix": profile.get("prefix"), "threads": profile.get("threads"), "grid": profile["grid"],
         "layer_s": profile["layer_s"], "head_s": profile["head_s"], "host_s": profile["host_s"],
-        "warp_s": profile["warp_s"], "draft_level_s": profile["draft_level_s"],
+        "warp_s": profile["warp_s"], "draft_level_s": profile["draft_level_s"], "calibration": calibration,
     }
     row = c.row()
     predicted = {k: row[k] for k in ("tokens_per_step", "step_s", "draft_s", "verify_s", "host_s", "s_per_token",

@@ -100,6 +100,10 @@ class TimeModel:
     overlap: bool = True  # copies overlap compute (CUDA) or add to it (CPU)
     overhead_s: float = 0.0  # anything else paid once per step
     warp: Curve | None = None  # T_warp(rows): top-p warping, paid per drafted row and per walked row; None: top-p off
+    # Calibration: measured / predicted for each phase of a real engine step (planner/calibrate.py); 1 = none.
+    draft_scale: float = 1.0
+    verify_scale: float = 1.0
+    host_scale: float = 1.0
 
     def __post_init__(self) -> None:
         assert 0 <= self.resident <= self.n_layers, (self.resident, self.n_layers)
@@ -107,6 +111,15 @@ class TimeModel:
 
     def with_resident(self, resident: int) -> "TimeModel":
         return replace(self, resident=resident)
+
+    def calibrated(self, measured: dict[str, float], parents: Sequence[int], batch: int = 1) -> "TimeModel":
+        """Scale each phase by measured / predicted seconds of one real step with this tree (draft_s, verify_s,
+        host_s per step, as the engine's StepTimes split them)."""
+        raw = replace(self, draft_scale=1.0, verify_scale=1.0, host_scale=1.0).step_parts(parents, batch)
+
+        def ratio(key: str) -> float:
+            return measured[key] / raw[key] if raw[key] > 0 and measured.get(key, 0) > 0 else 1.0
+        return replace(self, draft_scale=ratio("draft_s"), verify_scale=ratio("verify_s"), host_scale=ratio("host_s"))
 
     @property
     def stream_s(self) -> float:
@@ -116,8 +129,11 @@ class TimeModel:
     def t_verify(self, tokens: float | np.ndarray) -> float | np.ndarray:
         compute = self.n_layers * self.layer(tokens)
         core = np.maximum(self.stream_s, compute) if self.overlap else self.stream_s + compute
-        out = core + self.head(tokens)
+        out = self.verify_scale * (core + self.head(tokens))
         return float(out) if np.ndim(out) == 0 else out
+
+    def t_host(self, n: float | np.ndarray) -> float | np.ndarray:
+        return self.host_scale * self.host(n)
 
     def _warp(self, rows: float) -> float:
         return 0.0 if self.warp is None else float(self.warp(rows))
@@ -125,13 +141,15 @@ class TimeModel:
     def t_draft(self, parents: Sequence[int], batch: int = 1) -> float:
         if len(parents) <= 1:
             return 0.0
-        return sum(float(self.draft_level(batch * w)) + batch * self._warp(w) for w in internal_per_level(parents))
+        return self.draft_scale * sum(float(self.draft_level(batch * w)) + batch * self._warp(w)
+                                      for w in internal_per_level(parents))
 
     def step_parts(self, parents: Sequence[int], batch: int = 1) -> dict[str, float]:
         n = len(parents)
         walked = len(internal_per_level(parents)) + 1  # the verifier warps at most one row per depth
         parts = {"draft_s": self.t_draft(parents, batch), "verify_s": float(self.t_verify(batch * n)),
-                 "host_s": batch * (float(self.host(n)) + self._warp(walked)), "overhead_s": self.overhead_s}
+                 "host_s": batch * self.host_scale * (float(self.host(n)) + self._warp(walked)),
+                 "overhead_s": self.overhead_s}
         parts["step_s"] = sum(parts.values())
         return parts
 
@@ -239,7 +257,7 @@ def optimize(p: Sequence[float], tm: TimeModel, *, max_tree: int, max_depth: int
     assert table.N >= max_tree and table.depth >= max_depth, "table too small for the search"
     ns, ds, gs = candidate_pairs(table, max_tree, max_depth)
     # Lower bound of T_step for each pair: every one of its d levels costs at least the cheapest level time.
-    bound_s = (tm.t_verify(batch * ns) + batch * tm.host(ns) + tm.overhead_s + ds * tm.draft_level.floor
+    bound_s = (tm.t_verify(batch * ns) + batch * tm.t_host(ns) + tm.overhead_s + ds * tm.draft_scale * tm.draft_level.floor
                if ns.size else np.zeros(0))
     upper = batch * gs / bound_s if ns.size else np.zeros(0)
     order = np.argsort(-upper, kind="stable")

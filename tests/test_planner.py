@@ -538,3 +538,43 @@ def test_top_p_warping_is_charged_per_drafted_and_walked_row():
     assert opt.time_model_from_profile(profile, resident=1, n_layers=1, temperature=0.7, top_p=0.9).warp is not None
     assert opt.time_model_from_profile(profile, resident=1, n_layers=1, temperature=0.7, top_p=1.0).warp is None
     assert opt.time_model_from_profile(profile, resident=1, n_layers=1, temperature=0.0, top_p=0.9).warp is None
+
+
+def test_calibration_scales_each_phase_to_the_measured_step():
+    tm = model(opt.Curve((1, 64), (1e-3, 4e-3)), draft_s=2e-3)
+    tm = dataclasses.replace(tm, host=opt.Curve.constant(5e-4))
+    tree = [-1, 0, 0, 1, 2]
+    raw = tm.step_parts(tree)
+    measured = {"draft_s": 3 * raw["draft_s"], "verify_s": 1.5 * raw["verify_s"], "host_s": 2 * raw["host_s"]}
+    cal = tm.calibrated(measured, tree)
+    assert (cal.draft_scale, cal.verify_scale, cal.host_scale) == pytest.approx((3, 1.5, 2))
+    got = cal.step_parts(tree)
+    for key in measured:
+        assert got[key] == pytest.approx(measured[key])
+    # re-calibrating a calibrated model starts from the raw model, not on top of the old factors
+    assert cal.calibrated(measured, tree).draft_scale == pytest.approx(3)
+    # the search's lower bound stays a lower bound with the scales: branch and bound == exhaustive
+    table = best_trees(P3, 32, 6)
+    best = opt.optimize(P3, cal, max_tree=32, max_depth=6, top=3, table=table)
+    exhaustive = max(opt.evaluate(table.tree(n, d), table.value(n, d), cal).tokens_per_s
+                     for n in range(1, 33) for d in range(0, 7))
+    assert best.best.tokens_per_s == pytest.approx(exhaustive)
+
+
+def test_plan_records_its_calibration(planned):
+    cal = planned.figures["calibration"]
+    if planned.n == 1:
+        assert cal is None  # plain decoding: nothing to calibrate a tree with
+    else:
+        assert cal["measured"]["steps"] > 0 and set(cal["factors"]) == {"draft", "verify", "host"}
+        assert cal["tree"] and all(f > 0 for f in cal["factors"].values())
+
+
+def test_measure_step_split_on_the_real_engine(pair):
+    from planner.calibrate import measure_step_split
+
+    target, draft = pair
+    m = measure_step_split(str(target), str(draft), device=torch.device("cpu"), dtype=torch.float32,
+                           tree=[-1, 0, 0, 1], temperature=0.8, top_p=0.9, tokens=12)
+    assert m["steps"] >= 6 and m["tokens_per_sweep"] >= 1
+    assert m["draft_s"] > 0 and m["verify_s"] > 0 and m["host_s"] > 0

@@ -22,17 +22,24 @@ def measure_step_split(target: str, draft: str, *, device: torch.device, dtype: 
     """Mean seconds per step of each phase (draft_s, verify_s, host_s) while replying `tokens` tokens to short
     prompts, prompt processing included, as a chat turn does."""
     from offload_runtime.checkpoint import load_tokenizer
+    from offload_runtime.config import ModelArgs
     from offload_runtime.engine import Engine
 
     tokenizer = load_tokenizer(target)
-    prompts: list[Any] = list(BUILTIN_PROMPTS[: max(batch, 2)])
+    texts = list(BUILTIN_PROMPTS[: max(batch, 2)])
     if tokenizer is None:
         g = torch.Generator().manual_seed(seed)
-        prompts = [torch.randint(3, 64, (12,), generator=g).tolist() for _ in prompts]
+        prompts = [torch.randint(3, 64, (12,), generator=g).tolist() for _ in texts]
+    else:
+        prompts = [list(tokenizer(t).input_ids) for t in texts]
     per_prompt = max(2, tokens)
+    limit = ModelArgs.from_file(target).max_position_embeddings
+    room = max(1, limit - per_prompt - len(tree) - 2)
+    prompts = [p[-room:] for p in prompts]
     engine = Engine.from_pretrained(target, draft=draft, device=device, dtype=dtype, tree=list(tree), plan=None,
                                     quiet=True, progress=False, batch_size=batch, offload=offload,
-                                    gpu_memory=gpu_memory, max_seq_len=256 + per_prompt + len(tree))
+                                    gpu_memory=gpu_memory,
+                                    max_seq_len=min(limit, max(map(len, prompts)) + per_prompt + len(tree) + 2))
     engine.generate(prompts[:1], max_new_tokens=4, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=True)
     before = engine.decoder.times
     draft_s, verify_s, other_s, n = before.draft_s, before.verify_s, before.other_s, before.steps

@@ -120,11 +120,10 @@ class StepTimes:
     draft_s: float = 0.0
     verify_s: float = 0.0  # the target sweep
     other_s: float = 0.0  # verification walk, cache compaction, bookkeeping
-    steps: int = 0
-    sweeps: int = 0
+    steps: int = 0  # target sweeps
 
     def add(self, other: "StepTimes") -> None:
-        for f in ("draft_s", "verify_s", "other_s", "steps", "sweeps"):
+        for f in ("draft_s", "verify_s", "other_s", "steps"):
             setattr(self, f, getattr(self, f) + getattr(other, f))
 
 
@@ -164,22 +163,14 @@ class Decoder:
         self.vocab = target.args.vocab_size
         self.times = StepTimes()
 
-    @property
-    def device(self) -> torch.device:
-        return self.target.device
-
     def _sync(self) -> None:
         for dev in {self.target.device, self.draft.device if self.draft else self.target.device}:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
 
     def set_tree(self, tree: Tree) -> None:
+        """Use another tree from the next step on (benchmarks compare tree shapes on one loaded engine)."""
         self.tree = tree if self.draft is not None else Tree([-1])
-
-    def fits(self, seq: Request) -> bool:
-        """Whether the row has room for its pending tokens and at least a one-node tree."""
-        pending = len(seq.tokens) - 1 - seq.target_cached
-        return seq.target_cached + pending + 1 <= self.target_cache.max_len
 
     # --- one step
 
@@ -240,7 +231,7 @@ class Decoder:
                 continue
             self._verify_and_commit(s, trees[b], drafted[b], logits[b, : len(trees[b])], pending)
         t3 = time.perf_counter()
-        self.times.add(StepTimes(draft_s=t1 - t0, verify_s=t2 - t1, other_s=t3 - t2, steps=1, sweeps=1))
+        self.times.add(StepTimes(draft_s=t1 - t0, verify_s=t2 - t1, other_s=t3 - t2, steps=1))
         for _, s in live:
             s.stats.time_s += t3 - t0
             s.stats.draft_s += t1 - t0

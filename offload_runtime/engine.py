@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -490,10 +489,6 @@ class ChatSession:
         finally:
             self.streaming = False
         self.messages.append({"role": "assistant", "content": "".join(pieces)})
-
-    @property
-    def last_result(self) -> GenerationResult | None:
-        return None if self.request is None else self.engine._result(self.request)
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -1,6 +1,5 @@
 """Several sequences share every weight sweep, and each gets exactly what it would get alone."""
 import pytest
-import torch
 
 from offload_runtime.engine import Engine
 

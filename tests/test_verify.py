@@ -17,7 +17,6 @@ from offload_runtime.verify import (
     verify_greedy,
     verify_sequoia,
     verify_specinfer,
-    verify_topk,
 )
 from helpers import ALPHA, chi_square_pvalue
 

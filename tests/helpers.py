@@ -1,7 +1,9 @@
 """Tiny real checkpoints for tests: transformers models saved with save_pretrained, tokenizers built offline."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,16 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: f
     # chi-square survival function: regularised upper incomplete gamma Q(dof / 2, stat / 2)
     half = torch.tensor([dof / 2, stat / 2], dtype=torch.float64)
     return float(torch.special.gammaincc(half[0], half[1]))
+
+
+# --- tools
+
+
+def load_tool(name: str):
+    """A script of tools/ as a module (tools are scripts, not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module

@@ -12,20 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import load_tool
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tools" / "ablations.py"
 PM = "\u00b1"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("ablations", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["ablations"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-abl = _load()
+abl = load_tool("ablations")
 
 
 def _has_matplotlib() -> bool:

@@ -1,7 +1,6 @@
 """tools/bench_cpu.py: the small mode end to end (a subprocess), the Markdown writer, the tree and run helpers."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,19 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_tool
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "tools" / "bench_cpu.py"
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_cpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_cpu"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_tool("bench_cpu")
 
 
 # --- the script, small mode

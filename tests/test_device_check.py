@@ -1,7 +1,6 @@
 """tools/device_check.py runs its GPU code paths on the CPU (--small), so the one run on a lent GPU works first time."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from helpers import load_tool
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,11 +21,7 @@ SCRIPT = REPO / "tools" / "device_check.py"
 @pytest.fixture(scope="module")
 def dc():
     """The script as a module (it is a tool, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["device_check"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("device_check")
 
 
 def run_script(tmp_path: Path, *args: str, out_dir: Path | None = None) -> subprocess.CompletedProcess:

@@ -1,10 +1,7 @@
 """The 70B projection tool: its arithmetic follows the time model it states."""
-import sys
-from pathlib import Path
+from helpers import load_tool
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-import project_70b  # noqa: E402
+project_70b = load_tool("project_70b")
 
 
 def test_projection_is_stream_bound_and_speculation_divides_it():

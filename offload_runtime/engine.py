@@ -208,7 +208,7 @@ class Engine:
             check_vocab_compatible(targs, draft_ckpt.args, tokenizer, load_tokenizer(draft_path), model, draft_name)
         plan_obj = None
         if draft_ckpt is not None and tree is None and plan is not None:
-            plan_obj = _find_plan(plan, target_path, draft_path, dev, dt, batch_size, quiet)
+            plan_obj = _find_plan(plan, model, draft_name, dev, dt, batch_size, quiet)  # names, as the user gave them
             if plan_obj is not None:
                 tree = plan_obj.tree
                 if gpu_memory is None and resident_layers is None and plan_obj.offload:
@@ -502,7 +502,7 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     return prompts
 
 
-def _find_plan(plan: str | os.PathLike, target: Path, draft: Path, device: torch.device, dtype: torch.dtype,
+def _find_plan(plan: str | os.PathLike, target: str, draft: str, device: torch.device, dtype: torch.dtype,
                batch_size: int, quiet: bool):
     from planner.plan import find_plan, load_plan
 

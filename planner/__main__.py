@@ -44,6 +44,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text}")
+    return value
+
+
 def _batch(text: str) -> int | str:
     return "auto" if text == "auto" else _positive_int(text)
 
@@ -119,6 +129,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     pl.add_argument("--remeasure", action="store_true", help="profile and measure acceptance again")
     pl.add_argument("--no-calibrate", action="store_true",
                     help="skip the short real-engine run that scales the time model to measured step times")
+    pl.add_argument("--calibration-time", type=_seconds, default=None,
+                    help="seconds of real engine steps to calibrate on (default 20; --quick: one reply)")
     pl.add_argument("--top", type=_positive_int, default=10, help="candidates in the table (default 10)")
     pl.add_argument("--plot", default=None, help="also plot tokens/s vs tree size into this PNG (needs matplotlib)")
     pl.add_argument("--output", default=None, help="write the plan here too (the store always gets a copy)")
@@ -167,6 +179,12 @@ def _setup(args: argparse.Namespace):
 def _need_draft(dref, model: str, command: str) -> None:
     if dref is None:
         raise UsageError(f"`{command}` needs a draft model: {model} has no default draft; pass --draft D")
+
+
+def _calibration_time(args: argparse.Namespace) -> float:
+    if args.calibration_time is not None:
+        return args.calibration_time
+    return 0.0 if args.quick else 20.0
 
 
 def _grid(args: argparse.Namespace) -> list[int]:
@@ -390,7 +408,9 @@ def build_plan(args: argparse.Namespace):
         measured = measure_step_split(str(tref.path), str(dref.path), device=dev, dtype=dt, tree=tree,
                                       temperature=temperature, top_p=top_p, batch=best.batch,
                                       offload=best.residency.offload, gpu_memory=budget,
-                                      tokens=16 if best.residency.offload else 64)  # streamed steps are slow
+                                      tokens=16 if best.residency.offload else 64,  # streamed steps are slow
+                                      min_time=_calibration_time(args),
+                                      reference=not best.residency.offload)  # plain streamed decoding is slower still
         tm = tm.with_resident(len(best.residency.resident)).calibrated(measured, tree, best.batch)
         calibration = {"tree": tree, "batch": best.batch, "measured": measured,
                        "factors": {"draft": tm.draft_scale, "verify": tm.verify_scale, "host": tm.host_scale}}

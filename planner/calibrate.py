@@ -8,6 +8,8 @@ measures.
 """
 from __future__ import annotations
 
+import copy
+import statistics
 import time
 from typing import Any, Sequence
 
@@ -18,36 +20,70 @@ from .acceptance import BUILTIN_PROMPTS
 
 def measure_step_split(target: str, draft: str, *, device: torch.device, dtype: torch.dtype, tree: Sequence[int],
                        temperature: float, top_p: float, batch: int = 1, offload: bool | None = None,
-                       gpu_memory: int | None = None, tokens: int = 64, seed: int = 0) -> dict[str, Any]:
-    """Mean seconds per step of each phase (draft_s, verify_s, host_s) while replying `tokens` tokens to short
-    prompts, prompt processing included, as a chat turn does."""
+                       gpu_memory: int | None = None, tokens: int = 64, min_time: float = 0.0, max_runs: int = 100,
+                       reference: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Seconds per step of each phase (draft_s, verify_s, host_s) while replying `tokens` tokens to short prompts,
+    prompt processing included, as a chat turn does.
+
+    The replies are repeated until `min_time` seconds have passed (at least once, at most `max_runs` times) and
+    each phase's figure is the median over the repeats: a shared machine's speed comes and goes in bursts of
+    seconds, and one short run would calibrate the plan to whichever burst it fell in.
+
+    With `reference`, each repeat is followed by the same replies decoded plainly (no tree) on the same engine;
+    the median of their seconds per token, `reference_s_per_token`, tells later measurements how fast the
+    machine was while the plan was calibrated (tools/bench_cpu.py's plan check compares with it).
+    """
     from offload_runtime.checkpoint import load_tokenizer
     from offload_runtime.config import ModelArgs
     from offload_runtime.engine import Engine
+    from offload_runtime.tree import Tree
 
     tokenizer = load_tokenizer(target)
     texts = list(BUILTIN_PROMPTS[: max(batch, 2)])
+    per_prompt = max(2, tokens)
+    limit = ModelArgs.from_file(target).max_position_embeddings
+    template_slack = 64  # room for the chat template's tokens around each message
     if tokenizer is None:
         g = torch.Generator().manual_seed(seed)
         prompts = [torch.randint(3, 64, (12,), generator=g).tolist() for _ in texts]
     else:
         prompts = [list(tokenizer(t).input_ids) for t in texts]
-    per_prompt = max(2, tokens)
-    limit = ModelArgs.from_file(target).max_position_embeddings
-    room = max(1, limit - per_prompt - len(tree) - 2)
-    prompts = [p[-room:] for p in prompts]
+    longest = max(map(len, prompts)) + (template_slack if tokenizer is not None else 0)
+    max_seq_len = min(limit, longest + per_prompt + len(tree) + 2)
     engine = Engine.from_pretrained(target, draft=draft, device=device, dtype=dtype, tree=list(tree), plan=None,
                                     quiet=True, progress=False, batch_size=batch, offload=offload,
-                                    gpu_memory=gpu_memory,
-                                    max_seq_len=min(limit, max(map(len, prompts)) + per_prompt + len(tree) + 2))
+                                    gpu_memory=gpu_memory, max_seq_len=max_seq_len)
+    if tokenizer is not None:  # what the chat sends: each message under the chat template
+        prompts = [engine.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+    room = max(1, max_seq_len - per_prompt - len(tree) - 2)
+    prompts = [p[-room:] for p in prompts]
     engine.generate(prompts[:1], max_new_tokens=4, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=True)
-    before = engine.decoder.times
-    draft_s, verify_s, other_s, n = before.draft_s, before.verify_s, before.other_s, before.steps
+    runs: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    results = engine.generate(prompts, max_new_tokens=per_prompt, temperature=temperature, top_p=top_p, seed=seed,
-                              ignore_eos=True)
-    t = engine.decoder.times
-    k = max(1, t.steps - n)
-    return {"draft_s": (t.draft_s - draft_s) / k, "verify_s": (t.verify_s - verify_s) / k,
-            "host_s": (t.other_s - other_s) / k, "steps": k,
-            "tokens_per_sweep": sum(len(r.token_ids) for r in results) / k, "wall_s": time.perf_counter() - t0}
+    while not runs or (time.perf_counter() - t0 < min_time and len(runs) < max_runs):
+        seed_i = seed + len(runs)
+        engine.decoder.set_tree(Tree(list(tree)))
+        before = copy.copy(engine.decoder.times)  # the engine adds to its StepTimes in place
+        w0 = time.perf_counter()
+        results = engine.generate(prompts, max_new_tokens=per_prompt, temperature=temperature, top_p=top_p,
+                                  seed=seed_i, ignore_eos=True)
+        wall = time.perf_counter() - w0
+        t = engine.decoder.times
+        k = max(1, t.steps - before.steps)
+        draft_s, verify_s = (t.draft_s - before.draft_s) / k, (t.verify_s - before.verify_s) / k
+        # host_s takes everything else the caller waits for, between steps included, so the three phases add
+        # up to the wall time a reply takes.
+        runs.append({"draft_s": draft_s, "verify_s": verify_s, "host_s": wall / k - draft_s - verify_s, "steps": k,
+                     "tokens_per_sweep": sum(len(r.token_ids) for r in results) / k})
+        if reference:
+            engine.decoder.set_tree(Tree([-1]))
+            r0 = time.perf_counter()
+            plain = engine.generate(prompts, max_new_tokens=per_prompt, temperature=temperature, top_p=top_p,
+                                    seed=seed_i, ignore_eos=True)
+            plain_tokens = max(1, sum(len(r.token_ids) for r in plain))
+            runs[-1]["reference_s_per_token"] = (time.perf_counter() - r0) / plain_tokens
+    out: dict[str, Any] = {key: statistics.median(r[key] for r in runs)
+                           for key in ("draft_s", "verify_s", "host_s", "reference_s_per_token") if key in runs[0]}
+    out.update(steps=sum(r["steps"] for r in runs), runs=len(runs), wall_s=time.perf_counter() - t0,
+               tokens_per_sweep=statistics.mean(r["tokens_per_sweep"] for r in runs))
+    return out

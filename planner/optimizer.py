@@ -113,8 +113,8 @@ class TimeModel:
         return replace(self, resident=resident)
 
     def calibrated(self, measured: dict[str, float], parents: Sequence[int], batch: int = 1) -> "TimeModel":
-        """Scale each phase by measured / predicted seconds of one real step with this tree (draft_s, verify_s,
-        host_s per step, as the engine's StepTimes split them)."""
+        """Scale each phase by measured / predicted seconds of one real step with this tree (draft_s, verify_s
+        per step as the engine's StepTimes split them; host_s: the rest of the step's wall time)."""
         raw = replace(self, draft_scale=1.0, verify_scale=1.0, host_scale=1.0).step_parts(parents, batch)
 
         def ratio(key: str) -> float:

@@ -487,6 +487,10 @@ def test_usage_errors():
     with pytest.raises(SystemExit) as e:
         cli.main(["plan", "--model", "tiny", "--batch-size", "0"])
     assert e.value.code == 2
+    for bad in ("-1", "soon"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["plan", "--model", "tiny", "--calibration-time", bad])
+        assert e.value.code == 2
     with pytest.raises(UsageError, match="needs a draft"):
         cli.main(["plan", "--model", "tiny", *QUICK])
     with pytest.raises(UsageError, match="grid"):
@@ -576,5 +580,10 @@ def test_measure_step_split_on_the_real_engine(pair):
     target, draft = pair
     m = measure_step_split(str(target), str(draft), device=torch.device("cpu"), dtype=torch.float32,
                            tree=[-1, 0, 0, 1], temperature=0.8, top_p=0.9, tokens=12)
-    assert m["steps"] >= 6 and m["tokens_per_sweep"] >= 1
-    assert m["draft_s"] > 0 and m["verify_s"] > 0 and m["host_s"] > 0
+    assert m["runs"] == 1 and m["steps"] >= 6 and m["tokens_per_sweep"] >= 1
+    assert m["draft_s"] > 0 and m["verify_s"] > 0 and m["host_s"] > 0 and m["reference_s_per_token"] > 0
+    # repeated until min_time, capped by max_runs; without the plain-decoding reference when told so
+    m = measure_step_split(str(target), str(draft), device=torch.device("cpu"), dtype=torch.float32,
+                           tree=[-1, 0, 0, 1], temperature=0.8, top_p=0.9, tokens=6, min_time=1e9, max_runs=3,
+                           reference=False)
+    assert m["runs"] == 3 and "reference_s_per_token" not in m

@@ -9,7 +9,7 @@ from .checkpoint import Checkpoint
 from .config import ModelArgs
 from .errors import ResourceError
 from .memory import DeviceBudget, activation_bytes, check_host_memory, device_free_memory, fmt_bytes, itemsize
-from .model import ResidentLayers, Transformer
+from .model import ResidentLayers, Transformer, folds_groups
 from .streaming import HostLayerStore, StreamedLayers, layer_layout
 from .weights import load_globals, load_layer
 
@@ -35,8 +35,10 @@ def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: Model
     layer_bytes = layer_layout(args, dtype)[1] * size
     tokens = max(tree_size, min(max_chunk, max_seq_len))
     act = activation_bytes(args, tokens, max_seq_len, dtype, batch)
-    if on_cuda:  # memory-efficient SDPA kernels never form the score matrix
+    if on_cuda:  # the memory-efficient kernel never forms the score matrix (model.py: attention masks)
         act -= batch * args.n_heads * tokens * max_seq_len * 4
+        if folds_groups(args, torch.device("cuda")):
+            act += batch * (args.n_heads // args.n_kv_heads) * tokens * max_seq_len * size  # the folded mask
     fixed = {
         "embeddings and head": args.global_numel() * size,
         "target KV cache": args.kv_bytes_per_token(dtype) * batch * (max_seq_len + 1),

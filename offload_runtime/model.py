@@ -93,6 +93,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + _rotate_half(x) * sin
 
 
+# --- attention masks
+#
+# A layer's mask is either the batch's boolean mask [B, 1, T, S] (True = may attend), or, for grouped-query
+# models on CUDA, a "folded" additive mask [B, 1, G*T, S]: the G query heads that share a K/V head are laid
+# along the query axis, so attention runs with H_kv heads and no K/V expansion. On CUDA that is what keeps
+# a tree's attention in the memory-efficient kernel: flash attention takes no mask and the memory-efficient
+# kernel takes no grouped heads, so enable_gqa with a mask falls to the math path, which forms the whole
+# [B, H, T, S] score matrix (over a gigabyte per layer for a 1024-node tree on 70B at 4k context).
+
+
+def folds_groups(args: ModelArgs, device: torch.device) -> bool:
+    """Whether layer masks are folded (see above): grouped-query models on CUDA."""
+    return torch.device(device).type == "cuda" and args.n_kv_heads != args.n_heads
+
+
+def layer_mask(args: ModelArgs, mask: torch.Tensor, dtype: torch.dtype, fold: bool) -> torch.Tensor:
+    """The mask every decoder layer of one forward uses, built once per forward (not per layer)."""
+    if not fold:
+        return mask
+    G = args.n_heads // args.n_kv_heads
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return bias.repeat(1, 1, G, 1)  # row g * T + t is token t's row, for every g
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh) + mask) v over [B, H, T, Dh] queries and [B, H_kv, S, Dh] keys and values."""
+    B, H, T, Dh = q.shape
+    H_kv = k.shape[1]
+    if mask.dtype == torch.bool:  # [B, 1, T, S]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H_kv != H)
+    G = H // H_kv
+    assert mask.shape[-2] == G * T and mask.dtype == q.dtype, (mask.shape, mask.dtype, q.shape)
+    # Query heads h = j * G + g share K/V head j (transformers' repeat_kv order).
+    out = F.scaled_dot_product_attention(q.reshape(B, H_kv, G * T, Dh), k, v, attn_mask=mask)
+    return out.view(B, H, T, Dh)
+
+
 # --- layers
 
 
@@ -113,7 +150,7 @@ def attention(
     x: torch.Tensor,  # [B, T, D], already normed
     cos: torch.Tensor,
     sin: torch.Tensor,  # [B, 1, T, Dh]
-    mask: torch.Tensor,  # [B, 1, T, S] bool, True = may attend
+    mask: torch.Tensor,  # [B, 1, T, S] bool, or folded [B, 1, G*T, S] additive (layer_mask)
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,  # [B, H_kv, S_max + 1, Dh]
     slots: torch.Tensor,  # [B, T] where the new K/V go in cache rows 0..B-1
@@ -128,9 +165,7 @@ def attention(
     k_cache[rows, :, slots] = k.transpose(1, 2)
     v_cache[rows, :, slots] = v.transpose(1, 2)
     S = mask.shape[-1]
-    out = F.scaled_dot_product_attention(
-        q, k_cache[:B, :, :S], v_cache[:B, :, :S], attn_mask=mask, enable_gqa=args.n_kv_heads != args.n_heads
-    )  # [B, H, T, Dh]
+    out = _attend(q, k_cache[:B, :, :S], v_cache[:B, :, :S], mask)  # [B, H, T, Dh]
     return _linear(out.transpose(1, 2).reshape(B, T, args.q_size), w, "self_attn.o_proj")
 
 
@@ -172,6 +207,7 @@ class Transformer:
         self.device = torch.device(device)
         self.dtype = globals_.embed.dtype
         self.inv_freq = rope_inv_freq(args, self.device)
+        self.fold_groups = folds_groups(args, self.device)  # see layer_mask
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
@@ -182,9 +218,10 @@ class Transformer:
         assert batch.mask.shape[-1] <= cache.max_len + 1
         x = F.embedding(batch.tokens, self.globals.embed)  # [B, T, D]
         cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)
+        mask = layer_mask(args, batch.mask, self.dtype, self.fold_groups)
         kv = cache.kv
         for i, w in self.layers.sweep():
-            x = decoder_layer(args, w, x, cos, sin, batch.mask, kv[i, 0], kv[i, 1], batch.slots)
+            x = decoder_layer(args, w, x, cos, sin, mask, kv[i, 0], kv[i, 1], batch.slots)
         x = torch.gather(x, 1, batch.logits_at[..., None].expand(-1, -1, x.shape[-1]))
         x = rms_norm(x, self.globals.norm, args.rms_norm_eps)
         return F.linear(x, self.globals.lm_head)

@@ -295,7 +295,7 @@ def layer_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
                      prefix: int = DEFAULT_PREFIX, effort: Effort = Effort(), seed: int = 0,
                      progress: Callable[[int], None] | None = None) -> list[float]:
     """T_layer(n) for n in `grid`: seconds of one decoder layer over n new tokens against `prefix` cached ones."""
-    from offload_runtime.model import decoder_layer, rope_cos_sin, rope_inv_freq
+    from offload_runtime.model import decoder_layer, folds_groups, layer_mask, rope_cos_sin, rope_inv_freq
 
     grid = _check_grid(grid)
     g = _device_generator(device, seed)
@@ -311,7 +311,7 @@ def layer_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
             x = torch.randn(1, n, args.dim, generator=g, device=device, dtype=torch.float32).to(dtype)
             positions = torch.arange(prefix, prefix + n, device=device)[None]
             cos, sin = rope_cos_sin(inv_freq, positions, dtype)
-            mask = _chain_mask(prefix, n, device)
+            mask = layer_mask(args, _chain_mask(prefix, n, device), dtype, folds_groups(args, device))
 
             def run() -> None:
                 for w, (k, v) in zip(layers, caches):

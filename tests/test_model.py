@@ -73,11 +73,15 @@ def random_tree(n, gen):
     return Tree(parents)
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["grouped", "folded"])
 @pytest.mark.parametrize("name", ["llama-gqa-llama3", "qwen2-bias", "llama-tied-bias-linear"])
-def test_tree_forward_equals_sequential_paths(checkpoints, name):
+def test_tree_forward_equals_sequential_paths(checkpoints, name, fold):
+    """Folded: the CUDA layout of grouped-query attention (model.layer_mask), run here on the CPU."""
     path = checkpoints[name]
     dtype = torch.float64
     model, ref = ours(path, dtype), reference_model(path, dtype)
+    assert not model.fold_groups and model.args.n_kv_heads < model.args.n_heads
+    model.fold_groups = fold
     gen = torch.Generator().manual_seed(7)
     vocab = model.args.vocab_size
     prefix = torch.randint(0, vocab, (9,), generator=gen).tolist()
@@ -93,11 +97,13 @@ def test_tree_forward_equals_sequential_paths(checkpoints, name):
         assert rel_err(got[node], ref_logits(ref, seq)[-1]) < TOL[dtype], node
 
 
-def test_tree_forward_in_a_batch_row_with_padding(checkpoints):
+@pytest.mark.parametrize("fold", [False, True], ids=["grouped", "folded"])
+def test_tree_forward_in_a_batch_row_with_padding(checkpoints, fold):
     """A row's logits do not depend on what the other rows of the batch hold (padding, holes)."""
     path = checkpoints["llama-gqa-llama3"]
     dtype = torch.float64
     model = ours(path, dtype)
+    model.fold_groups = fold
     gen = torch.Generator().manual_seed(9)
     tree = random_tree(10, gen)
     tokens = torch.randint(0, model.args.vocab_size, (len(tree),), generator=gen).tolist()
@@ -144,3 +150,35 @@ def test_sliding_window_matches_mistral(tmp_path):
     got = run(model, cache, 0, Tree.chain(30), ids)
     expected = ref_logits(ref, ids)
     assert rel_err(got, expected) < 1e-10
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_folded_attention_equals_grouped_attention(dtype):
+    """The folded layout (G query heads along the query axis, one additive mask per forward) against
+    enable_gqa with the boolean mask, on random tensors and a random mask (every row sees slot 0, as
+    build_forward guarantees)."""
+    from offload_runtime.config import ModelArgs
+    from offload_runtime.model import _attend, folds_groups, layer_mask
+
+    args = ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=8, vocab_size=16, intermediate_size=8)
+    g = torch.Generator().manual_seed(5)
+    B, T, S = 3, 7, 19
+    q = torch.randn(B, args.n_heads, T, args.head_dim, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, args.n_kv_heads, S, args.head_dim, generator=g, dtype=dtype) for _ in range(2))
+    mask = torch.rand(B, 1, T, S, generator=g) < 0.5
+    mask[..., 0] = True
+    want = _attend(q, k, v, layer_mask(args, mask, dtype, fold=False))
+    folded = layer_mask(args, mask, dtype, fold=True)
+    assert folded.shape == (B, 1, 4 * T, S) and folded.dtype == dtype
+    got = _attend(q, k, v, folded)
+    assert got.shape == want.shape == (B, args.n_heads, T, args.head_dim)
+    assert rel_err(got, want) < TOL[dtype]
+    # a wrong grouping (query head h on K/V head h % H_kv instead of h // G) is caught by the same check
+    wrong = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat(1, 4, 1, 1), v.repeat(1, 4, 1, 1), attn_mask=mask)
+    assert rel_err(wrong, want) > 1e-2
+    # folding is for grouped-query models on CUDA only
+    assert folds_groups(args, torch.device("cuda")) and not folds_groups(args, torch.device("cpu"))
+    mha = ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=8, head_dim=8, vocab_size=16, intermediate_size=8)
+    assert not folds_groups(mha, torch.device("cuda"))

@@ -113,8 +113,12 @@ def layer_mask(args: ModelArgs, mask: torch.Tensor, dtype: torch.dtype, fold: bo
     if not fold:
         return mask
     G = args.n_heads // args.n_kv_heads
-    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    return bias.repeat(1, 1, G, 1)  # row g * T + t is token t's row, for every g
+    B, _, T, S = mask.shape
+    # Rows 16-aligned in memory: the memory-efficient kernel would otherwise pad a copy in every layer.
+    width = -(-S // 16) * 16
+    bias = torch.zeros(B, 1, G * T, width, dtype=dtype, device=mask.device)[..., :S]
+    bias.view(B, 1, G, T, S).masked_fill_(~mask[:, :, None], float("-inf"))  # row g * T + t is token t's
+    return bias
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -127,7 +131,8 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     assert mask.shape[-2] == G * T and mask.dtype == q.dtype, (mask.shape, mask.dtype, q.shape)
     # Query heads h = j * G + g share K/V head j (transformers' repeat_kv order).
     out = F.scaled_dot_product_attention(q.reshape(B, H_kv, G * T, Dh), k, v, attn_mask=mask)
-    return out.view(B, H, T, Dh)
+    # reshape, not view: CUDA's memory-efficient kernel returns [B, G*T, H_kv, Dh] memory seen transposed.
+    return out.reshape(B, H, T, Dh)
 
 
 # --- layers

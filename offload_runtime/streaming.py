@@ -72,12 +72,22 @@ def alloc_host(numel: int, dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor,
         if int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
             weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
             return buf, True
+        _consume_cuda_error()
     except (RuntimeError, AttributeError, AssertionError):
         pass
     try:
         return torch.empty(numel, dtype=dtype, pin_memory=True), True
     except RuntimeError:
         return buf, False
+
+
+def _consume_cuda_error() -> None:
+    """A refused runtime call leaves its error pending in the thread, and torch would report it at its next
+    kernel launch, wherever that is; torch binds no cudaGetLastError, so a throwaway launch takes it here."""
+    try:
+        torch.zeros(1, device="cuda").add_(1)
+    except RuntimeError:
+        pass
 
 
 class HostLayerStore:
@@ -172,11 +182,17 @@ class StreamedLayers:
         self.slot_copied = [False] * len(self.slot_buffers)  # did the load now in the slot move bytes?
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
+            # The slots come from the compute stream's memory pool: copies start after what it has queued, and
+            # the allocator keeps a freed slot until the copies into it are done.
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            for b in self.slot_buffers:
+                b.record_stream(self.copy_stream)
             self.copy_done = [torch.cuda.Event() for _ in self.slot_buffers]
             self.slot_free = [torch.cuda.Event() for _ in self.slot_buffers]
         self._t = 0  # the next load to compute
         self._issued = 0  # loads issued so far
         self.history: list[SweepStats] = []
+        self._resolved = 0  # history[:_resolved] holds seconds, no events
         self._current: SweepStats | None = None
         self._pending_copy_s = 0.0  # CPU: copy time spent ahead of the sweep that uses it
         if self.streamed:
@@ -207,6 +223,7 @@ class StreamedLayers:
             self._pending_copy_s += time.perf_counter() - t0
 
     def sweep(self) -> Iterator[tuple[int, LayerWeights]]:
+        self._resolve(block=False)  # so a long session holds events only for sweeps still in flight
         stats = SweepStats()
         t_start = time.perf_counter()
         wait_s = self._pending_copy_s
@@ -248,13 +265,21 @@ class StreamedLayers:
             stats.wait_s = wait_s
         self.history.append(stats)
 
-    def resolve_stats(self) -> list[SweepStats]:
-        """Turn recorded CUDA events into seconds (call after the host has waited for the sweep)."""
-        for s in self.history:
+    def _resolve(self, block: bool) -> None:
+        """Turn recorded CUDA events into seconds, oldest sweep first; without `block`, only finished sweeps."""
+        while self._resolved < len(self.history):
+            s = self.history[self._resolved]
             if s._events:
                 (start, end), waits = s._events[0], s._events[1:]
+                if not block and not end.query():
+                    return
                 end.synchronize()
                 s.wall_s = start.elapsed_time(end) / 1e3
                 s.wait_s = sum(b.elapsed_time(a) for b, a in waits) / 1e3
                 s._events = []
+            self._resolved += 1
+
+    def resolve_stats(self) -> list[SweepStats]:
+        """Every sweep's stats, in seconds (waits for the sweeps still running on the device)."""
+        self._resolve(block=True)
         return self.history

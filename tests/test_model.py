@@ -73,15 +73,27 @@ def random_tree(n, gen):
     return Tree(parents)
 
 
+def _cuda_like_sdpa(monkeypatch) -> None:
+    """Make SDPA return its output the way CUDA's memory-efficient kernel does: [B, T, H, Dh] memory seen as
+    [B, H, T, Dh] (not contiguous), so layout assumptions that only hold on the CPU fail here too."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def strided(*args, **kwargs):
+        return sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", strided)
+
+
 @pytest.mark.parametrize("fold", [False, True], ids=["grouped", "folded"])
 @pytest.mark.parametrize("name", ["llama-gqa-llama3", "qwen2-bias", "llama-tied-bias-linear"])
-def test_tree_forward_equals_sequential_paths(checkpoints, name, fold):
-    """Folded: the CUDA layout of grouped-query attention (model.layer_mask), run here on the CPU."""
+def test_tree_forward_equals_sequential_paths(checkpoints, name, fold, monkeypatch):
+    """Folded: grouped-query attention as CUDA runs it (model.layer_mask, and SDPA's strided output)."""
     path = checkpoints[name]
     dtype = torch.float64
     model, ref = ours(path, dtype), reference_model(path, dtype)
     assert not model.fold_groups and model.args.n_kv_heads < model.args.n_heads
     model.fold_groups = fold
+    if fold:
+        _cuda_like_sdpa(monkeypatch)  # transformers runs under it too: only the layout changes, not values
     gen = torch.Generator().manual_seed(7)
     vocab = model.args.vocab_size
     prefix = torch.randint(0, vocab, (9,), generator=gen).tolist()
@@ -153,11 +165,14 @@ def test_sliding_window_matches_mistral(tmp_path):
 
 
 
+@pytest.mark.parametrize("layout", ["cpu", "cuda-like"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_folded_attention_equals_grouped_attention(dtype):
+def test_folded_attention_equals_grouped_attention(dtype, layout, monkeypatch):
     """The folded layout (G query heads along the query axis, one additive mask per forward) against
     enable_gqa with the boolean mask, on random tensors and a random mask (every row sees slot 0, as
     build_forward guarantees)."""
+    if layout == "cuda-like":
+        _cuda_like_sdpa(monkeypatch)
     from offload_runtime.config import ModelArgs
     from offload_runtime.model import _attend, folds_groups, layer_mask
 
@@ -170,7 +185,7 @@ def test_folded_attention_equals_grouped_attention(dtype):
     mask[..., 0] = True
     want = _attend(q, k, v, layer_mask(args, mask, dtype, fold=False))
     folded = layer_mask(args, mask, dtype, fold=True)
-    assert folded.shape == (B, 1, 4 * T, S) and folded.dtype == dtype
+    assert folded.shape == (B, 1, 4 * T, S) and folded.dtype == dtype and folded.stride(-2) % 16 == 0
     got = _attend(q, k, v, folded)
     assert got.shape == want.shape == (B, args.n_heads, T, args.head_dim)
     assert rel_err(got, want) < TOL[dtype]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import importlib.util
 import math
 import os
 import platform
@@ -603,6 +604,8 @@ def section_gpu_tests(ctx: Context) -> dict[str, Any]:
     timeout = min(s.pytest_timeout_s, ctx.time_left() - min(later, 0.5 * ctx.time_left()))
     if timeout < min(10.0, s.pytest_timeout_s):
         raise SectionSkipped(f"out of time budget ({ctx.time_left():.0f} s left) for the GPU tests")
+    if importlib.util.find_spec("pytest") is None:
+        raise SectionSkipped(f"pytest is not installed for {sys.executable}; `pip install pytest` to run the GPU tests")
     with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:
         junit = Path(tmp) / "junit.xml"
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rs", "-p", "no:cacheprovider",
@@ -1090,7 +1093,7 @@ def _h_env(r: dict) -> str:
         return f"torch {r['torch']} on the CPU, {r['threads']} threads; {r['machine']}"
     pcie = r.get("pcie") or {}
     link = (f", PCIe gen{pcie.get('pcie_gen')} x{pcie.get('pcie_width')} (max gen{pcie.get('pcie_max_gen')} "
-            f"x{pcie.get('pcie_max_width')})" if pcie else "")
+            f"x{pcie.get('pcie_max_width')})" if pcie.get("pcie_gen") is not None else ", PCIe link unknown (no NVML)")
     return f"torch {r['torch']} CUDA {r['torch_cuda']}, driver {r.get('gpu_driver')}{link}"
 
 

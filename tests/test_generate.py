@@ -50,6 +50,23 @@ def test_greedy_speculative_equals_transformers(checkpoints, hf_streams, tiny_pa
     assert result.token_ids == expected
 
 
+def test_greedy_speculative_with_cuda_attention_layout_equals_transformers(checkpoints, hf_streams, monkeypatch):
+    """The engine with grouped-query attention as CUDA runs it (folded masks; SDPA's output strided as the
+    memory-efficient kernel returns it), on the CPU: the output is still transformers' own."""
+    from test_model import _cuda_like_sdpa
+
+    name = "llama-gqa-llama3"
+    ids, expected = hf_streams[name]
+    # the target as its own draft: GQA on both sides, and whole paths accepted through the folded verifier
+    engine = Engine.from_pretrained(checkpoints[name], dtype="float64", draft=str(checkpoints[name]),
+                                    tree=[-1, 0, 0, 0, 1, 1, 2, 4, 4, 7])
+    assert not engine.target.fold_groups  # on the CPU nothing folds by itself
+    engine.target.fold_groups = engine.draft.fold_groups = True
+    _cuda_like_sdpa(monkeypatch)
+    result = engine.generate(ids, max_new_tokens=64, temperature=0, ignore_eos=True)[0]
+    assert result.token_ids == expected and result.stats.tokens_per_step > 1
+
+
 def test_draft_equal_to_target_accepts_whole_deepest_path(checkpoints):
     path = checkpoints["llama-mha"]
     tree = [-1, 0, 0, 1, 1, 2, 3, 3, 6]  # depth 4

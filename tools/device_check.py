@@ -471,6 +471,7 @@ class Context:
     card: str = "unknown"
     gpu_free_at_start: int | None = None
     gpu_total: int | None = None
+    compute_mode: str | None = None  # NVML's, when it answers: "exclusive process" keeps a second process off
     bandwidth: dict[str, float] = field(default_factory=dict)  # pinned_best, pinned_median (bytes/s)
     host_model: HostModel | None = None
     layer_plan: dict[str, Any] | None = None
@@ -573,6 +574,7 @@ def section_environment(ctx: Context) -> dict[str, Any]:
         res.update(gpu_name=props.name, capability=f"{props.major}.{props.minor}",
                    sm_count=props.multi_processor_count, gpu_memory_total=int(total), gpu_memory_free=int(free),
                    cudnn=torch.backends.cudnn.version())
+        ctx.compute_mode = res["compute_mode"] = _compute_mode(dev)
     try:
         fp = hardware.machine_fingerprint(dev)
     except Exception as e:  # NVML trouble must not cost the card's name: torch gave it above
@@ -598,12 +600,34 @@ def _package_version(name: str) -> str | None:
         return None
 
 
+def _compute_mode(dev: torch.device) -> str | None:
+    """The GPU's compute mode through NVML (None without it); the GPU tests run in a second process."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+        try:
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            mode = pynvml.nvmlDeviceGetComputeMode(pynvml.nvmlDeviceGetHandleByIndex(index))
+        finally:
+            pynvml.nvmlShutdown()
+    except pynvml.NVMLError as e:
+        return f"unknown ({e})"
+    names = {0: "default", 1: "exclusive thread", 2: "prohibited", 3: "exclusive process"}
+    return names.get(int(mode), str(mode))
+
+
 def section_gpu_tests(ctx: Context) -> dict[str, Any]:
     s = ctx.settings
     later = sum(s.need_s[n] for n in SECTIONS[SECTIONS.index("gpu_tests") + 1:])
     timeout = min(s.pytest_timeout_s, ctx.time_left() - min(later, 0.5 * ctx.time_left()))
     if timeout < min(10.0, s.pytest_timeout_s):
         raise SectionSkipped(f"out of time budget ({ctx.time_left():.0f} s left) for the GPU tests")
+    if ctx.compute_mode == "exclusive process":
+        raise SectionSkipped("the GPU is in exclusive-process compute mode and this process holds it, so the GPU "
+                             "tests (a second process) cannot start; run `python -m pytest -m gpu tests/test_gpu.py`")
     if importlib.util.find_spec("pytest") is None:
         raise SectionSkipped(f"pytest is not installed for {sys.executable}; `pip install pytest` to run the GPU tests")
     with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:

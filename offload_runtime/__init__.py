@@ -2,8 +2,17 @@
 
     from offload_runtime import Engine
     engine = Engine.from_pretrained("llama-2-70b", gpu_memory="20GiB")
+
+Layers, each depending only on the ones below it:
+    api/      Engine, options, loading, text (detokenising, stop strings, chat sessions), plan files, registry
+    decode/   requests, the three-phase speculative step, the scheduler, phase timing
+    spec/     sampling, verification, methods (drawing paired with verifying), tree search, tree policy
+    streaming.py, residency.py, memory.py: layer sources on the device, the device budget
+    weights/  checkpoints, random weights, the packed layer layout, the host store, building a model
+    model/    ModelArgs, the Transformer forward over weights handed in, the KV cache, Tree, forward inputs
+The command lines (chat.py, batch.py, cli.py) sit on top; the planner package uses this one, never the reverse.
 """
-from .engine import Engine, GenerationResult
+from .api.engine import Engine, GenerationResult
 from .errors import OffloadError
 
 __all__ = ["Engine", "GenerationResult", "OffloadError"]

@@ -44,10 +44,10 @@ def stats_report(engine, stats) -> str:
              f"{stats.prefill_tokens} run as prefill",
              f"tokens per step histogram: {stats.histogram()}",
              "acceptance by depth: " + ", ".join(f"{a:.2f}" for a in stats.acceptance_by_depth())]
-    t = engine.decoder.times
+    t = engine.last_call
     if t.steps:
-        lines.append(f"time per step: draft {t.draft_s / t.steps * 1e3:.1f} ms, verify {t.verify_s / t.steps * 1e3:.1f} ms, "
-                     f"other {t.other_s / t.steps * 1e3:.1f} ms")
+        lines.append(f"time per step: draft {t.draft_s / t.steps * 1e3:.1f} ms, sweep {t.sweep_s / t.steps * 1e3:.1f} ms, "
+                     f"host {t.host_s / t.steps * 1e3:.1f} ms")
     return "\n".join(lines)
 
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     start()
     if interactive:
-        tree = len(engine.decoder.tree)
+        tree = len(engine.tree_for(engine.sampling_params(**sampling_kwargs(args))))
         print(f"{dim}{engine.name}: {'speculative, ' + str(tree) + '-node trees' if engine.draft else 'plain decoding'}"
               f"{', offloaded' if engine.offloaded else ''}. /help for commands.{reset}")
 

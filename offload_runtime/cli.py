@@ -50,7 +50,8 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 
 def load_engine(args: argparse.Namespace, batch_size: int = 1, device: str | None = None):
-    from .engine import Engine, check_sampling
+    from .api.engine import Engine
+    from .api.options import check_sampling
 
     # Bad sampling values are usage errors: report them before minutes of loading.
     if args.temperature is not None or args.top_p is not None or args.max_new_tokens is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from .config import ModelArgs
+from .model.config import ModelArgs
 from .errors import ResourceError, UsageError
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -33,10 +33,6 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     raise AssertionError
-
-
-def itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def available_host_memory() -> int:
@@ -68,7 +64,7 @@ def device_free_memory(device: torch.device) -> int:
 
 def activation_bytes(args: ModelArgs, tokens: int, context: int, dtype: torch.dtype, batch: int = 1) -> int:
     """A generous bound on the temporaries of one forward over `tokens` new tokens per row against `context`."""
-    size = itemsize(dtype)
+    size = dtype.itemsize
     T = tokens * batch
     hidden = T * (6 * args.dim + 3 * args.intermediate_size + args.q_size + 2 * args.kv_size) * size
     scores = batch * args.n_heads * tokens * context * 4  # a math-path attention matrix in float32

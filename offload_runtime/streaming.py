@@ -1,8 +1,8 @@
 """Stream decoder layers from host memory through K device slots, each copy overlapped with compute.
 
-Host side: every streamed layer is one contiguous (pinned) buffer holding all its tensors at aligned offsets, so
-one copy moves a layer. Device side: K slots the size of a layer. Streamed layers are loaded in a cyclic order
-that runs across sweeps: load number t goes to slot t % K, and is issued as soon as the compute that used that
+Host side: every streamed layer is one contiguous (pinned) buffer holding all its tensors at aligned offsets
+(weights/store.py), so one copy moves a layer. Device side: K slots the size of a layer. Streamed layers are
+loaded in a cyclic order that runs across sweeps: load number t goes to slot t % K, and is issued as soon as the compute that used that
 slot (load t - K) is enqueued. So when a sweep's last layers compute, the first layers of the next sweep are
 already copying while the host verifies and the draft grows the next tree.
 
@@ -13,139 +13,13 @@ logic is exercised by tests on machines without a GPU.
 from __future__ import annotations
 
 import time
-import warnings
-import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
+from typing import Iterator
 
 import torch
 
-from .checkpoint import Checkpoint
-from .config import ModelArgs
-from .memory import itemsize
-from .model import LayerWeights
-
-ALIGN_BYTES = 256
-
-
-# --- host store
-
-
-def layer_layout(args: ModelArgs, dtype: torch.dtype) -> tuple[dict[str, tuple[int, tuple[int, ...]]], int]:
-    """name -> (element offset, shape) inside one packed layer buffer, and the buffer's length in elements."""
-    align = max(1, ALIGN_BYTES // itemsize(dtype))
-    layout: dict[str, tuple[int, tuple[int, ...]]] = {}
-    offset = 0
-    for name, shape in args.layer_shapes().items():
-        layout[name] = (offset, shape)
-        numel = 1
-        for s in shape:
-            numel *= s
-        offset += -(-numel // align) * align
-    return layout, offset
-
-
-def views(buffer: torch.Tensor, layout: Mapping[str, tuple[int, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, (offset, shape) in layout.items():
-        numel = 1
-        for s in shape:
-            numel *= s
-        out[name] = buffer[offset: offset + numel].view(shape)
-    return out
-
-
-def alloc_host(numel: int, dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, bool]:
-    """A host tensor of exactly `numel` elements, page-locked when asked and allowed: (tensor, pinned).
-
-    PyTorch's pinned allocator rounds every block up to a power of two (a 1.6 GiB 70B layer would take 2 GiB), so
-    the buffer is allocated pageable and then registered with the driver (cudaHostRegister), which pins exactly
-    its own pages; it is unregistered when the tensor is freed. Where registration is refused, the caching
-    allocator's pinned memory is the fallback, then pageable memory.
-    """
-    buf = torch.empty(numel, dtype=dtype)
-    if not pin or numel == 0:
-        return buf, False
-    try:
-        cudart = torch.cuda.cudart()
-        nbytes = numel * buf.element_size()
-        if int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
-            weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
-            return buf, True
-        _consume_cuda_error()
-    except (RuntimeError, AttributeError, AssertionError):
-        pass
-    try:
-        return torch.empty(numel, dtype=dtype, pin_memory=True), True
-    except RuntimeError:
-        return buf, False
-
-
-def _consume_cuda_error() -> None:
-    """A refused runtime call leaves its error pending in the thread, and torch would report it at its next
-    kernel launch, wherever that is; torch binds no cudaGetLastError, so a throwaway launch takes it here."""
-    try:
-        torch.zeros(1, device="cuda").add_(1)
-    except RuntimeError:
-        pass
-
-
-class HostLayerStore:
-    """Decoder layers packed one contiguous buffer per layer in host memory (pinned when it can be)."""
-
-    def __init__(self, args: ModelArgs, dtype: torch.dtype, layer_ids: list[int], pin: bool):
-        self.args, self.dtype = args, dtype
-        self.layout, self.layer_numel = layer_layout(args, dtype)
-        self.layer_ids = list(layer_ids)
-        self.buffers: dict[int, torch.Tensor] = {}
-        self.pinned = pin
-        self._want_pin = pin
-
-    @property
-    def layer_bytes(self) -> int:
-        return self.layer_numel * itemsize(self.dtype)
-
-    @property
-    def nbytes(self) -> int:
-        return self.layer_bytes * len(self.layer_ids)
-
-    def _new_buffer(self) -> torch.Tensor:
-        buf, pinned = alloc_host(self.layer_numel, self.dtype, self._want_pin)
-        if self._want_pin and not pinned:
-            warnings.warn("pinned host memory was refused; streaming from pageable memory (slower copies)",
-                          RuntimeWarning, stacklevel=3)
-            self._want_pin = self.pinned = False
-        return buf
-
-    def fill_from_checkpoint(self, ckpt: Checkpoint, progress: Callable[[int], None] | None = None) -> None:
-        """Read each layer's tensors straight into its buffer: the model is never held twice."""
-        for i in self.layer_ids:
-            buf = self._new_buffer()
-            for name, tensor in views(buf, self.layout).items():
-                ckpt.read_into(f"model.layers.{i}.{name}", tensor)
-            self.buffers[i] = buf
-            if progress:
-                progress(1)
-
-    def fill_random(self, seed: int, std: float = 0.02) -> None:
-        """Random weights (benchmarks of published shapes without files): one layer drawn, the rest copies."""
-        g = torch.Generator().manual_seed(seed)
-        first = None
-        for i in self.layer_ids:
-            buf = self._new_buffer()
-            if first is None:
-                for name, t in views(buf, self.layout).items():
-                    if name.endswith("layernorm.weight"):
-                        t.fill_(1.0)
-                    else:
-                        t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32) * std)
-                first = buf
-            else:
-                buf.copy_(first)
-            self.buffers[i] = buf
-
-
-# --- the sweep
+from .model.transformer import LayerWeights
+from .weights.store import HostLayerStore
 
 
 @dataclass
@@ -175,9 +49,9 @@ class StreamedLayers:
         assert sorted(self.streamed) == sorted(store.layer_ids), "every layer must be resident or in the store"
         self.K = min(slots, max(1, len(self.streamed)))
         self.cuda = self.device.type == "cuda"
-        self.slot_buffers = [torch.empty(store.layer_numel, dtype=store.dtype, device=self.device)
+        self.slot_buffers = [torch.empty(store.layout.numel, dtype=store.dtype, device=self.device)
                              for _ in range(self.K if self.streamed else 0)]
-        self.slot_views = [views(b, store.layout) for b in self.slot_buffers]
+        self.slot_views = [store.layout.views(b) for b in self.slot_buffers]
         self.slot_layer: list[int | None] = [None] * len(self.slot_buffers)
         self.slot_copied = [False] * len(self.slot_buffers)  # did the load now in the slot move bytes?
         if self.cuda:

@@ -17,8 +17,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from offload_runtime.api.machine import describe_machine
 from offload_runtime.cli import ArgumentParser, run_main
 from offload_runtime.errors import UsageError
+
+from . import pipeline
+from .pipeline import PlanRequest
 
 PROG = "python -m planner"
 
@@ -146,131 +150,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# --- shared steps
+# --- the pipeline, from the command line
 
 
-def _setup(args: argparse.Namespace):
-    """(device, target ref, target args, draft ref | None, draft args | None, dtype)."""
-    import torch
-
-    from offload_runtime import registry
-    from offload_runtime.engine import parse_device, parse_dtype
-
-    from .plan import resolve_model
-
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    dev = parse_device(args.device)
-    tref, targs, note = resolve_model(args.model)
-    if note:
-        _notice(note)
-    draft_name = args.draft
-    if draft_name is None and not getattr(args, "no_draft", False):
-        draft_name = registry.default_draft(args.model)
-    dref = dargs = None
-    if draft_name is not None:
-        dref, dargs, note = resolve_model(draft_name)
-        if note:
-            _notice(note)
-    dt = parse_dtype(args.dtype, dev, targs.torch_dtype)
-    return dev, tref, targs, dref, dargs, dt
-
-
-def _need_draft(dref, model: str, command: str) -> None:
-    if dref is None:
-        raise UsageError(f"`{command}` needs a draft model: {model} has no default draft; pass --draft D")
-
-
-def _calibration_time(args: argparse.Namespace) -> float:
-    if args.calibration_time is not None:
-        return args.calibration_time
-    return 0.0 if args.quick else 20.0
-
-
-def _grid(args: argparse.Namespace) -> list[int]:
-    from . import hardware
-
-    if args.grid is not None:
-        return hardware.parse_grid(args.grid)
-    return list(hardware.QUICK_GRID if args.quick else hardware.DEFAULT_GRID)
-
-
-def ensure_profile(args: argparse.Namespace, dev, tref, targs, dref, dargs, dt, *, force: bool) -> tuple[dict, Path]:
-    """This machine's profile for the pair: read from the store, or measured now (and stored)."""
-    from . import hardware
-
-    fp = hardware.machine_fingerprint(dev)
-    path = Path(args.output) if getattr(args, "output", None) and args.command == "profile" else \
-        hardware.profile_path(fp["id"], dev, dt, targs, dargs)
-    if not force and path.is_file():
-        try:
-            profile = hardware.read_profile(path)
-        except UsageError:  # from an older profiler: measure again
-            profile = {"machine": {}}
-        if profile["machine"].get("id") == fp["id"] and hardware.is_current(profile):
-            _notice(f"using profile {path} (made {profile.get('created', '?')})")
-            return profile, path
-    _notice(f"profiling {tref.name}{f' and draft {dref.name}' if dref else ''} on {hardware.describe_machine(fp)}, "
-            f"{dev.type}, {str(dt).replace('torch.', '')}")
-    effort = hardware.Effort.quick() if args.quick else hardware.Effort()
-    prefix = hardware.DEFAULT_PREFIX if args.prefix is None else args.prefix
-    profile = hardware.run_profile(targs, dargs, dev, dt, grid=_grid(args), prefix=prefix, effort=effort,
-                                   names=(tref.name, dref.name if dref else None), progress=_progress(),
-                                   log=_notice)
-    hardware.write_json(path, profile)
-    _notice(f"profile written to {path}")
-    return profile, path
-
-
-def _sampling_values(args: argparse.Namespace, tref) -> tuple[float, float]:
-    from .plan import default_sampling
-
-    t0, p0 = default_sampling(tref.path)
-    temperature = t0 if args.temperature is None else args.temperature
-    top_p = p0 if args.top_p is None else args.top_p
-    return float(temperature), float(top_p)
-
-
-def _prompts(args: argparse.Namespace) -> tuple[list | None, str]:
-    from .acceptance import BUILTIN_PROMPTS, read_prompts
-
-    prompts = read_prompts(args.prompts) if args.prompts else None
-    source = args.prompts or "built-in"
-    if args.limit is not None:
-        prompts = (prompts if prompts is not None else list(BUILTIN_PROMPTS))[: args.limit]
-    return prompts, source
-
-
-def ensure_acceptance(args: argparse.Namespace, dev, tref, dref, dt, temperature: float, top_p: float, *,
-                      force: bool, output: Path | None = None):
-    """The pair's acceptance measurement at these settings: read from the store, or measured now (and stored)."""
-    from . import acceptance as acc
-
-    prompts, source = _prompts(args)
-    sha = acc._prompts_sha(prompts if prompts is not None else list(acc.BUILTIN_PROMPTS))
-    path = output or acc.acceptance_path(tref, dref, temperature, top_p, args.width, sha)
-    if not force and path.is_file():
-        result = acc.read_acceptance(path)
-        if result.max_new_tokens == args.max_new_tokens and result.seed == args.seed:
-            _notice(f"using acceptance {path} ({result.steps} steps, measured {result.created})")
-            return result, path
-    _notice(f"measuring acceptance of {dref.name} for {tref.name}: width {args.width}, temperature {temperature:g}, "
-            f"top-p {top_p:g}, {args.max_new_tokens} tokens per prompt")
-    result = acc.measure_acceptance(tref, dref, device=dev, dtype=dt, temperature=temperature, top_p=top_p,
-                                    width=args.width, prompts=prompts, prompts_source=source,
-                                    max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                    batch_size=args.acceptance_batch, progress=_progress(),
-                                    log=_notice)
-    acc.save_acceptance(result, path)
-    _notice(f"acceptance written to {path}")
-    if dev.type == "cuda":  # the measuring engine is gone: give its memory back before residency is planned
-        import gc
-
-        import torch
-
-        gc.collect()
-        torch.cuda.empty_cache()
-    return result, path
+def _request(args: argparse.Namespace) -> PlanRequest:
+    return PlanRequest.from_namespace(args, log=_notice, progress=_progress())
 
 
 # --- tables
@@ -300,13 +184,12 @@ CANDIDATE_HEADERS = ("rank", "nodes", "depth", "batch", "tokens/step", "draft ms
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from . import hardware
-
-    dev, tref, targs, dref, dargs, dt = _setup(args)
-    if dref is None and not args.no_draft:
+    req = _request(args)
+    pair = pipeline.resolve(req)
+    if pair.draft is None and not args.no_draft:
         _notice(f"{args.model} has no default draft; profiling the target only (plans need --draft)")
-    profile, path = ensure_profile(args, dev, tref, targs, dref, dargs, dt, force=True)
-    print(f"machine     {hardware.describe_machine(profile['machine'])}")
+    profile, path = pipeline.ensure_profile(req, pair, force=True, output=Path(args.output) if args.output else None)
+    print(f"machine     {describe_machine(profile['machine'])}")
     print(f"bandwidth   {profile['bandwidth_Bps'] / 1e9:.3g} GB/s ({'pinned host-to-device' if profile['pinned'] else 'memcpy'}, "
           f"{profile['bandwidth_copy_bytes'] / 2**20:.0f} MiB copies)")
     print(f"one layer   {profile['layer_bytes'] / 2**20:.4g} MiB, copied in {_ms(profile['layer_copy_s'])} ms")
@@ -319,12 +202,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_acceptance(args: argparse.Namespace) -> int:
-    dev, tref, targs, dref, dargs, dt = _setup(args)
-    _need_draft(dref, args.model, "acceptance")
-    temperature, top_p = _sampling_values(args, tref)
-    result, path = ensure_acceptance(args, dev, tref, dref, dt, temperature, top_p, force=True,
-                                     output=Path(args.output) if args.output else None)
-    print(f"acceptance of {dref.name} for {tref.name}: temperature {temperature:g}, top-p {top_p:g}, "
+    req = _request(args)
+    pair = pipeline.resolve(req)
+    pipeline.need_draft(pair, req, "acceptance")
+    temperature, top_p = pipeline.sampling(req, pair)
+    result, path = pipeline.ensure_acceptance(req, pair, temperature, top_p, force=True,
+                                              output=Path(args.output) if args.output else None)
+    print(f"acceptance of {pair.draft.name} for {pair.target.name}: temperature {temperature:g}, top-p {top_p:g}, "
           f"width {result.width}, {result.steps} steps over {result.prompts['count']} prompts")
     rows = [[k + 1, f"{p:.4f}", f"{se:.4f}", c] for k, (p, se, c) in enumerate(zip(result.p, result.se, result.counts))]
     rows.append(["none", f"{result.none / result.steps:.4f}", "", result.none])
@@ -334,124 +218,11 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
     return 0
 
 
-def _acceptance_vector(args, dev, tref, dref, dt, temperature, top_p) -> dict[str, Any]:
-    from . import acceptance as acc
-    from .tree_search import DEFAULT_ACCEPTANCE
-
-    spec = args.acceptance
-    if spec == "default" or (spec is None and (tref.is_preset or dref.is_preset)):
-        if spec is None:
-            _notice("no weights to measure acceptance with; using the default acceptance vector (an assumption "
-                    "shaped like Sequoia's Llama-2 measurements); pass --acceptance to give one")
-        return {"p": list(DEFAULT_ACCEPTANCE), "se": None, "steps": None, "source": "default", "file": None}
-    if spec is not None:
-        if Path(spec).is_file():
-            result = acc.read_acceptance(spec)
-            return {"p": result.p, "se": result.se, "steps": result.steps, "source": "given", "file": str(spec)}
-        return {"p": acc.parse_vector(spec), "se": None, "steps": None, "source": "given", "file": None}
-    result, path = ensure_acceptance(args, dev, tref, dref, dt, temperature, top_p, force=args.remeasure)
-    return {"p": result.p, "se": result.se, "steps": result.steps, "source": "measured", "file": str(path)}
-
-
-def build_plan(args: argparse.Namespace):
-    """Profile (if missing), acceptance (if missing), then the search; returns (plan, table, time model, choices)."""
-    from offload_runtime.memory import parse_bytes
-
-    from . import hardware
-    from . import optimizer as opt
-    from .plan import Plan, dtype_name
-
-    dev, tref, targs, dref, dargs, dt = _setup(args)
-    _need_draft(dref, args.model, "plan")
-    if args.max_depth < 0:
-        raise UsageError(f"--max-depth must be >= 0, got {args.max_depth}")
-    temperature, top_p = _sampling_values(args, tref)
-    from offload_runtime.engine import check_sampling
-
-    check_sampling(temperature, top_p, 1)
-    budget = None if args.gpu_memory is None else parse_bytes(args.gpu_memory)
-    limit = targs.max_position_embeddings
-    max_seq_len = min(limit, 4096) if args.max_seq_len is None else args.max_seq_len
-    if max_seq_len > limit:
-        raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's context window ({limit})")
-
-    if args.profile:
-        profile, profile_path = hardware.read_profile(Path(args.profile)), Path(args.profile)
-        hardware.check_profile(profile, dev, dt, targs, dargs, args.profile)
-        if profile["machine"].get("id") != hardware.machine_fingerprint(dev)["id"]:
-            _notice(f"note: profile {args.profile} was made on another machine "
-                    f"({hardware.describe_machine(profile['machine'])})")
-    else:
-        profile, profile_path = ensure_profile(args, dev, tref, targs, dref, dargs, dt, force=args.remeasure)
-    acceptance = _acceptance_vector(args, dev, tref, dref, dt, temperature, top_p)
-    p = acceptance["p"]
-
-    if args.batch_size == "auto":
-        batches = [2 ** k for k in range(int(math.log2(args.max_batch)) + 1)]
-    else:
-        batches = [args.batch_size]
-
-    def residency_of(B: int):
-        return opt.residency(targs, dt, dev, draft=dargs, budget_bytes=budget, batch=B, max_seq_len=max_seq_len,
-                             max_tree=args.max_tree, slots=args.slots, offload=args.offload)
-
-    tm = opt.time_model_from_profile(profile, resident=targs.n_layers, n_layers=targs.n_layers,
-                                     temperature=temperature, top_p=top_p)
-    best, choices = opt.optimize_batch(p, tm, batches, residency_of, max_tree=args.max_tree,
-                                       max_depth=args.max_depth, top=args.top)
-    calibration = None
-    if not args.no_calibrate and not (tref.is_preset or dref.is_preset) and best.optimum.best.n > 1:
-        from .calibrate import measure_step_split
-
-        tree = list(best.optimum.best.parents)
-        _notice(f"calibrating on {best.optimum.best.n}-node trees with the real engine")
-        measured = measure_step_split(str(tref.path), str(dref.path), device=dev, dtype=dt, tree=tree,
-                                      temperature=temperature, top_p=top_p, batch=best.batch,
-                                      offload=best.residency.offload, gpu_memory=budget,
-                                      tokens=16 if best.residency.offload else 64,  # streamed steps are slow
-                                      min_time=_calibration_time(args),
-                                      reference=not best.residency.offload)  # plain streamed decoding is slower still
-        tm = tm.with_resident(len(best.residency.resident)).calibrated(measured, tree, best.batch)
-        calibration = {"tree": tree, "batch": best.batch, "measured": measured,
-                       "factors": {"draft": tm.draft_scale, "verify": tm.verify_scale, "host": tm.host_scale}}
-        best, choices = opt.optimize_batch(p, tm, batches, residency_of, max_tree=args.max_tree,
-                                           max_depth=args.max_depth, top=args.top)
-    c = best.optimum.best
-    tm_best = tm.with_resident(len(best.residency.resident))
-    res = best.residency
-    figures = {
-        "profile": str(profile_path), "profile_created": profile.get("created"),
-        "bandwidth_Bps": profile["bandwidth_Bps"], "layer_bytes": profile["layer_bytes"],
-        "layer_copy_s": profile["layer_copy_s"], "copy_bandwidth_Bps": tm_best.bandwidth,
-        "overlap": tm_best.overlap, "stream_s": tm_best.stream_s if res.offload else 0.0,
-        "prefix": profile.get("prefix"), "threads": profile.get("threads"), "grid": profile["grid"],
-        "layer_s": profile["layer_s"], "head_s": profile["head_s"], "host_s": profile["host_s"],
-        "warp_s": profile["warp_s"], "draft_level_s": profile["draft_level_s"], "calibration": calibration,
-    }
-    row = c.row()
-    predicted = {k: row[k] for k in ("tokens_per_step", "step_s", "draft_s", "verify_s", "host_s", "s_per_token",
-                                     "tokens_per_s")}
-    plan = Plan(
-        target=tref, draft=dref, device=dev.type, dtype=dtype_name(dt), temperature=temperature, top_p=top_p,
-        batch_size=best.batch, machine=hardware.machine_fingerprint(dev), tree=list(c.parents),
-        resident_layers=list(res.resident), n_layers=targs.n_layers, offload=res.offload, gpu_memory=budget,
-        max_seq_len=max_seq_len, slots=args.slots, acceptance={**acceptance, "width": len(p)}, figures=figures,
-        predicted=predicted, candidates=[r.row() for r in best.optimum.ranked],
-        search={"max_tree": args.max_tree, "max_depth": args.max_depth, "batch_sizes": batches,
-                "evaluated": best.optimum.evaluated, "pairs": best.optimum.candidates,
-                "per_batch": [{"batch": ch.batch, "resident": len(ch.residency.resident),
-                               **{k: ch.optimum.best.row()[k] for k in ("n", "depth", "tokens_per_s", "s_per_token")}}
-                              for ch in choices]},
-    )
-    return plan, tm_best, best
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .plan import save_plan
-
     if args.plot is not None:
         _require_matplotlib()
-    plan, tm, best = build_plan(args)
+    result = pipeline.make_plan(_request(args), output=args.output)
+    plan, tm, best = result.plan, result.time_model, result.choice
     print(f"plan for {plan.target.name} with draft {plan.draft.name} on {plan.device} ({plan.dtype}), "
           f"temperature {plan.temperature:g}, top-p {plan.top_p:g}")
     print(f"resident layers: {len(plan.resident_layers)} of {plan.n_layers}"
@@ -461,11 +232,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      [[r["batch"], r["resident"], r["n"], r["depth"], f"{r['tokens_per_s']:.4g}",
                        f"{r['s_per_token']:.4g}"] for r in plan.search["per_batch"]]))
     print(_table(CANDIDATE_HEADERS, _candidate_rows(plan.candidates)))
-    path = plan.path = save_plan(plan)
-    if args.output:
-        path = save_plan(plan, args.output)
     print(f"chosen: {plan.summary()}")
-    print(f"plan written to {path}")
+    print(f"plan written to {args.output or plan.path}")
     if args.plot is not None:
         plot_throughput(Path(args.plot), plan, tm, best)
         print(f"plot written to {args.plot}")
@@ -486,8 +254,9 @@ def _require_matplotlib():
 
 def plot_throughput(path: Path, plan, tm, best) -> None:
     """Predicted tokens/s vs tree size at the chosen depth, the chosen point marked."""
+    from offload_runtime.spec.tree_search import best_trees
+
     from .optimizer import throughput_curve
-    from .tree_search import best_trees
 
     plt = _require_matplotlib()
     max_tree = plan.search["max_tree"]
@@ -513,21 +282,17 @@ def plot_throughput(path: Path, plan, tm, best) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .plan import find_plan, read_plan, stale_reasons
+    from offload_runtime.api.plans import find_plan, read_plan, stale_reasons
 
     if args.path is not None:
         plan = read_plan(args.path)
     else:
         if args.model is None or args.draft is None:
             raise UsageError("show needs a plan file, or --model and --draft to find one")
-        from offload_runtime.engine import parse_device, parse_dtype
-
-        from .plan import resolve_model
-
-        dev = parse_device(args.device)
-        _, targs, _ = resolve_model(args.model)
-        dt = parse_dtype(args.dtype, dev, targs.torch_dtype)
-        plan, msg = find_plan(args.model, args.draft, dev, dt, args.temperature, args.top_p)
+        pair = pipeline.resolve(PlanRequest(model=args.model, draft=args.draft, device=args.device,
+                                            dtype=args.dtype, log=_notice))
+        plan, msg = find_plan(args.model, args.draft, pair.device, pair.dtype, args.temperature, args.top_p,
+                              target_ref=pair.target, draft_ref=pair.draft)
         if plan is None:
             raise UsageError(msg)
     print(f"plan        {plan.path}")
@@ -555,8 +320,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _describe(machine: dict) -> str:
-    from .hardware import describe_machine
-
     return describe_machine(machine)
 
 

@@ -22,10 +22,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from offload_runtime.api.home import short_hash, store_dir, write_json
+from offload_runtime.api.plans import ModelRef
 from offload_runtime.errors import ContextLengthError, UsageError
-
-from . import hardware
-from .plan import ModelRef
 
 # A small, varied prompt set: narrative, instructions, code, facts, dialogue, lists. Short on purpose: the
 # measurement wants many decoding steps in varied contexts, not long prefills.
@@ -167,8 +166,8 @@ def read_prompts(path: str | Path) -> list[str | list[int]]:
     return prompts
 
 
-def _prompts_sha(prompts: Sequence[str | list[int]]) -> str:
-    return hardware.short_hash(list(prompts))
+def prompts_sha(prompts: Sequence[str | list[int]]) -> str:
+    return short_hash(list(prompts))
 
 
 # --- the measurement
@@ -178,7 +177,7 @@ def acceptance_path(target: ModelRef, draft: ModelRef, temperature: float, top_p
                     prompts_sha: str) -> Path:
     key = {"target": target.fingerprint, "draft": draft.fingerprint, "temperature": round(temperature, 6),
            "top_p": round(top_p, 6), "width": width, "prompts": prompts_sha}
-    return hardware.store_dir("acceptance") / f"{hardware.short_hash(key)}.json"
+    return store_dir("acceptance") / f"{short_hash(key)}.json"
 
 
 def measure_acceptance(target: ModelRef, draft: ModelRef, *, device: str | torch.device | None = None,
@@ -192,9 +191,10 @@ def measure_acceptance(target: ModelRef, draft: ModelRef, *, device: str | torch
     Up to `batch_size` prompts share each target sweep (rows are independent, so the counts are the same as one
     by one; offloaded, it is many times faster).
     """
-    from offload_runtime.checkpoint import load_tokenizer
-    from offload_runtime.config import ModelArgs
-    from offload_runtime.engine import Engine, check_sampling
+    from offload_runtime.api.engine import Engine
+    from offload_runtime.api.options import check_sampling
+    from offload_runtime.api.text import load_tokenizer
+    from offload_runtime.model.config import ModelArgs
 
     if target.is_preset or draft.is_preset:
         raise UsageError("measuring acceptance needs the weights of both models; "
@@ -256,7 +256,7 @@ def measure_acceptance(target: ModelRef, draft: ModelRef, *, device: str | torch
     return AcceptanceResult(
         p=p, se=se, counts=counts, none=none, steps=steps, width=width, temperature=float(temperature),
         top_p=float(top_p), target=target, draft=draft,
-        prompts={"source": prompts_source, "count": len(prompts), "sha": _prompts_sha(prompts)},
+        prompts={"source": prompts_source, "count": len(prompts), "sha": prompts_sha(prompts)},
         max_new_tokens=max_new_tokens, seed=seed, device=engine.target.device.type,
         dtype=str(engine.target.dtype).replace("torch.", ""), tokens_per_step=1.0 + sum(p),
         elapsed_s=time.perf_counter() - t0)
@@ -265,7 +265,7 @@ def measure_acceptance(target: ModelRef, draft: ModelRef, *, device: str | torch
 def save_acceptance(result: AcceptanceResult, path: Path | None = None) -> Path:
     path = path or acceptance_path(result.target, result.draft, result.temperature, result.top_p, result.width,
                                    result.prompts["sha"])
-    return hardware.write_json(path, result.to_dict())
+    return write_json(path, result.to_dict())
 
 
 def read_acceptance(path: str | Path) -> AcceptanceResult:

@@ -8,7 +8,6 @@ measures.
 """
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 from typing import Any, Sequence
@@ -33,10 +32,9 @@ def measure_step_split(target: str, draft: str, *, device: torch.device, dtype: 
     the median of their seconds per token, `reference_s_per_token`, tells later measurements how fast the
     machine was while the plan was calibrated (tools/bench_cpu.py's plan check compares with it).
     """
-    from offload_runtime.checkpoint import load_tokenizer
-    from offload_runtime.config import ModelArgs
-    from offload_runtime.engine import Engine
-    from offload_runtime.tree import Tree
+    from offload_runtime.api.engine import Engine
+    from offload_runtime.api.text import load_tokenizer
+    from offload_runtime.model.config import ModelArgs
 
     tokenizer = load_tokenizer(target)
     texts = list(BUILTIN_PROMPTS[: max(batch, 2)])
@@ -62,24 +60,21 @@ def measure_step_split(target: str, draft: str, *, device: torch.device, dtype: 
     t0 = time.perf_counter()
     while not runs or (time.perf_counter() - t0 < min_time and len(runs) < max_runs):
         seed_i = seed + len(runs)
-        engine.decoder.set_tree(Tree(list(tree)))
-        before = copy.copy(engine.decoder.times)  # the engine adds to its StepTimes in place
         w0 = time.perf_counter()
         results = engine.generate(prompts, max_new_tokens=per_prompt, temperature=temperature, top_p=top_p,
-                                  seed=seed_i, ignore_eos=True)
+                                  seed=seed_i, ignore_eos=True, tree=tree)
         wall = time.perf_counter() - w0
-        t = engine.decoder.times
-        k = max(1, t.steps - before.steps)
-        draft_s, verify_s = (t.draft_s - before.draft_s) / k, (t.verify_s - before.verify_s) / k
+        call = results.stats
+        k = max(1, call.steps)
+        draft_s, verify_s = call.draft_s / k, call.sweep_s / k
         # host_s takes everything else the caller waits for, between steps included, so the three phases add
         # up to the wall time a reply takes.
         runs.append({"draft_s": draft_s, "verify_s": verify_s, "host_s": wall / k - draft_s - verify_s, "steps": k,
                      "tokens_per_sweep": sum(len(r.token_ids) for r in results) / k})
         if reference:
-            engine.decoder.set_tree(Tree([-1]))
             r0 = time.perf_counter()
             plain = engine.generate(prompts, max_new_tokens=per_prompt, temperature=temperature, top_p=top_p,
-                                    seed=seed_i, ignore_eos=True)
+                                    seed=seed_i, ignore_eos=True, tree=[-1])
             plain_tokens = max(1, sum(len(r.token_ids) for r in plain))
             runs[-1]["reference_s_per_token"] = (time.perf_counter() - r0) / plain_tokens
     out: dict[str, Any] = {key: statistics.median(r[key] for r in runs)

@@ -36,13 +36,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from offload_runtime.config import ModelArgs
 from offload_runtime.errors import ResourceError, UsageError
-from offload_runtime.loader import Residency, choose_residency, fixed_device_bytes
-from offload_runtime.memory import itemsize
-from offload_runtime.streaming import layer_layout
-
-from .tree_search import TreeTable, best_trees
+from offload_runtime.model.config import ModelArgs
+from offload_runtime.model.tree import Tree
+from offload_runtime.residency import Residency, choose_residency, fixed_device_bytes
+from offload_runtime.spec.tree_search import TreeTable, best_trees
 
 _REL_TOL = 1e-12
 
@@ -142,30 +140,16 @@ class TimeModel:
         if len(parents) <= 1:
             return 0.0
         return self.draft_scale * sum(float(self.draft_level(batch * w)) + batch * self._warp(w)
-                                      for w in internal_per_level(parents))
+                                      for w in Tree.of(parents).internal_per_level)
 
     def step_parts(self, parents: Sequence[int], batch: int = 1) -> dict[str, float]:
         n = len(parents)
-        walked = len(internal_per_level(parents)) + 1  # the verifier warps at most one row per depth
+        walked = Tree.of(parents).max_depth + 1  # the verifier warps at most one row per depth
         parts = {"draft_s": self.t_draft(parents, batch), "verify_s": float(self.t_verify(batch * n)),
                  "host_s": batch * self.host_scale * (float(self.host(n)) + self._warp(walked)),
                  "overhead_s": self.overhead_s}
         parts["step_s"] = sum(parts.values())
         return parts
-
-
-def internal_per_level(parents: Sequence[int]) -> list[int]:
-    """w_l: how many nodes of each depth have children (what one draft forward per level runs)."""
-    depth = [0] * len(parents)
-    has_child = [False] * len(parents)
-    for i in range(1, len(parents)):
-        depth[i] = depth[parents[i]] + 1
-        has_child[parents[i]] = True
-    widths = [0] * (max(depth) if len(parents) > 1 else 0)
-    for i, kid in enumerate(has_child):
-        if kid:
-            widths[depth[i]] += 1
-    return widths
 
 
 # --- candidates
@@ -205,7 +189,7 @@ class Candidate:
 
 def evaluate(tree: Sequence[int], G: float, tm: TimeModel, batch: int = 1) -> Candidate:
     parts = tm.step_parts(tree, batch)
-    return Candidate(n=len(tree), depth=len(internal_per_level(tree)), batch=batch, tokens_per_step=G,
+    return Candidate(n=len(tree), depth=Tree.of(tree).max_depth, batch=batch, tokens_per_step=G,
                      draft_s=parts["draft_s"], verify_s=parts["verify_s"], host_s=parts["host_s"],
                      overhead_s=parts["overhead_s"], parents=tuple(tree))
 
@@ -305,7 +289,7 @@ def throughput_curve(table: TreeTable, tm: TimeModel, depth: int, max_tree: int,
 def residency(target: ModelArgs, dtype: torch.dtype, device: torch.device, *, draft: ModelArgs | None,
               budget_bytes: int | None, batch: int, max_seq_len: int, max_tree: int, slots: int = 2,
               max_chunk: int = 2048, offload: bool | None = None) -> Residency:
-    """Which target layers stay on the device, by the runtime's own rule (offload_runtime.loader).
+    """Which target layers stay on the device, by the runtime's own rule (offload_runtime/residency.py).
 
     The device must hold the largest tree the search may pick (`max_tree`), B KV caches of `max_seq_len`, the
     draft, the staging slots and the activations; every layer that fits beside them stays resident. With no
@@ -315,10 +299,6 @@ def residency(target: ModelArgs, dtype: torch.dtype, device: torch.device, *, dr
                                tree_size=max_tree, max_chunk=max_chunk, slots=slots, on_cuda=device.type == "cuda")
     return choose_residency(target, dtype, device, offload=offload, budget_bytes=budget_bytes, fixed=fixed,
                             slots=slots)
-
-
-def layer_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
-    return layer_layout(args, dtype)[1] * itemsize(dtype)
 
 
 @dataclass(frozen=True)
@@ -362,7 +342,7 @@ def suffix_min(seconds: Sequence[float]) -> tuple[float, ...]:
 
 def time_model_from_profile(profile: dict[str, Any], *, resident: int, n_layers: int, temperature: float = 0.0,
                             top_p: float = 1.0) -> TimeModel:
-    """The time model a profile (planner/hardware.py) describes, for R resident layers of L, sampling as given
+    """The time model a profile (planner/profile.py) describes, for R resident layers of L, sampling as given
     (top-p warping sorts the vocabulary for every drafted and walked row; greedy and top-p 1 do not)."""
     grid = tuple(int(n) for n in profile["grid"])
     if profile.get("draft_level_s") is None:

@@ -159,7 +159,7 @@ def test_ratio_and_gain_by_hand():
 @pytest.mark.parametrize("p", [[0.7, 0.1, 0.05], [0.9, 0.05, 0.03, 0.01], [0.3, 0.2, 0.15, 0.1, 0.1, 0.05],
                                [0.5, 0.0, 0.3], [1.0]])
 def test_best_k_sequences_is_the_best_that_fits(p):
-    from planner.tree_search import expected_tokens, k_sequences_tree
+    from offload_runtime.spec.tree_search import expected_tokens, k_sequences_tree
 
     for n in (2, 3, 5, 8, 17, 40):
         k, l = abl.best_k_sequences(n, p)
@@ -170,16 +170,17 @@ def test_best_k_sequences_is_the_best_that_fits(p):
 
 
 def test_family_trees_fit_the_size():
-    from planner.tree_search import best_trees, check_tree
+    from offload_runtime.model.tree import Tree
+    from offload_runtime.spec.tree_search import best_trees
 
     p = [0.6, 0.15, 0.08, 0.04]
     table = best_trees(p, 64, 6)
     for n in (1, 2, 3, 16, 64):
         trees = abl.family_trees(n, p, table, 6)
         for fam, (parents, _) in trees.items():
-            check_tree(parents)
+            Tree(parents)
             assert len(parents) <= n, (fam, n)
-        assert len(trees["chain"][0]) == n and max(check_tree(trees["dp"][0])) <= 6
+        assert len(trees["chain"][0]) == n and Tree(trees["dp"][0]).max_depth <= 6
 
 
 def test_fewer_prompts_only_above_the_threshold():

@@ -1,7 +1,7 @@
 """Several sequences share every weight sweep, and each gets exactly what it would get alone."""
 import pytest
 
-from offload_runtime.engine import Engine
+from offload_runtime import Engine
 
 PROMPTS = [[5, 9, 14], list(range(3, 30)), [7], [40, 41, 42, 43, 44, 45, 46], [11, 3] * 6, [99, 98, 97, 96],
            list(range(60, 80)), [8, 8, 8, 8, 8]]

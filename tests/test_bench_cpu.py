@@ -143,7 +143,7 @@ def test_text_table_is_aligned():
 
 @pytest.mark.parametrize("n", [5, 7, 10, 16, 17, 32, 64])
 def test_kxl_shape_is_closest_in_size(n):
-    from planner.tree_search import DEFAULT_ACCEPTANCE, expected_tokens, k_sequences_tree
+    from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, expected_tokens, k_sequences_tree
 
     k, l = bench.kxl_shape(n, DEFAULT_ACCEPTANCE)
     assert k >= 2 and l >= 2
@@ -182,9 +182,9 @@ def test_summary_and_greedy_check():
 
 
 def test_planned_tree_falls_back_to_best_trees_then_follows_a_plan(tmp_path):
-    from planner.tree_search import DEFAULT_ACCEPTANCE, best_trees
+    from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, best_trees
 
-    from offload_runtime.config import ModelArgs
+    from offload_runtime.model.config import ModelArgs
 
     pair = bench.build_random_pair(tmp_path, ModelArgs(**bench.SMALL_ARGS), "p", "test pair")
     choice = bench.planned_tree(pair, 16, 6)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from helpers import make_checkpoint
-from offload_runtime.checkpoint import Checkpoint, resolve_model_dir
-from offload_runtime.config import ModelArgs
-from offload_runtime.engine import Engine
+from offload_runtime.weights.checkpoint import Checkpoint, resolve_model_dir
+from offload_runtime.model.config import ModelArgs
+from offload_runtime import Engine
 from offload_runtime.errors import CheckpointError, ConfigError, MissingFileError
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from offload_runtime.engine import Engine
+from offload_runtime import Engine
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from offload_runtime import registry
-from offload_runtime.checkpoint import Checkpoint, load_tokenizer
-from offload_runtime.engine import Engine
+from offload_runtime.api import registry
+from offload_runtime.weights.checkpoint import Checkpoint
+from offload_runtime.api.text import load_tokenizer
+from offload_runtime import Engine
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,11 @@ import pytest
 import torch
 
 from helpers import make_checkpoint
-from offload_runtime.engine import Engine
-from offload_runtime.inputs import RowChunk, build_forward
-from offload_runtime.kv_cache import KVCache
-from offload_runtime.tree import Tree
-from planner.tree_search import DEFAULT_ACCEPTANCE, best_first_tree
+from offload_runtime import Engine
+from offload_runtime.model.batch import RowChunk, build_forward
+from offload_runtime.model.kv_cache import KVCache
+from offload_runtime.model.tree import Tree
+from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, best_first_tree
 
 pytestmark = pytest.mark.gpu
 

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from helpers import CONFIGS, reference_model
-from offload_runtime.checkpoint import Checkpoint
-from offload_runtime.inputs import RowChunk, build_forward
-from offload_runtime.kv_cache import KVCache
-from offload_runtime.model import ResidentLayers, Transformer
-from offload_runtime.tree import Tree
-from offload_runtime.weights import load_globals, load_layer
+from offload_runtime.weights.checkpoint import Checkpoint
+from offload_runtime.model.batch import RowChunk, build_forward
+from offload_runtime.model.kv_cache import KVCache
+from offload_runtime.model.transformer import ResidentLayers, Transformer
+from offload_runtime.model.tree import Tree
+from offload_runtime.weights.loader import load_globals, load_layer
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 
@@ -19,6 +19,14 @@ def ours(path, dtype):
     dev = torch.device("cpu")
     layers = ResidentLayers([load_layer(ck, i, dtype, dev) for i in range(ck.args.n_layers)])
     return Transformer(ck.args, load_globals(ck, dtype, dev), layers, dev)
+
+
+def path_to(tree: Tree, node: int) -> list[int]:
+    """Root-to-node path, root included."""
+    path = [node]
+    while tree.parents[path[-1]] >= 0:
+        path.append(tree.parents[path[-1]])
+    return path[::-1]
 
 
 def run(model, cache, length, tree, tokens, row=0):
@@ -105,7 +113,7 @@ def test_tree_forward_equals_sequential_paths(checkpoints, name, fold, monkeypat
     length = cache.keep(0, 0, range(len(prefix)))
     got = run(model, cache, length, tree, tokens)
     for node in range(len(tree)):
-        seq = prefix + [tokens[u] for u in tree.path_to(node)]
+        seq = prefix + [tokens[u] for u in path_to(tree, node)]
         assert rel_err(got[node], ref_logits(ref, seq)[-1]) < TOL[dtype], node
 
 
@@ -140,7 +148,7 @@ def test_keep_then_continue_equals_decoding_the_kept_path(checkpoints):
     run(model, cache, 0, Tree.chain(len(prefix)), prefix)
     length = cache.keep(0, 0, range(len(prefix)))
     run(model, cache, length, tree, tokens)
-    kept = tree.path_to(7)  # root -> 2 -> 5 -> 7: non-contiguous slots, so keep really moves K/V
+    kept = path_to(tree, 7)  # root -> 2 -> 5 -> 7: non-contiguous slots, so keep really moves K/V
     assert kept == [0, 2, 5, 7]
     length = cache.keep(0, length, kept)
     history = prefix + [tokens[u] for u in kept]
@@ -173,8 +181,8 @@ def test_folded_attention_equals_grouped_attention(dtype, layout, monkeypatch):
     build_forward guarantees)."""
     if layout == "cuda-like":
         _cuda_like_sdpa(monkeypatch)
-    from offload_runtime.config import ModelArgs
-    from offload_runtime.model import _attend, folds_groups, layer_mask
+    from offload_runtime.model.config import ModelArgs
+    from offload_runtime.model.transformer import _attend, folds_groups, layer_mask
 
     args = ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=8, vocab_size=16, intermediate_size=8)
     g = torch.Generator().manual_seed(5)

@@ -15,14 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from offload_runtime.config import ModelArgs
+from offload_runtime.model.config import ModelArgs
 from offload_runtime.errors import ResourceError, UsageError
-from offload_runtime.loader import Residency, fixed_device_bytes
+from offload_runtime.residency import Residency, fixed_device_bytes
 from planner import __main__ as cli
 from planner import acceptance as acc
-from planner import hardware, optimizer as opt
-from planner.plan import Plan, find_plan, load_plan, model_fingerprint, read_plan, save_plan
-from planner.tree_search import DEFAULT_ACCEPTANCE, best_trees
+from offload_runtime.api.machine import machine_fingerprint
+from offload_runtime.model.tree import Tree
+from offload_runtime.api.plans import Plan, find_plan, load_plan, model_fingerprint, read_plan, save_plan
+from offload_runtime.weights.layout import layer_bytes
+from planner import optimizer as opt
+from planner import profile as profile_mod
+from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, best_trees
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,8 +54,8 @@ def test_curve_interpolates_and_extrapolates():
 
 
 def test_internal_per_level_counts_the_nodes_each_draft_forward_runs():
-    assert opt.internal_per_level([-1]) == []
-    assert opt.internal_per_level([-1, 0, 0, 1, 1, 2, 3]) == [1, 2, 1]
+    assert list(Tree([-1]).internal_per_level) == []
+    assert list(Tree([-1, 0, 0, 1, 1, 2, 3]).internal_per_level) == [1, 2, 1]
 
 
 def test_flat_then_linear_picks_the_knee():
@@ -161,7 +165,7 @@ TINY = ModelArgs.from_name("tiny")
 def _budgets(batch: int = 1, max_seq_len: int = 64, max_tree: int = 32) -> tuple[int, int]:
     fixed = sum(fixed_device_bytes(TINY, torch.float32, draft_args=TINY, batch=batch, max_seq_len=max_seq_len,
                                    tree_size=max_tree, max_chunk=2048, slots=2, on_cuda=False).values())
-    return fixed, opt.layer_bytes(TINY, torch.float32)
+    return fixed, layer_bytes(TINY, torch.float32)
 
 
 def test_more_budget_more_resident_layers_and_faster():
@@ -233,9 +237,9 @@ def test_parse_vector_and_prompts(tmp_path):
 
 def test_resolve_model_falls_back_to_shape_presets(monkeypatch):
     """Without a local checkpoint an alias, its repo id or its chat variant profiles the published shapes."""
-    from planner import plan as plan_module
+    from planner import models as plan_module
 
-    monkeypatch.setattr(plan_module, "_local_dir", lambda name: None)  # as on a machine without the weights
+    monkeypatch.setattr(plan_module, "local_ref", lambda name: None)  # as on a machine without the weights
     for name in ("llama-2-70b", "meta-llama/Llama-2-70b-hf", "llama-2-70b-chat"):
         ref, args, note = plan_module.resolve_model(name)
         assert ref.identity == "preset:llama-2-70b" and ref.is_preset and args == ModelArgs.from_name("llama-2-70b")
@@ -292,15 +296,15 @@ def test_profile_command(home, pair, capsys, tmp_path):
                      "--output", str(path)]) == 0
     out = capsys.readouterr().out
     assert "layer ms" in out and "draft level ms" in out
-    prof = hardware.read_profile(path)
+    prof = profile_mod.read_profile(path)
     assert prof["grid"] == [1, 3, 8] and prof["device"] == "cpu" and prof["dtype"] == "float32"
     for key in ("layer_s", "head_s", "host_s", "draft_level_s"):
         assert len(prof[key]) == 3 and all(t > 0 for t in prof[key])
-    assert prof["bandwidth_Bps"] > 1e6 and prof["layer_bytes"] == opt.layer_bytes(ModelArgs.from_file(target),
+    assert prof["bandwidth_Bps"] > 1e6 and prof["layer_bytes"] == layer_bytes(ModelArgs.from_file(target),
                                                                                    torch.float32)
     m = prof["machine"]
     assert m["gpu_name"] is None and m["pcie_max_gen"] is None and m["cpu_model"] and m["ram_total"] > 0
-    assert m["id"] == hardware.machine_fingerprint("cpu")["id"]
+    assert m["id"] == machine_fingerprint("cpu")["id"]
 
 
 def test_profile_of_a_preset_shape(home, capsys):
@@ -324,7 +328,7 @@ def test_acceptance_command(home, pair, capsys, tmp_path):
 
 def test_acceptance_of_a_draft_equal_to_the_target_is_all_first_child(home, pair):
     """P == Q at every node: the first child is accepted with probability min(1, P/Q) = 1, so p = (1, 0, 0)."""
-    from planner.plan import resolve_model
+    from planner.models import resolve_model
 
     target, _ = pair
     ref = resolve_model(str(target))[0]
@@ -337,7 +341,7 @@ def test_acceptance_of_a_draft_equal_to_the_target_is_all_first_child(home, pair
 
 def test_acceptance_batched_equals_one_by_one(pair):
     """Each prompt keeps its own seed and cache row, so sharing sweeps changes nothing (float64: no rounding ties)."""
-    from planner.plan import resolve_model
+    from planner.models import resolve_model
 
     target, draft = (resolve_model(str(x))[0] for x in pair)
     kwargs = dict(device="cpu", dtype="float64", temperature=1.0, width=3, prompts=acc.BUILTIN_PROMPTS[:3],
@@ -360,7 +364,7 @@ def test_plan_end_to_end(planned, pair, home):
     best = plan.candidates[0]
     assert best["n"] == plan.n and best["s_per_token"] == pytest.approx(plan.predicted["s_per_token"])
     assert all(a["tokens_per_s"] >= b["tokens_per_s"] for a, b in zip(plan.candidates, plan.candidates[1:]))
-    assert plan.figures["grid"] == list(hardware.QUICK_GRID)
+    assert plan.figures["grid"] == list(profile_mod.QUICK_GRID)
 
 
 def test_plan_round_trip(planned, tmp_path):
@@ -384,7 +388,9 @@ def test_find_plan_uses_the_matching_plan(planned, pair):
         args = {"dtype": torch.float32, **kwargs}
         plan, msg = find_plan(target, draft, "cpu", **args)
         assert plan is None
-        assert msg.startswith("no plan for this machine and model pair; using the default tree; run "
+        # (find_plan serves `planner show` and the tools, which use no default tree: the engine's notice,
+        # from find_plans, is the one that says so)
+        assert msg.startswith("no plan for this machine and model pair; run "
                               f"`python -m planner plan --model {target} --draft {draft}")
 
 
@@ -432,7 +438,7 @@ def test_stale_plan_is_detected(planned, pair, tmp_path):
 
 
 def test_load_plan_errors(tmp_path):
-    from planner.plan import PlanError
+    from offload_runtime.api.plans import PlanError
 
     with pytest.raises(PlanError, match="not found"):
         load_plan(tmp_path / "nope.json")
@@ -513,21 +519,23 @@ def test_cli_one_line_errors(tmp_path):
 
 
 def test_engine_follows_the_plan(planned, pair, capsys):
-    from offload_runtime.engine import Engine
+    from offload_runtime import Engine
 
     target, draft = pair
     engine = Engine.from_pretrained(target, draft=str(draft), dtype="float32")
-    assert engine.plan == planned and list(engine.decoder.tree.parents) == planned.tree
+    # The tree a request at the plan's sampling settings gets (each request takes its own regime's plan).
+    default_tree = lambda e: e.tree_for(e.sampling_params(planned.temperature, planned.top_p))  # noqa: E731
+    assert engine.plans == [planned] and default_tree(engine) == planned.tree
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("using plan")
     engine = Engine.from_pretrained(target, draft=str(draft), dtype="float64")  # no plan for float64
-    assert engine.plan is None and len(engine.decoder.tree) > 1
+    assert engine.plans == [] and len(default_tree(engine)) > 1
     assert "no plan for this machine and model pair; using the default tree" in capsys.readouterr().err
     engine = Engine.from_pretrained(target, draft=str(draft), dtype="float64", plan=str(planned.path))
-    assert list(engine.decoder.tree.parents) == planned.tree
+    assert default_tree(engine) == planned.tree
     assert "built for dtype float32" in capsys.readouterr().err
     engine = Engine.from_pretrained(target, draft=str(draft), dtype="float32", tree=[-1, 0])
-    assert list(engine.decoder.tree.parents) == [-1, 0] and capsys.readouterr().err == ""
+    assert default_tree(engine) == [-1, 0] and capsys.readouterr().err == ""
 
 
 def test_top_p_warping_is_charged_per_drafted_and_walked_row():

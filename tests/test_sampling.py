@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-from offload_runtime.sampling import gumbel_top_k, make_generator, sample, warp_probs
+from offload_runtime.spec.sampling import gumbel_top_k, make_generator, warp_probs
 
 from helpers import ALPHA, chi_square_pvalue
 
@@ -100,19 +100,6 @@ def test_warp_probs_rejects_bad_settings(temperature: float, top_p: float) -> No
         warp_probs(torch.zeros(3), temperature, top_p)
 
 
-# --- sample
-
-
-def test_sample_is_multinomial_with_the_given_generator() -> None:
-    probs = warp_probs(torch.randn(5, 30, generator=make_generator(2)), 1.0, 0.9)
-    drawn = sample(probs, make_generator(7))
-    assert drawn.shape == (5,) and drawn.dtype == torch.int64
-    assert torch.equal(drawn, torch.multinomial(probs, 1, generator=make_generator(7)).squeeze(-1))
-    assert torch.equal(sample(probs, make_generator(7)), drawn)
-    single = sample(probs[0], make_generator(3))
-    assert single.shape == () and float(probs[0, single]) > 0
-
-
 # --- gumbel_top_k
 
 
@@ -200,7 +187,7 @@ def test_gumbel_top_k_first_draw_has_probs_law_with_zeros() -> None:
 
 
 def test_warped_rows_equal_warp_probs_row_by_row() -> None:
-    from offload_runtime.sampling import WarpedRows
+    from offload_runtime.spec.sampling import WarpedRows
 
     logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     lazy = WarpedRows(logits, 0.7, 0.8)

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from helpers import make_checkpoint
-from offload_runtime import streaming
-from offload_runtime.engine import Engine
+from offload_runtime.weights import store
+from offload_runtime.weights.layout import layer_bytes
+from offload_runtime import Engine
 from offload_runtime.errors import ResourceError
-from offload_runtime.loader import choose_residency, spread
+from offload_runtime.residency import choose_residency, spread
 from offload_runtime.memory import parse_bytes
 from offload_runtime.streaming import StreamedLayers
-from offload_runtime.config import ModelArgs
+from offload_runtime.model.config import ModelArgs
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +26,9 @@ def deep(tmp_path_factory):
 
 def logits_and_tokens(engine, ids):
     result = engine.generate(ids, max_new_tokens=12, temperature=0, ignore_eos=True)[0]
-    from offload_runtime.inputs import RowChunk, build_forward
-    from offload_runtime.kv_cache import KVCache
-    from offload_runtime.tree import Tree
+    from offload_runtime.model.batch import RowChunk, build_forward
+    from offload_runtime.model.kv_cache import KVCache
+    from offload_runtime.model.tree import Tree
 
     cache = KVCache(engine.target.args, 1, 64, engine.target.dtype, "cpu")
     batch = build_forward([RowChunk(0, Tree.chain(len(ids)), ids, range(len(ids)), range(len(ids)))],
@@ -78,7 +79,7 @@ def test_speculative_decoding_with_streaming(deep, checkpoints):
 
 def test_budget_decides_offload_and_resident_layers(deep):
     args = ModelArgs.from_file(deep)
-    layer = streaming.layer_layout(args, torch.float32)[1] * 4
+    layer = layer_bytes(args, torch.float32)
     fixed = {"embeddings and head": 1000, "staging slots": 2 * layer}
     r = choose_residency(args, torch.float32, torch.device("cpu"), offload=None, budget_bytes=1000 + 6 * layer,
                          fixed=fixed, slots=2)
@@ -97,12 +98,12 @@ def test_budget_decides_offload_and_resident_layers(deep):
 
 
 def test_engine_offloads_when_budget_is_small(deep):
-    from offload_runtime.loader import fixed_device_bytes
+    from offload_runtime.residency import fixed_device_bytes
 
     args = ModelArgs.from_file(deep)
     fixed = fixed_device_bytes(args, torch.float32, draft_args=None, batch=1, max_seq_len=64, tree_size=1,
                                max_chunk=64, slots=2, on_cuda=False)
-    layer = streaming.layer_layout(args, torch.float32)[1] * 4
+    layer = layer_bytes(args, torch.float32)
     engine = Engine.from_pretrained(deep, dtype="float32", draft=False, max_seq_len=64, max_chunk=64,
                                     gpu_memory=sum(fixed.values()) + int(3.5 * layer))
     assert engine.offloaded and engine.residency.resident == spread(6, 3)
@@ -114,7 +115,7 @@ def test_too_little_ram_is_a_clear_error_before_allocating(deep, monkeypatch):
     def no_alloc(*a, **k):
         raise AssertionError("allocated host memory despite the RAM check")
 
-    monkeypatch.setattr(streaming, "alloc_host", no_alloc)
+    monkeypatch.setattr(store, "alloc_host", no_alloc)
     with pytest.raises(ResourceError, match=r"streaming m .* needs .* of host RAM but only 9.8 KiB is available"):
         Engine.from_pretrained(deep, dtype="float32", draft=False, offload=True)
     with pytest.raises(ResourceError, match=r"loading m .* needs .* of host RAM"):
@@ -128,8 +129,8 @@ def test_peak_rss_while_loading_stays_near_checkpoint_size(tmp_path):
     assert size > 40e6
     script = textwrap.dedent(f"""
         import json, psutil, torch
-        from offload_runtime.engine import Engine
-        from offload_runtime.checkpoint import Checkpoint
+        from offload_runtime import Engine
+        from offload_runtime.weights.checkpoint import Checkpoint
         Checkpoint({str(path)!r})  # warm imports and code paths outside the measurement
         before = psutil.Process().memory_info().rss
         engine = Engine.from_pretrained({str(path)!r}, dtype="float32", draft=False, offload=True,

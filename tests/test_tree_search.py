@@ -6,7 +6,7 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from planner.tree_search import (
+from offload_runtime.spec.tree_search import (
     DEFAULT_ACCEPTANCE,
     best_first_growth_curve,
     best_first_tree,
@@ -14,7 +14,6 @@ from planner.tree_search import (
     best_trees,
     chain_tree,
     expected_tokens,
-    growth_curve,
     k_sequences_tree,
 )
 
@@ -168,7 +167,6 @@ def test_every_tree_from_one_run(seed):
             tree = table.tree(n, d)
             _assert_conventions(tree, n, d)
             assert expected_tokens(tree, p) == pytest.approx(G[n], rel=1e-9)
-    assert np.array_equal(growth_curve(p, 80, 6), table.curve(6))
 
 
 @pytest.mark.parametrize("seed", [11, 12])
@@ -194,7 +192,7 @@ def test_chain_when_only_first_child_accepted():
         value, tree = best_tree(p, n, n - 1)
         assert tree == chain_tree(n) and value == n
     for d in (0, 1, 4, 9):
-        G = growth_curve(p, 40, d)
+        G = best_trees(p, 40, d).curve(d)
         assert np.array_equal(G[1:], np.minimum(np.arange(1, 41), d + 1))
         # the depth limit binds: extra nodes would be worthless, so the tree stays minimal
         assert best_tree(p, 40, d)[1] == chain_tree(d + 1)
@@ -206,7 +204,7 @@ def test_dp_beats_paper_baselines(seed):
     rng = np.random.default_rng(seed)
     vectors = [np.array(DEFAULT_ACCEPTANCE), np.sort(rng.random(8))[::-1] * 0.9, rng.random(8) * 0.9]
     for p in vectors:
-        G = growth_curve(p, 121, 120)
+        G = best_trees(p, 121, 120).curve(120)
         for n in range(1, 122):
             assert G[n] >= expected_tokens(chain_tree(n), p) - 1e-12
         for k in range(1, 9):
@@ -253,7 +251,7 @@ def test_bad_sizes_and_trees():
     with pytest.raises(ValueError, match="d must be"):
         best_tree([0.5], 3, -1)
     with pytest.raises(ValueError, match="N must be"):
-        growth_curve([0.5], 0, 2)
+        best_trees([0.5], 0, 2)
     with pytest.raises(ValueError, match="n must be"):
         best_tree([0.5], True, 2)
     with pytest.raises(ValueError, match="non-increasing"):

@@ -8,16 +8,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
-import offload_runtime.verify as verify_module
-from offload_runtime.sampling import gumbel_top_k, make_generator, warp_probs
-from offload_runtime.verify import (
-    METHODS,
-    VerifyResult,
-    verify,
-    verify_greedy,
-    verify_sequoia,
-    verify_specinfer,
-)
+import offload_runtime.spec.verify as verify_module
+from offload_runtime.spec.sampling import gumbel_top_k, make_generator, warp_probs
+from offload_runtime.spec.methods import METHODS, verify
+from offload_runtime.spec.verify import VerifyResult, verify_greedy, verify_sequoia, verify_specinfer
 from helpers import ALPHA, chi_square_pvalue
 
 F64 = torch.float64
@@ -165,7 +159,9 @@ def test_greedy_is_the_longest_argmax_path() -> None:
         vocab = 2 + int(torch.randint(3, (), generator=gen))  # tiny V: many matches, some duplicates
         n = 1 + int(torch.randint(20, (), generator=gen))
         parents = [-1] + [int(torch.randint(i, (), generator=gen)) for i in range(1, n)]
-        order = sorted(range(n), key=lambda i: (_depth(parents, i), i))  # make it BFS-sorted
+        order = [0]  # renumber breadth-first: children grouped by parent, parents in index order
+        for u in order:
+            order.extend(c for c in range(1, n) if parents[c] == u)
         new_index = {old: new for new, old in enumerate(order)}
         parents = [-1] + [new_index[parents[old]] for old in order[1:]]
         tokens = torch.randint(vocab, (n,), generator=gen).tolist()
@@ -175,10 +171,6 @@ def test_greedy_is_the_longest_argmax_path() -> None:
         for target in (logits, warp_probs(logits, 0.0, 1.0), torch.tensor(argmax)):
             got = verify_greedy(parents, tokens, target)
             assert (got.path, got.bonus_token) == expected
-
-
-def _depth(parents: list[int], node: int) -> int:
-    return 0 if parents[node] < 0 else 1 + _depth(parents, parents[node])
 
 
 # --- saturated tables: the outcome is known whatever the uniforms
@@ -296,10 +288,12 @@ def test_only_visited_rows_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
         assert sorted(set(read)) == sorted(visited) and len(read) <= 2 * len(visited)
 
 
-def test_emitted_tokens_and_input_checks() -> None:
-    result = VerifyResult(path=[1, 3], bonus_token=7)
-    assert result.emitted_tokens(torch.tensor([5, 6, 8, 9])) == [6, 9, 7]
-    assert VerifyResult(path=[], bonus_token=2).emitted_tokens([4]) == [2]
+def emitted_tokens(result: VerifyResult, tokens: list[int]) -> list[int]:
+    """The tokens a step emits: those of the accepted path, then the bonus token."""
+    return [tokens[u] for u in result.path] + [result.bonus_token]
+
+
+def test_input_checks() -> None:
     p = torch.full((2, 3), 1 / 3)
     with pytest.raises(ValueError, match="unknown verification method"):
         verify("beam", [-1, 0], [0, 1], p, p, make_generator(0))
@@ -384,7 +378,7 @@ def emitted_per_trial(
         parents, tokens = compact(template, row)
         index = torch.tensor(tokens)
         result = verify(method, parents, tokens, p_table[index], q_table[index], gen)
-        out.append(result.emitted_tokens(tokens))
+        out.append(emitted_tokens(result, tokens))
     return out
 
 

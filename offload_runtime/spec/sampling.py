@@ -18,9 +18,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from ..errors import UsageError
 
-__all__ = ["make_generator", "warp_probs", "WarpedRows", "sample", "gumbel_top_k"]
+__all__ = ["MAX_TEMPERATURE", "check_warp", "make_generator", "warp_probs", "WarpedRows", "gumbel_top_k"]
+
+MAX_TEMPERATURE = 100.0  # beyond this every distribution is uniform to float precision
 
 
 # --- generators
@@ -36,12 +38,13 @@ def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gener
 # --- warping
 
 
-def _check_warp_args(temperature: float, top_p: float) -> None:
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise UsageError(
-            f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}"
-        )
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+def check_warp(temperature: float, top_p: float) -> None:
+    """The one check of sampling settings (the API, the command lines, the planner and the warpers use it)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
+        raise UsageError(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g} (0 = greedy), "
+                         f"got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise UsageError(f"top_p must be in (0, 1] (1 disables top-p), got {top_p!r}")
 
 
@@ -68,7 +71,7 @@ def warp_probs(logits: Tensor, temperature: float, top_p: float) -> Tensor:
     temperature == 0 means greedy: the one-hot distribution on the argmax (ties -> lowest index).
     Computed in float32, or float64 if `logits` is float64.
     """
-    _check_warp_args(temperature, top_p)
+    check_warp(temperature, top_p)
     assert logits.dim() >= 1 and logits.shape[-1] > 0, f"logits must be [..., V], got {tuple(logits.shape)}"
     scores = logits.to(_warp_dtype(logits.dtype))
     if temperature == 0:
@@ -92,7 +95,7 @@ class WarpedRows:
 
     def __init__(self, logits: Tensor, temperature: float, top_p: float):
         assert logits.dim() == 2, f"logits must be [n, V], got {tuple(logits.shape)}"
-        _check_warp_args(temperature, top_p)
+        check_warp(temperature, top_p)
         self.logits, self.temperature, self.top_p = logits, temperature, top_p
         self._rows: dict[int, Tensor] = {}
 
@@ -111,16 +114,6 @@ class WarpedRows:
 
 
 # --- drawing tokens
-
-
-def sample(probs: Tensor, generator: torch.Generator) -> Tensor:
-    """One token per distribution: probs [V] -> int64 scalar tensor, [B, V] -> [B].
-
-    Uses torch.multinomial like transformers' generate, so equal generator states give equal tokens.
-    """
-    assert probs.dim() in (1, 2), f"probs must be [V] or [B, V], got {tuple(probs.shape)}"
-    drawn = torch.multinomial(probs, num_samples=1, generator=generator)
-    return drawn.squeeze(-1)
 
 
 def gumbel_top_k(probs: Tensor, k: int | Sequence[int] | Tensor, generator: torch.Generator) -> Tensor:

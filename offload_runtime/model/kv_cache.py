@@ -33,10 +33,6 @@ class KVCache:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
-    @staticmethod
-    def bytes_needed(args: ModelArgs, batch: int, max_len: int, dtype: torch.dtype) -> int:
-        return args.kv_bytes_per_token(dtype) * batch * (max_len + 1)
-
     def keep(self, row: int, start: int, indices: Sequence[int]) -> int:
         """Move the K/V written at slots start + indices (increasing) to slots start.. ; returns the new length."""
         m = len(indices)

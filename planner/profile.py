@@ -1,4 +1,5 @@
-"""What this machine is and how fast it runs one model pair: fingerprint, copy bandwidth, time curves.
+"""How fast this machine runs one model pair: copy bandwidth and time curves (the fingerprint of the machine is
+the runtime's, offload_runtime/api/machine.py).
 
 Everything here measures; nothing decides. The optimiser (planner/optimizer.py) turns a profile into a plan.
 
@@ -14,11 +15,8 @@ Timings synchronise CUDA (events around every call); on the CPU they are wall-cl
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -26,14 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-import psutil
 import torch
 import torch.nn.functional as F
 
-from offload_runtime.config import ModelArgs
+from offload_runtime.api.home import short_hash, store_dir
+from offload_runtime.api.machine import machine_fingerprint
 from offload_runtime.errors import UsageError
-from offload_runtime.memory import itemsize
-from offload_runtime.streaming import layer_layout, views
+from offload_runtime.model.config import ModelArgs
+from offload_runtime.residency import Residency
+from offload_runtime.weights.layout import layer_bytes, layer_layout
+from offload_runtime.weights.loader import build_model, load_globals
+from offload_runtime.weights.random import RandomWeights
+from offload_runtime.weights.store import fill_layer
 
 PROFILE_VERSION = 2  # 2: warp_s (top-p warping cost per row count)
 
@@ -42,133 +44,6 @@ PROFILE_VERSION = 2  # 2: warp_s (top-p warping cost per row count)
 DEFAULT_GRID: tuple[int, ...] = tuple(sorted({1, *(2 ** k for k in range(13)), *(3 * 2 ** k for k in range(11))}))
 QUICK_GRID: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_PREFIX = 512  # cached tokens the timed tokens attend to (a typical prompt plus some reply)
-
-
-# --- where the planner keeps its files
-
-
-def planner_home() -> Path:
-    """$OFFLOAD_RUNTIME_HOME, else ~/.cache/offload_runtime (profiles/, acceptance/, plans/ live under it)."""
-    env = os.environ.get("OFFLOAD_RUNTIME_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "offload_runtime"
-
-
-def store_dir(kind: str) -> Path:
-    assert kind in ("profiles", "acceptance", "plans"), kind
-    return planner_home() / kind
-
-
-def write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Write atomically (temp file + rename): a killed run never leaves half a file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def short_hash(obj: Any, length: int = 16) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
-
-
-# --- the machine's fingerprint
-
-# Fields that identify the machine for a plan: a change in any of them makes its plans stale. The current
-# PCIe link is left out on purpose: GPUs drop to a slower link when idle, so only the maximum is stable.
-_IDENTITY_FIELDS = ("device_type", "gpu_name", "gpu_driver", "gpu_memory_total", "pcie_max_gen",
-                    "pcie_max_width", "cpu_model", "cpu_count", "ram_total_gib")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def _gpu_fields(device: torch.device) -> dict[str, Any]:
-    """GPU name, driver, memory and PCIe link through NVML; torch's view when NVML is not there."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(index)
-    fields: dict[str, Any] = {"gpu_name": props.name, "gpu_driver": None, "gpu_memory_total": int(props.total_memory),
-                              "pcie_max_gen": None, "pcie_max_width": None, "pcie_gen": None, "pcie_width": None,
-                              "cuda_version": torch.version.cuda}
-    try:
-        import pynvml
-    except ImportError:
-        return fields
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return fields
-    try:
-        # NVML numbers devices by PCI bus order, CUDA (by default) fastest first; match by bus id.
-        bus = getattr(props, "pci_bus_id", None)
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        if bus is not None:
-            pci = f"{getattr(props, 'pci_domain_id', 0):08x}:{bus:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
-            try:
-                handle = pynvml.nvmlDeviceGetHandleByPciBusId(pci.encode())
-            except pynvml.NVMLError:
-                pass
-        name = pynvml.nvmlDeviceGetName(handle)
-        fields["gpu_name"] = name.decode() if isinstance(name, bytes) else name
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        fields["gpu_driver"] = driver.decode() if isinstance(driver, bytes) else driver
-        fields["gpu_memory_total"] = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
-        for key, fn in (("pcie_max_gen", "nvmlDeviceGetMaxPcieLinkGeneration"),
-                        ("pcie_max_width", "nvmlDeviceGetMaxPcieLinkWidth"),
-                        ("pcie_gen", "nvmlDeviceGetCurrPcieLinkGeneration"),
-                        ("pcie_width", "nvmlDeviceGetCurrPcieLinkWidth")):
-            try:
-                fields[key] = int(getattr(pynvml, fn)(handle))
-            except (pynvml.NVMLError, AttributeError):
-                pass
-    except pynvml.NVMLError:
-        pass
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except pynvml.NVMLError:
-            pass
-    return fields
-
-
-def machine_fingerprint(device: torch.device | str = "cpu") -> dict[str, Any]:
-    """GPU name, driver, PCIe link (CUDA only; null on the CPU), CPU model, core count, RAM; `id` hashes them."""
-    device = torch.device(device)
-    ram = psutil.virtual_memory().total
-    fp: dict[str, Any] = {
-        "device_type": device.type,
-        "gpu_name": None, "gpu_driver": None, "gpu_memory_total": None,
-        "pcie_max_gen": None, "pcie_max_width": None, "pcie_gen": None, "pcie_width": None, "cuda_version": None,
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_physical_cores": psutil.cpu_count(logical=False),
-        "ram_total": int(ram),
-        "ram_total_gib": round(ram / 2 ** 30),  # rounded: what the kernel reserves may move a few MiB
-        "torch": torch.__version__,
-    }
-    if device.type == "cuda":
-        fp.update(_gpu_fields(device))
-    fp["id"] = machine_id(fp)
-    return fp
-
-
-def machine_id(fp: dict[str, Any]) -> str:
-    return short_hash({k: fp.get(k) for k in _IDENTITY_FIELDS})
-
-
-def describe_machine(fp: dict[str, Any]) -> str:
-    cpu = f"{fp.get('cpu_model')} ({fp.get('cpu_count')} threads, {fp.get('ram_total_gib')} GiB RAM)"
-    if fp.get("gpu_name"):
-        link = (f", PCIe gen{fp['pcie_max_gen']} x{fp['pcie_max_width']}"
-                if fp.get("pcie_max_gen") else "")
-        return f"{fp['gpu_name']} (driver {fp.get('gpu_driver') or '?'}{link}) on {cpu}"
-    return cpu
 
 
 # --- timing
@@ -248,37 +123,21 @@ def measure_bandwidth(device: torch.device, effort: Effort) -> float:
 # --- random weights of a model's real shapes
 
 
-def random_layer(args: ModelArgs, dtype: torch.dtype, device: torch.device, generator: torch.Generator,
-                 std: float = 0.02) -> dict[str, torch.Tensor]:
-    """One decoder layer as one packed buffer (as the streamer holds it), random normal weights, unit norms."""
-    layout, numel = layer_layout(args, dtype)
-    buf = torch.empty(numel, dtype=dtype, device=device)
-    w = views(buf, layout)
-    for name, t in w.items():
-        if name.endswith("layernorm.weight"):
-            t.fill_(1.0)
-        else:
-            t.normal_(0.0, std, generator=generator)
-    return w
+def random_layer(args: ModelArgs, dtype: torch.dtype, device: torch.device, seed: int,
+                 index: int = 0) -> dict[str, torch.Tensor]:
+    """One decoder layer of random weights in one packed buffer on `device`, as a streamed layer sits in its slot."""
+    layout = layer_layout(args, dtype)
+    return fill_layer(RandomWeights(args, seed), index, layout, torch.empty(layout.numel, dtype=dtype, device=device))
 
 
 def _device_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _random_globals(args: ModelArgs, dtype: torch.dtype, device: torch.device, g: torch.Generator):
-    from offload_runtime.model import GlobalWeights
-
-    embed = torch.empty(args.vocab_size, args.dim, dtype=dtype, device=device).normal_(0, 0.02, generator=g)
-    head = embed if args.tie_word_embeddings else torch.empty_like(embed).normal_(0, 0.02, generator=g)
-    return GlobalWeights(embed=embed, norm=torch.ones(args.dim, dtype=dtype, device=device), lm_head=head)
-
-
 def _copies_for_timing(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> int:
     """Distinct layer copies to cycle through, so weights are not cache-hot in a way a sweep never is."""
-    layer_bytes = layer_layout(args, dtype)[1] * itemsize(dtype)
     budget = 2 ** 30 if device.type == "cuda" else 512 * 2 ** 20
-    return max(1, min(args.n_layers, 8, budget // max(1, layer_bytes)))
+    return max(1, min(args.n_layers, 8, budget // max(1, layer_bytes(args, dtype))))
 
 
 # --- the target's curves
@@ -295,12 +154,12 @@ def layer_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
                      prefix: int = DEFAULT_PREFIX, effort: Effort = Effort(), seed: int = 0,
                      progress: Callable[[int], None] | None = None) -> list[float]:
     """T_layer(n) for n in `grid`: seconds of one decoder layer over n new tokens against `prefix` cached ones."""
-    from offload_runtime.model import decoder_layer, folds_groups, layer_mask, rope_cos_sin, rope_inv_freq
+    from offload_runtime.model.transformer import decoder_layer, folds_groups, layer_mask, rope_cos_sin, rope_inv_freq
 
     grid = _check_grid(grid)
     g = _device_generator(device, seed)
     m = _copies_for_timing(args, dtype, device)
-    layers = [random_layer(args, dtype, device, g) for _ in range(m)]
+    layers = [random_layer(args, dtype, device, seed, i) for i in range(m)]
     S = prefix + max(grid) + 1
     caches = [(torch.zeros(1, args.n_kv_heads, S, args.head_dim, dtype=dtype, device=device),
                torch.zeros(1, args.n_kv_heads, S, args.head_dim, dtype=dtype, device=device)) for _ in range(m)]
@@ -327,11 +186,11 @@ def head_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, g
                     effort: Effort = Effort(), seed: int = 0,
                     progress: Callable[[int], None] | None = None) -> list[float]:
     """T_head(n): embedding lookup, final norm and lm_head for n tokens (warping is warp_s: only walked rows)."""
-    from offload_runtime.model import rms_norm
+    from offload_runtime.model.transformer import rms_norm
 
     grid = _check_grid(grid)
     g = _device_generator(device, seed)
-    gw = _random_globals(args, dtype, device, g)
+    gw = load_globals(RandomWeights(args, seed), dtype, device)
     out: list[float] = []
     with torch.inference_mode():
         for n in grid:
@@ -354,7 +213,7 @@ def warp_time_curve(vocab_size: int, device: torch.device, grid: Sequence[int], 
     Measured with top-p on (its vocabulary-wide sort is the cost); the optimiser adds it to each draft level and to
     the verifier's walk when a plan samples with top-p < 1.
     """
-    from offload_runtime.sampling import warp_probs
+    from offload_runtime.spec.sampling import warp_probs
 
     grid = _check_grid(grid)
     g = _device_generator(device, seed)
@@ -377,29 +236,27 @@ def host_time_curve(args: ModelArgs, device: torch.device, grid: Sequence[int], 
     Sequoia's verifier on random P and Q of the target's vocabulary, which visits about as many nodes as a
     real step (a few children per level, down a short path).
     """
-    from offload_runtime.inputs import RowChunk, build_forward
-    from offload_runtime.tree import Tree
-    from offload_runtime.verify import verify
-
-    from .tree_search import DEFAULT_ACCEPTANCE, best_first_tree
+    from offload_runtime.model.batch import RowChunk, build_forward
+    from offload_runtime.model.tree import Tree
+    from offload_runtime.spec.methods import verify
+    from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, best_first_tree
 
     grid = _check_grid(grid)
     g = torch.Generator().manual_seed(seed)
     out: list[float] = []
     for n in grid:
-        parents = best_first_tree(DEFAULT_ACCEPTANCE, n, 16)[1] if n > 1 else [-1]
-        tree = Tree(parents)
-        tokens = torch.randint(0, args.vocab_size, (len(parents),), generator=g).tolist()
+        tree = best_first_tree(DEFAULT_ACCEPTANCE, n, 16)[1] if n > 1 else Tree([-1])
+        tokens = torch.randint(0, args.vocab_size, (len(tree),), generator=g).tolist()
         # One row broadcast to every node: the walk reads rows one at a time, and [n, V] of real rows
         # would take gigabytes for large vocabularies and trees.
-        P = torch.rand(args.vocab_size, generator=g).softmax(-1).to(device).expand(len(parents), -1)
-        Q = torch.rand(args.vocab_size, generator=g).softmax(-1).to(device).expand(len(parents), -1)
+        P = torch.rand(args.vocab_size, generator=g).softmax(-1).to(device).expand(len(tree), -1)
+        Q = torch.rand(args.vocab_size, generator=g).softmax(-1).to(device).expand(len(tree), -1)
         rng = torch.Generator().manual_seed(seed + n)
 
         def run() -> None:
             build_forward([RowChunk(prefix, tree, tokens, range(len(tree)), range(len(tree)))], prefix + len(tree),
                           args.sliding_window, device)
-            verify("sequoia", parents, tokens, P, Q, rng)
+            verify("sequoia", tree, tokens, P, Q, rng)
 
         out.append(time_call(run, device, min_time=effort.min_time, max_repeats=effort.max_repeats))
         if progress:
@@ -417,16 +274,14 @@ def draft_level_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device,
 
     The whole draft is built (random weights, every layer distinct: it is resident in a real run too).
     """
-    from offload_runtime.inputs import RowChunk, build_forward
-    from offload_runtime.kv_cache import KVCache
-    from offload_runtime.model import ResidentLayers, Transformer
-    from offload_runtime.sampling import gumbel_top_k, warp_probs
-    from offload_runtime.tree import Tree
+    from offload_runtime.model.batch import RowChunk, build_forward
+    from offload_runtime.model.kv_cache import KVCache
+    from offload_runtime.model.tree import Tree
+    from offload_runtime.spec.sampling import gumbel_top_k, warp_probs
 
     grid = _check_grid(grid)
     g = _device_generator(device, seed)
-    model = Transformer(args, _random_globals(args, dtype, device, g),
-                        ResidentLayers([random_layer(args, dtype, device, g) for _ in range(args.n_layers)]), device)
+    model = build_model(RandomWeights(args, seed), device, dtype, Residency(False, tuple(range(args.n_layers)), 0, None))
     cache = KVCache(args, 1, prefix + max(grid) + 2, dtype, device)
     out: list[float] = []
     for w in grid:
@@ -498,7 +353,7 @@ def run_profile(target: ModelArgs, draft: ModelArgs | None, device: torch.device
     if prefix < 0:
         raise UsageError(f"prefix must be >= 0, got {prefix}")
     fp = machine_fingerprint(device)
-    layer_bytes = layer_layout(target, dtype)[1] * itemsize(dtype)
+    layer_b = layer_bytes(target, dtype)
     steps = 4 * len(grid) + (len(grid) if draft is not None else 0)
     bar = None
     if progress:
@@ -509,7 +364,7 @@ def run_profile(target: ModelArgs, draft: ModelArgs | None, device: torch.device
     try:
         log(f"measuring {'pinned host-to-device' if device.type == 'cuda' else 'memcpy'} bandwidth")
         bandwidth = measure_bandwidth(device, effort)
-        layer_copy = copy_time(layer_bytes, device, effort)
+        layer_copy = copy_time(layer_b, device, effort)
         log(f"timing one {names[0]} decoder layer for {grid[0]}..{grid[-1]} tokens")
         layer_s = layer_time_curve(target, dtype, device, grid, prefix=prefix, effort=effort, progress=tick)
         head_s = head_time_curve(target, dtype, device, grid, effort=effort, progress=tick)
@@ -536,7 +391,7 @@ def run_profile(target: ModelArgs, draft: ModelArgs | None, device: torch.device
         "bandwidth_Bps": bandwidth,
         "bandwidth_copy_bytes": effort.copy_bytes,
         "pinned": device.type == "cuda",
-        "layer_bytes": layer_bytes,
+        "layer_bytes": layer_b,
         "layer_copy_s": layer_copy,
         "prefix": prefix,
         "threads": torch.get_num_threads(),

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, MissingFileError
+from ..errors import ConfigError, MissingFileError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -114,7 +114,7 @@ class ModelArgs:
         return self.global_numel() + self.n_layers * self.layer_numel()
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return 2 * self.n_layers * self.kv_size * _itemsize(dtype)
+        return 2 * self.n_layers * self.kv_size * dtype.itemsize
 
     # --- construction
 
@@ -196,6 +196,29 @@ class ModelArgs:
     def replace(self, **changes: Any) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
 
+    def to_hf_config(self) -> dict[str, Any]:
+        """The config.json fields of a transformers model of this shape (from_hf_config reads them back)."""
+        cfg: dict[str, Any] = {
+            "model_type": self.model_type, "vocab_size": self.vocab_size, "hidden_size": self.dim,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings, "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta, "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu", "bos_token_id": self.bos_token_id,
+            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else
+            (self.eos_token_ids[0] if self.eos_token_ids else None),
+        }
+        if self.rope_scaling is not None:
+            cfg["rope_scaling"] = dict(self.rope_scaling)
+        if self.model_type != "qwen2":
+            cfg["attention_bias"] = self.qkv_bias
+            cfg["mlp_bias"] = self.mlp_bias
+        if self.sliding_window is not None:
+            cfg["sliding_window"] = self.sliding_window
+            if self.model_type == "qwen2":
+                cfg["use_sliding_window"] = True
+        return cfg
+
 
 def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = cfg.get("rope_parameters") or {}
@@ -227,10 +250,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 # --- presets: published shapes, and tiny ones for tests

@@ -1,4 +1,5 @@
-"""Plans: what the planner chose for one machine and model pair, saved as JSON, found again by the runtime.
+"""Plan files: the runtime's configuration for one machine and model pair. The planner writes them
+(`python -m planner plan`); the runtime reads them. Their schema and reading live here, on the runtime's side.
 
 A plan is keyed by the machine (its fingerprint id), the model pair (each model's identity: a checkpoint
 directory, a Hugging Face repo, or a shape preset), the device type, the dtype, the sampling settings and the
@@ -6,9 +7,10 @@ batch size. It also records each model's *fingerprint* (config.json and every sh
 header and first and last MiB of data: cheap, no full read), so a plan whose model files or machine changed
 is recognised as stale and never used silently.
 
-For the runtime:
-    find_plan(target, draft, device, dtype, temperature, top_p, batch_size) -> (Plan | None, one-line message)
-    load_plan(path, target=..., draft=..., device=..., dtype=...)          -> (Plan, one-line message)
+    find_plans(target, draft, device, dtype, batch_size) -> PlanLookup: every current plan of the pair, one per
+                                                            sampling regime, and a one-line message
+    find_plan(target, draft, device, dtype, temperature, top_p, batch_size) -> (Plan | None, message)
+    load_plan(path, target=..., draft=..., device=..., dtype=...)          -> (Plan, message)
 """
 from __future__ import annotations
 
@@ -23,11 +25,12 @@ from typing import Any
 
 import torch
 
-from offload_runtime import registry
-from offload_runtime.config import PRESETS, ModelArgs
-from offload_runtime.errors import MissingFileError, OffloadError
-
-from . import hardware
+from ..errors import MissingFileError, OffloadError
+from ..model.tree import Tree
+from ..weights.checkpoint import find_local_dir
+from . import registry
+from .home import short_hash, store_dir, write_json
+from .machine import machine_fingerprint
 
 PLAN_VERSION = 1
 _EDGE_BYTES = 1 << 20  # data bytes hashed at each end of a shard
@@ -50,6 +53,10 @@ class ModelRef:
     @property
     def is_preset(self) -> bool:
         return self.path is None
+
+    @classmethod
+    def of_checkpoint(cls, name: str, path: str | os.PathLike) -> "ModelRef":
+        return cls(str(name), model_identity(path), model_fingerprint(path), str(path))
 
 
 def _hf_identity(path: Path) -> str | None:
@@ -93,90 +100,6 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _local_dir(name: str) -> Path | None:
-    """A local checkpoint directory for `name` (path, alias, or repo id already in the HF cache); never downloads."""
-    resolved = registry.resolve_name(name)
-    path = Path(resolved).expanduser()
-    if path.is_dir():
-        return path
-    if resolved.count("/") == 1 and not resolved.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-            from huggingface_hub.errors import LocalEntryNotFoundError
-        except ImportError:  # pragma: no cover - a dependency
-            return None
-        try:
-            return Path(snapshot_download(resolved, allow_patterns=["*.json", "*.safetensors"], local_files_only=True))
-        except (LocalEntryNotFoundError, OSError, ValueError):
-            return None
-    return None
-
-
-def _preset_for(name: str) -> str | None:
-    """The shape preset of a preset name, an alias (llama-2-70b-chat) or an alias's repo id."""
-    if name in PRESETS:
-        return name
-    for alias, (repo, _) in registry.ALIASES.items():
-        if name == repo:
-            name = alias
-            break
-    if name in PRESETS:
-        return name
-    for suffix in ("-chat", "-instruct"):
-        if name.endswith(suffix) and name[: -len(suffix)] in PRESETS:
-            return name[: -len(suffix)]
-    return None
-
-
-def resolve_model(name: str | os.PathLike, *, allow_preset: bool = True) -> tuple[ModelRef, ModelArgs, str | None]:
-    """A model's reference and shape, from a local checkpoint when there is one, else from a shape preset.
-
-    Returns (ref, args, notice); the notice says when a preset stood in for a checkpoint not found locally.
-    """
-    name = str(name)
-    path = _local_dir(name)
-    if path is not None:
-        if not (path / "config.json").is_file():
-            raise MissingFileError(f"{path} has no config.json; pass a checkpoint directory")
-        args = ModelArgs.from_file(path)
-        return ModelRef(name, model_identity(path), model_fingerprint(path), str(path)), args, None
-    preset = _preset_for(name) if allow_preset else None
-    if preset is not None:
-        args = ModelArgs.from_name(preset)
-        ref = ModelRef(name, f"preset:{preset}", "shape:" + hardware.short_hash(asdict_args(args), 32), None)
-        notice = None if name == preset and registry.resolve_name(name) == name else (
-            f"{name} is not available locally; using the published shapes of {preset} with random weights")
-        return ref, args, notice
-    presets = ", ".join(sorted(p for p in PRESETS if p != "tiny"))
-    raise MissingFileError(
-        f"model {name!r} not found locally (nothing is downloaded here): pass a checkpoint directory, a Hugging Face "
-        f"repo id already in the cache, or a shape preset ({presets})"
-    )
-
-
-def asdict_args(args: ModelArgs) -> dict[str, Any]:
-    return {k: v for k, v in asdict(args).items() if k != "extra"}
-
-
-# --- sampling defaults
-
-
-def default_sampling(target_path: str | os.PathLike | None) -> tuple[float, float]:
-    """(temperature, top_p) the engine uses when a request names none: generation_config.json's when it samples,
-    else greedy."""
-    cfg: dict[str, Any] = {}
-    if target_path is not None:
-        f = Path(target_path) / "generation_config.json"
-        if f.is_file():
-            try:
-                cfg = json.loads(f.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                cfg = {}
-    if not cfg.get("do_sample"):
-        return 0.0, 1.0
-    return float(cfg.get("temperature", 1.0)), float(cfg.get("top_p", 1.0))
-
-
 def dtype_name(dtype: torch.dtype | str) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -218,9 +141,15 @@ class Plan:
 
     @property
     def depth(self) -> int:
-        from .optimizer import internal_per_level
+        return Tree(self.tree).max_depth
 
-        return len(internal_per_level(self.tree))
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def regime(self) -> str:
+        """The sampling settings this plan was made for, in words."""
+        return "greedy" if self.greedy else f"T={self.temperature:g} top-p {self.top_p:g}"
 
     @property
     def machine_id(self) -> str:
@@ -232,7 +161,7 @@ class Plan:
                 "top_p": _round(self.top_p), "batch_size": self.batch_size}
 
     def default_path(self) -> Path:
-        return hardware.store_dir("plans") / f"{hardware.short_hash(self.key())}.json"
+        return store_dir("plans") / f"{short_hash(self.key())}.json"
 
     def summary(self) -> str:
         pr = self.predicted
@@ -250,10 +179,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path")
-        from .optimizer import internal_per_level
-
         return {"kind": "plan", "key": self.key(), **d, "n": self.n, "depth": self.depth,
-                "level_widths": internal_per_level(self.tree)}
+                "level_widths": list(Tree(self.tree).internal_per_level)}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "plan") -> "Plan":
@@ -267,11 +194,14 @@ class Plan:
             fields["target"] = ModelRef(**data["target"])
             fields["draft"] = ModelRef(**data["draft"])
             plan = cls(**fields)
-            from offload_runtime.tree import Tree
-
             Tree(plan.tree)  # a valid parent array
             for k in ("tokens_per_step", "s_per_token", "tokens_per_s"):
                 float(plan.predicted[k])
+            for name, kind in (("machine", dict), ("resident_layers", list), ("acceptance", dict),
+                               ("figures", dict), ("predicted", dict)):
+                if not isinstance(getattr(plan, name), kind):
+                    raise TypeError(f"{name} is not a {kind.__name__}")
+            float(plan.temperature), float(plan.top_p), int(plan.batch_size), int(plan.max_seq_len)
         except KeyError as e:
             raise PlanError(f"{where} is not a complete plan (no {e.args[0]!r}); rebuild it with "
                             f"`python -m planner plan`") from None
@@ -309,7 +239,7 @@ def plan_command(target: str, draft: str, device: str | None = None, temperature
 def save_plan(plan: Plan, path: str | os.PathLike | None = None) -> Path:
     """Write the plan (to the store by default); returns where it went. `plan.path` is left as it was."""
     target = Path(path) if path is not None else plan.default_path()
-    hardware.write_json(target, plan.to_dict())
+    write_json(target, plan.to_dict())
     return target
 
 
@@ -332,18 +262,18 @@ def read_plan(path: str | os.PathLike) -> Plan:
     return plan
 
 
-def all_plans() -> list[Plan]:
-    """Every readable plan in the planner's home (unreadable files are skipped: the search must not fail)."""
-    plans = []
-    folder = hardware.store_dir("plans")
+def scan_plans() -> tuple[list[Plan], list[str]]:
+    """Every readable plan in the store, and a line for each file that could not be read (which is skipped)."""
+    plans, problems = [], []
+    folder = store_dir("plans")
     if not folder.is_dir():
-        return []
+        return [], []
     for f in sorted(folder.glob("*.json")):
         try:
             plans.append(read_plan(f))
-        except PlanError:
-            continue
-    return plans
+        except PlanError as e:
+            problems.append(str(e))
+    return plans, problems
 
 
 # --- staleness
@@ -376,7 +306,7 @@ def stale_reasons(plan: Plan, *, target_fp: str | None = None, draft_fp: str | N
                 continue
         if fp != ref.fingerprint:
             reasons.append(f"the {role}'s model files changed")
-    machine = machine or hardware.machine_fingerprint(plan.device)
+    machine = machine or machine_fingerprint(plan.device)
     if machine.get("id") != plan.machine_id:
         reasons.append(_machine_change(plan.machine, machine))
     return reasons
@@ -385,50 +315,104 @@ def stale_reasons(plan: Plan, *, target_fp: str | None = None, draft_fp: str | N
 # --- what the runtime calls
 
 
-def _current(target: str | os.PathLike, draft: str | os.PathLike) -> tuple[ModelRef, ModelRef]:
-    t, _, _ = resolve_model(target)
-    d, _, _ = resolve_model(draft)
-    return t, d
+def local_ref(name: str | os.PathLike) -> ModelRef | None:
+    """The reference of a model available locally (a directory, an alias, a repo id in the hub cache)."""
+    path = find_local_dir(registry.resolve_name(str(name)))
+    return None if path is None else ModelRef.of_checkpoint(str(name), path)
+
+
+@dataclass
+class PlanLookup:
+    plans: list[Plan]  # current plans of the pair, at most one per sampling regime
+    message: str  # one line: what is used, or why nothing is
+
+
+def _regime_key(p: Plan) -> tuple[float, float]:
+    return (0.0, 1.0) if p.greedy else (_round(p.temperature), _round(p.top_p))
+
+
+def _matching(tref: ModelRef, dref: ModelRef, device: torch.device, dtype: str
+              ) -> tuple[list[Plan], list[tuple[Plan, list[str]]], list[str]]:
+    """(current plans, stale plans with their reasons, unreadable files) for this pair, device and dtype."""
+    plans, problems = scan_plans()
+    machine = machine_fingerprint(device)
+    fresh, stale = [], []
+    for p in plans:
+        if (p.target.identity, p.draft.identity, p.device, p.dtype) != (tref.identity, dref.identity, device.type,
+                                                                          dtype):
+            continue
+        reasons = stale_reasons(p, target_fp=tref.fingerprint, draft_fp=dref.fingerprint, machine=machine)
+        (stale if reasons else fresh).append((p, reasons))
+    return [p for p, _ in fresh], stale, problems
+
+
+def _batch_rank(batch_size: int | None):
+    # The asked batch size first, then batch 1, then the newest.
+    return lambda p: (p.batch_size == batch_size, p.batch_size == 1, p.created)
+
+
+def _skipped(problems: list[str]) -> str:
+    return "" if not problems else f" (skipped {len(problems)} unreadable plan file(s): {problems[0]})"
+
+
+def find_plans(target: str | os.PathLike, draft: str | os.PathLike, device: str | torch.device,
+               dtype: torch.dtype | str, batch_size: int | None = None) -> PlanLookup:
+    """Every current plan of this machine, model pair, device and dtype: one per sampling regime (greedy, and each
+    temperature / top-p), preferring the asked batch size. The message says which plan serves which regime, or
+    why none is used (stale plans, unreadable files) and how to make one."""
+    dev = torch.device(device)
+    tref, dref = local_ref(target), local_ref(draft)
+    if tref is None or dref is None:
+        return PlanLookup([], "")
+    fresh, stale, problems = _matching(tref, dref, dev, dtype_name(dtype))
+    by_regime: dict[tuple[float, float], Plan] = {}
+    for p in sorted(fresh, key=_batch_rank(batch_size)):
+        by_regime[_regime_key(p)] = p  # the best-ranked plan of each regime comes last
+    chosen = sorted(by_regime.values(), key=lambda p: _regime_key(p))
+    if chosen:
+        parts = [f"{p.regime()}: {p.path} ({p.summary()})" for p in chosen]
+        return PlanLookup(chosen, "using plans for " + "; ".join(parts) + _skipped(problems))
+    if stale:
+        plan, reasons = max(stale, key=lambda item: item[0].created)
+        return PlanLookup([], f"plan {plan.path} is stale ({'; '.join(reasons)}); not using it, using the default "
+                              f"tree; rebuild it with `{plan.rebuild_command()}`" + _skipped(problems))
+    cmd = plan_command(str(target), str(draft), dev.type if dev.type == "cpu" else None, None, None, batch_size)
+    return PlanLookup([], f"no plan for this machine and model pair; using the default tree; run `{cmd}` to make "
+                          f"one" + _skipped(problems))
 
 
 def find_plan(target: str | os.PathLike, draft: str | os.PathLike, device: str | torch.device,
               dtype: torch.dtype | str, temperature: float | None = None, top_p: float | None = None,
-              batch_size: int | None = None) -> tuple[Plan | None, str]:
-    """The saved plan for this machine, model pair, device, dtype and sampling settings, and a one-line message.
-
-    temperature / top_p / batch_size None match any plan (the newest wins). A plan for the same pair and settings
-    whose model files or machine changed is stale: it is not returned, and the message says why and how to
-    rebuild it. With no plan the message says how to make one.
-    """
+              batch_size: int | None = None, *, target_ref: ModelRef | None = None,
+              draft_ref: ModelRef | None = None) -> tuple[Plan | None, str]:
+    """The one saved plan for these settings (temperature / top_p / batch_size None match any; the newest wins),
+    and a one-line message. Stale plans are not returned; the message says why and how to rebuild. The refs
+    default to the local checkpoints of `target` and `draft` (the planner passes its shape presets)."""
     dev = torch.device(device)
-    dt = dtype_name(dtype)
-    tref, dref = _current(target, draft)
-    machine = hardware.machine_fingerprint(dev)
-    matching = [p for p in all_plans()
-                if p.target.identity == tref.identity and p.draft.identity == dref.identity
-                and p.device == dev.type and p.dtype == dt
-                and (temperature is None or _round(p.temperature) == _round(temperature))
-                and (top_p is None or _round(p.top_p) == _round(top_p))]
-    fresh, stale = [], []
-    for p in matching:
-        reasons = stale_reasons(p, target_fp=tref.fingerprint, draft_fp=dref.fingerprint, machine=machine)
-        (stale if reasons else fresh).append((p, reasons))
-    if fresh:
-        # The asked batch size first, then batch 1, then the newest.
-        def rank(item: tuple[Plan, list[str]]) -> tuple[bool, bool, str]:
-            p = item[0]
-            return (p.batch_size == batch_size, p.batch_size == 1, p.created)
+    tref = target_ref or local_ref(target)
+    dref = draft_ref or local_ref(draft)
+    if tref is None or dref is None:
+        missing = target if tref is None else draft
+        raise MissingFileError(f"model {missing!r} not found locally; pass a checkpoint directory")
+    fresh, stale, problems = _matching(tref, dref, dev, dtype_name(dtype))
 
-        plan = max(fresh, key=rank)[0]
+    def wanted(p: Plan) -> bool:
+        return ((temperature is None or _round(p.temperature) == _round(temperature))
+                and (top_p is None or _round(p.top_p) == _round(top_p)))
+
+    fresh = [p for p in fresh if wanted(p)]
+    stale = [(p, r) for p, r in stale if wanted(p)]
+    if fresh:
+        plan = max(fresh, key=_batch_rank(batch_size))
         note = "" if batch_size in (None, plan.batch_size) else f" (built for batch size {plan.batch_size})"
-        return plan, f"using plan {plan.path}: {plan.summary()}{note}"
+        return plan, f"using plan {plan.path}: {plan.summary()}{note}" + _skipped(problems)
     if stale:
         plan, reasons = max(stale, key=lambda item: item[0].created)
-        return None, (f"plan {plan.path} is stale ({'; '.join(reasons)}); not using it, using the default tree; "
-                      f"rebuild it with `{plan.rebuild_command()}`")
+        return None, (f"plan {plan.path} is stale ({'; '.join(reasons)}); rebuild it with "
+                      f"`{plan.rebuild_command()}`" + _skipped(problems))
     cmd = plan_command(str(target), str(draft), dev.type if dev.type == "cpu" else None, temperature,
                        top_p, batch_size)
-    return None, f"no plan for this machine and model pair; using the default tree; run `{cmd}` to make one"
+    return None, f"no plan for this machine and model pair; run `{cmd}` to make one" + _skipped(problems)
 
 
 def load_plan(path: str | os.PathLike, *, target: str | os.PathLike | None = None,
@@ -443,14 +427,16 @@ def load_plan(path: str | os.PathLike, *, target: str | os.PathLike | None = Non
     warnings: list[str] = []
     tref = dref = None
     if target is not None and draft is not None:
-        tref, dref = _current(target, draft)
-        if (tref.identity, dref.identity) != (plan.target.identity, plan.draft.identity):
+        tref, dref = local_ref(target), local_ref(draft)
+        if tref is None or dref is None or (tref.identity, dref.identity) != (plan.target.identity,
+                                                                              plan.draft.identity):
             warnings.append(f"it was built for {plan.target.name} with draft {plan.draft.name}")
     if device is not None and torch.device(device).type != plan.device:
         warnings.append(f"it was built for device {plan.device}")
     if dtype is not None and dtype_name(dtype) != plan.dtype:
         warnings.append(f"it was built for dtype {plan.dtype}")
-    same_models = tref is not None and (tref.identity, dref.identity) == (plan.target.identity, plan.draft.identity)
+    same_models = tref is not None and dref is not None and \
+        (tref.identity, dref.identity) == (plan.target.identity, plan.draft.identity)
     reasons = stale_reasons(plan, target_fp=tref.fingerprint if same_models else None,
                             draft_fp=dref.fingerprint if same_models else None)
     if reasons:

@@ -1,9 +1,9 @@
 """Choose the shape of the speculation tree: Sequoia's dynamic program and its fast special cases.
 
 Conventions (shared across the project):
-- A tree is a parent array ``parents`` in breadth-first order: ``parents[0] == -1`` (the root, i.e. the
-  last accepted token), ``parents[i] < i``, nodes sorted by depth, and the children of a node appear in
-  draft sampling order, so a child's *rank* (1-based) is its position among its siblings.
+- A tree is a ``Tree`` (spec/tree.py, the one definition of a valid tree): a parent array in breadth-first
+  order whose children appear in draft sampling order, so a child's *rank* (1-based) is its position among
+  its siblings. Functions here return Trees and accept a Tree or a parent array.
 - ``p[k-1]`` is p[k] of the paper: the probability that the k-th child of an accepted node is accepted.
   Ranks beyond ``len(p)`` have probability 0.
 - A node's acceptance probability is the product of p[rank] along its path; the expected number of
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..model.tree import Tree
+
 __all__ = [
     "DEFAULT_ACCEPTANCE",
     "TreeTable",
@@ -32,9 +34,7 @@ __all__ = [
     "best_tree",
     "best_trees",
     "chain_tree",
-    "check_tree",
     "expected_tokens",
-    "growth_curve",
     "k_sequences_tree",
 ]
 
@@ -75,50 +75,27 @@ def _check_int(name: str, value: int, lowest: int) -> int:
     return int(value)
 
 
-def check_tree(parents: Sequence[int]) -> list[int]:
-    """Return the depth of every node; raise ValueError unless ``parents`` obeys the conventions."""
-    n = len(parents)
-    if n == 0 or parents[0] != -1:
-        raise ValueError("a tree's parent array must start with the root, parents[0] == -1")
-    depth = [0] * n
-    for i in range(1, n):
-        par = parents[i]
-        if not 0 <= par < i:
-            raise ValueError(f"parents[{i}] = {par}: every non-root node needs a parent with a smaller index")
-        if par < parents[i - 1]:
-            raise ValueError(
-                f"parents[{i}] = {par} < parents[{i - 1}] = {parents[i - 1]}: nodes must be in breadth-first "
-                "order (children grouped by parent, parents in index order)"
-            )
-        depth[i] = depth[par] + 1
-    return depth
-
-
 # --- the objective ------------------------------------------------------------------------------
 
-def expected_tokens(parents: Sequence[int], p: Sequence[float] | np.ndarray) -> float:
+def expected_tokens(tree: Tree | Sequence[int], p: Sequence[float] | np.ndarray) -> float:
     """Expected tokens one step yields with this tree: sum over nodes of the product of p[rank] on its path."""
-    check_tree(parents)
+    tree = Tree.of(tree)
     arr = _check_p(p)
-    prob = [1.0] * len(parents)
-    children_seen = [0] * len(parents)
-    for i in range(1, len(parents)):
-        par = parents[i]
-        children_seen[par] += 1
-        rank = children_seen[par]
-        prob[i] = prob[par] * arr[rank - 1] if rank <= arr.size else 0.0
+    prob = [1.0] * len(tree)
+    for i in range(1, len(tree)):
+        rank = tree.ranks[i]
+        prob[i] = prob[tree.parents[i]] * arr[rank - 1] if rank <= arr.size else 0.0
     return float(sum(prob))
 
 
 # --- baselines from the paper -------------------------------------------------------------------
 
-def chain_tree(n: int) -> list[int]:
+def chain_tree(n: int) -> Tree:
     """One chain of n nodes (the root included): classic single-sequence speculation."""
-    n = _check_int("n", n, 1)
-    return [-1] + list(range(n - 1))
+    return Tree.chain(_check_int("n", n, 1))
 
 
-def k_sequences_tree(k: int, l: int) -> list[int]:
+def k_sequences_tree(k: int, l: int) -> Tree:
     """k independent sequences of length l hanging from the root (1 + k*l nodes, BFS order)."""
     k = _check_int("k", k, 1)
     l = _check_int("l", l, 0)
@@ -126,7 +103,7 @@ def k_sequences_tree(k: int, l: int) -> list[int]:
     for level in range(1, l + 1):
         # the j-th sequence's node at this level hangs from its node one level up (or from the root)
         parents += [0] * k if level == 1 else [1 + (level - 2) * k + j for j in range(k)]
-    return parents
+    return Tree(parents)
 
 
 # --- Sequoia's dynamic program ------------------------------------------------------------------
@@ -163,7 +140,7 @@ class TreeTable:
             raise ValueError(f"n = {n} exceeds the N = {self.N} this table was built for")
         return float(self.values[self._level(depth), n])
 
-    def tree(self, n: int, depth: int) -> list[int]:
+    def tree(self, n: int, depth: int) -> Tree:
         """An optimal tree (BFS parent array) with at most n nodes and depth <= ``depth``."""
         self.value(n, depth)
         level = self._level(depth)
@@ -182,7 +159,7 @@ class TreeTable:
             for y in sizes:
                 parents.append(node)
                 queue.append((len(parents) - 1, l - 1, int(self.trim[l - 1][y])))
-        return parents
+        return Tree(parents)
 
 
 def _rank_divisors(p: np.ndarray) -> np.ndarray:
@@ -303,12 +280,7 @@ def _trim(F: np.ndarray) -> np.ndarray:
     return np.searchsorted(F, F - tol, side="left").astype(np.int64)
 
 
-def growth_curve(p: Sequence[float] | np.ndarray, N: int, d: int) -> np.ndarray:
-    """G[n] = best expected tokens per step with at most n nodes and depth <= d, n = 0..N (exact DP)."""
-    return best_trees(p, N, d).curve(d)
-
-
-def best_tree(p: Sequence[float] | np.ndarray, n: int, d: int) -> tuple[float, list[int]]:
+def best_tree(p: Sequence[float] | np.ndarray, n: int, d: int) -> tuple[float, Tree]:
     """The optimal tree of at most n nodes and depth <= d for any p, with its expected tokens per step."""
     n = _check_int("n", n, 1)
     table = best_trees(p, n, d)
@@ -359,7 +331,7 @@ def _best_first(p: Sequence[float] | np.ndarray, n: int, d: int) -> tuple[list[f
     return products, parent, rank
 
 
-def best_first_tree(p: Sequence[float] | np.ndarray, n: int, d: int) -> tuple[float, list[int]]:
+def best_first_tree(p: Sequence[float] | np.ndarray, n: int, d: int) -> tuple[float, Tree]:
     """Optimal tree of at most n nodes and depth <= d for non-increasing p, in O(n log n)."""
     products, parent, rank = _best_first(p, n, d)
     children: list[list[tuple[int, int]]] = [[] for _ in products]
@@ -373,7 +345,8 @@ def best_first_tree(p: Sequence[float] | np.ndarray, n: int, d: int) -> tuple[fl
         for _, child in sorted(children[pop_i]):
             parents.append(bfs_i)
             queue.append((child, len(parents) - 1))
-    return expected_tokens(parents, p), parents
+    tree = Tree(parents)
+    return expected_tokens(tree, p), tree
 
 
 def best_first_growth_curve(p: Sequence[float] | np.ndarray, N: int, d: int) -> np.ndarray:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
 
 # alias -> (Hugging Face repo id, default draft alias or repo id with the same vocabulary)
 ALIASES: dict[str, tuple[str, str | None]] = {

@@ -1,4 +1,4 @@
-"""Build one forward's inputs (tokens, positions, tree mask, cache slots) for a batch of cache rows.
+"""One forward's inputs (`ForwardBatch`: tokens, positions, tree mask, cache slots) for a batch of cache rows.
 
 Each row contributes a *chunk*: a tree over the tokens it has not cached yet (a prompt chain, a speculative
 tree, or a chain with a tree grafted on its end). Chunk node t of row b is written at slot length_b + t and
@@ -13,8 +13,22 @@ from typing import Sequence
 
 import torch
 
-from .model import ForwardBatch
 from .tree import Tree
+
+
+@dataclass
+class ForwardBatch:
+    """What one forward processes: T new tokens for each of cache rows 0..B-1 (padded where rows differ)."""
+
+    tokens: torch.Tensor  # [B, T] int64
+    positions: torch.Tensor  # [B, T] int64
+    mask: torch.Tensor  # [B, 1, T, S] bool over cache slots 0..S-1
+    slots: torch.Tensor  # [B, T] int64: where each token's K/V is written
+    logits_at: torch.Tensor  # [B, N] indices into T whose logits are wanted (N may be 0)
+
+    def to(self, device: torch.device) -> "ForwardBatch":
+        return ForwardBatch(*(getattr(self, f).to(device, non_blocking=True) for f in
+                              ("tokens", "positions", "mask", "slots", "logits_at")))
 
 
 @dataclass

@@ -14,7 +14,8 @@ Definitions (the vLLM rejection-sampler vocabulary):
   exactly as if the target had sampled them one by one.
 
 Inputs, shared by every verifier:
-- parents [n] int, tokens [n] int (tokens[0] is the root's token). A node whose token is negative
+- tree: a `Tree` (spec/tree.py; a parent array is accepted and checked), tokens [n] int (tokens[0] is the
+  root's token). A node whose token is negative
   (-1: the draft ran out of support, see sampling.gumbel_top_k) is absent: it is never tested or
   visited, so its subtree is unreachable;
 - target_probs [n, V]: P at every node (already warped), the target's next-token distribution given
@@ -33,23 +34,16 @@ actually visited on the walk are read, each moved to CPU float64 when it is used
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from .errors import UsageError
+from ..model.tree import Tree
 
-__all__ = [
-    "METHODS",
-    "VerifyResult",
-    "verify",
-    "verify_greedy",
-    "verify_sequoia",
-    "verify_specinfer",
-    "verify_topk",
-]
+__all__ = ["VerifyResult", "verify_greedy", "verify_sequoia", "verify_specinfer", "verify_topk"]
 
-METHODS = ("sequoia", "specinfer", "topk", "greedy")
+TreeLike = Tree | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -59,25 +53,19 @@ class VerifyResult:
     path: list[int]
     bonus_token: int
 
-    def emitted_tokens(self, tokens: Tensor | list[int]) -> list[int]:
-        """The tokens this step emits: those of the accepted path, then the bonus token."""
-        token_list = torch.as_tensor(tokens)[self.path].tolist() if self.path else []
-        return token_list + [self.bonus_token]
-
 
 # --- inputs
 
 
-def _tree_on_cpu(parents: Tensor | list[int], tokens: Tensor | list[int]) -> tuple[Tensor, Tensor]:
-    parents = torch.as_tensor(parents, dtype=torch.int64).cpu()
-    tokens = torch.as_tensor(tokens, dtype=torch.int64).cpu()
-    n = parents.shape[0]
-    assert parents.dim() == 1 and n >= 1, f"parents must be [n] with n >= 1, got {tuple(parents.shape)}"
-    assert tokens.shape == (n,), f"tokens must be [{n}], got {tuple(tokens.shape)}"
-    assert parents[0] == -1, "parents[0] must be -1 (node 0 is the root)"
-    index = torch.arange(n)
-    assert bool(((parents[1:] >= 0) & (parents[1:] < index[1:])).all()), "need 0 <= parents[i] < i"
-    return parents, tokens
+def _tree_and_tokens(tree: TreeLike, tokens: Tensor | Sequence[int]) -> tuple[Tree, list[int]]:
+    if not isinstance(tree, Tree):
+        try:
+            tree = Tree(tree)
+        except ValueError as e:  # a malformed tree here is a bug of the caller, not a user error
+            raise AssertionError(f"not a valid tree: {e}") from None
+    tokens = torch.as_tensor(tokens, dtype=torch.int64).cpu().tolist() if isinstance(tokens, Tensor) else list(tokens)
+    assert len(tokens) == len(tree), f"tokens must be [{len(tree)}], got {len(tokens)}"
+    return tree, tokens
 
 
 def _check_probs(name: str, probs: Tensor, n: int, vocab: int | None = None) -> int:
@@ -86,11 +74,6 @@ def _check_probs(name: str, probs: Tensor, n: int, vocab: int | None = None) -> 
         f"{name} must be [{n}, {vocab}], got {tuple(probs.shape)}"
     )
     return probs.shape[1]
-
-
-def _children(parents: Tensor, node: int) -> list[int]:
-    # children in index order = the draft's sampling order; one vectorised scan per visited node
-    return torch.nonzero(parents == node).flatten().tolist()
 
 
 def _row(probs: Tensor, node: int) -> Tensor:
@@ -114,8 +97,8 @@ def _inverse_cdf(P: Tensor, u: float) -> int:
 
 
 def _walk(
-    parents: Tensor | list[int],
-    tokens: Tensor | list[int],
+    tree: TreeLike,
+    tokens: Tensor | Sequence[int],
     target_probs: Tensor,
     draft_probs: Tensor | None,
     generator: torch.Generator,
@@ -136,24 +119,23 @@ def _walk(
     min(P, Q) + max(P - Q, 0) = P. An accepted child then continues the same argument one level
     down with that child's P, so the whole emitted sequence follows the target.
     """
-    parents, tokens = _tree_on_cpu(parents, tokens)
-    n = parents.shape[0]
+    tree, token_of = _tree_and_tokens(tree, tokens)
+    n = len(tree)
     vocab = _check_probs("target_probs", target_probs, n)
     if draft != "point_mass":
         assert draft_probs is not None, "this verifier needs draft_probs (Q at every node)"
         _check_probs("draft_probs", draft_probs, n, vocab)
-    assert tokens[0] >= 0 and bool((tokens < vocab).all()), f"tokens must be < {vocab}, the root's >= 0"
+    assert token_of[0] >= 0 and max(token_of) < vocab, f"tokens must be < {vocab}, the root's >= 0"
     assert generator is not None and generator.device.type == "cpu", (
         "pass a CPU torch.Generator (the walk is on the host)"
     )
 
     uniforms = torch.rand(n, generator=generator, dtype=torch.float64).tolist()
-    token_of = tokens.tolist()
     path: list[int] = []
     node = 0
     point_mass = draft == "point_mass"
     while True:
-        children = _children(parents, node)
+        children = tree.children[node]
         P = _row(target_probs, node)
         # Q is read only where there are children: the drafter need not fill Q at leaves.
         Q = _row(draft_probs, node) if children and not point_mass else None
@@ -203,8 +185,8 @@ def _walk(
 
 
 def verify_sequoia(
-    parents: Tensor | list[int],
-    tokens: Tensor | list[int],
+    tree: TreeLike,
+    tokens: Tensor | Sequence[int],
     target_probs: Tensor,
     draft_probs: Tensor,
     generator: torch.Generator,
@@ -214,12 +196,12 @@ def verify_sequoia(
     For each child x in order: accept with probability min(1, P[x]/Q[x]); on rejection
     P = norm(max(P - Q, 0)), then Q[x] = 0 and Q = norm(Q).
     """
-    return _walk(parents, tokens, target_probs, draft_probs, generator, draft="without_replacement")
+    return _walk(tree, tokens, target_probs, draft_probs, generator, draft="without_replacement")
 
 
 def verify_specinfer(
-    parents: Tensor | list[int],
-    tokens: Tensor | list[int],
+    tree: TreeLike,
+    tokens: Tensor | Sequence[int],
     target_probs: Tensor,
     draft_probs: Tensor,
     generator: torch.Generator,
@@ -229,12 +211,12 @@ def verify_specinfer(
     Like Sequoia, but Q is left unchanged after a rejection. Not lossless for children drawn
     without replacement.
     """
-    return _walk(parents, tokens, target_probs, draft_probs, generator, draft="with_replacement")
+    return _walk(tree, tokens, target_probs, draft_probs, generator, draft="with_replacement")
 
 
 def verify_topk(
-    parents: Tensor | list[int],
-    tokens: Tensor | list[int],
+    tree: TreeLike,
+    tokens: Tensor | Sequence[int],
     target_probs: Tensor,
     draft_probs: Tensor | None,
     generator: torch.Generator,
@@ -245,12 +227,12 @@ def verify_topk(
     rejection zero P[x] and renormalise. Lossless for any children chosen independently of the
     verifier's uniforms.
     """
-    return _walk(parents, tokens, target_probs, None, generator, draft="point_mass")
+    return _walk(tree, tokens, target_probs, None, generator, draft="point_mass")
 
 
 def verify_greedy(
-    parents: Tensor | list[int],
-    tokens: Tensor | list[int],
+    tree: TreeLike,
+    tokens: Tensor | Sequence[int],
     target_probs: Tensor,
     draft_probs: Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -260,8 +242,8 @@ def verify_greedy(
     target_probs is either [n, V] probabilities/logits (the argmax of a visited row only, ties ->
     lowest index) or [n] argmax tokens. draft_probs and generator are ignored. Deterministic.
     """
-    parents, tokens = _tree_on_cpu(parents, tokens)
-    n = parents.shape[0]
+    tree, token_of = _tree_and_tokens(tree, tokens)
+    n = len(tree)
     if target_probs.dim() == 2:
         _check_probs("target_probs", target_probs, n)
     else:
@@ -271,31 +253,8 @@ def verify_greedy(
     while True:
         row = target_probs[node]
         best = int(row.argmax()) if row.dim() == 1 else int(row)
-        kids = torch.tensor(_children(parents, node), dtype=torch.int64)
-        matching = kids[tokens[kids] == best]
-        if matching.numel() == 0:
+        matching = [c for c in tree.children[node] if token_of[c] == best]
+        if not matching:
             return VerifyResult(path=path, bonus_token=best)
-        node = int(matching[0])
+        node = matching[0]
         path.append(node)
-
-
-_VERIFIERS = {
-    "sequoia": verify_sequoia,
-    "specinfer": verify_specinfer,
-    "topk": verify_topk,
-    "greedy": verify_greedy,
-}
-
-
-def verify(
-    method: str,
-    parents: Tensor | list[int],
-    tokens: Tensor | list[int],
-    target_probs: Tensor,
-    draft_probs: Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> VerifyResult:
-    """Dispatch to verify_<method>; method is one of METHODS (greedy needs neither Q nor a generator)."""
-    if method not in _VERIFIERS:
-        raise UsageError(f"unknown verification method {method!r}; choose one of {', '.join(METHODS)}")
-    return _VERIFIERS[method](parents, tokens, target_probs, draft_probs, generator)

@@ -7,6 +7,7 @@ towards the process's resident memory, so mmap-then-copy would hold the model tw
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -15,8 +16,8 @@ from typing import Iterable
 
 import torch
 
-from .config import ModelArgs
-from .errors import CheckpointError, MissingFileError
+from ..errors import CheckpointError, MissingFileError
+from ..model.config import ModelArgs
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -42,10 +43,36 @@ class TensorInfo:
 # --- finding a model
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
-    """A local directory as given, or a Hugging Face repo id resolved through the hub cache.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
 
-    Aliases (`llama-2-70b`, `demo`) are resolved by `offload_runtime.registry` before this is called.
+
+def _is_repo_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The repo's snapshot in the Hugging Face cache, if it is there; never contacts the hub."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def find_local_dir(name_or_path: str | os.PathLike) -> Path | None:
+    """A local directory as given, or a repo id's snapshot already in the hub cache; None otherwise."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    return _cached_snapshot(str(name_or_path)) if _is_repo_id(str(name_or_path)) else None
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local directory as given, or a Hugging Face repo id resolved through the hub cache (downloaded if missing).
+
+    Aliases (`llama-2-70b`, `demo`) are resolved by `api/registry.py` before this is called.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -53,7 +80,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     name = str(name_or_path)
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint's directory (the one holding config.json)")
-    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+    if not _is_repo_id(name):
         raise MissingFileError(
             f"model {name!r} not found: pass a checkpoint directory, a Hugging Face repo id (owner/name) or an alias"
         )
@@ -61,23 +88,19 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 
 
 def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    cached = _cached_snapshot(repo_id)
+    if cached is not None:
+        return cached
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise MissingFileError(
+            f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it on a "
+            f"connected machine with `huggingface-cli download {repo_id}` (or unset HF_HUB_OFFLINE)"
+        )
     try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise CheckpointError("huggingface_hub is not installed; pip install huggingface_hub") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        if offline:
-            raise MissingFileError(
-                f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it on a "
-                f"connected machine with `huggingface-cli download {repo_id}` (or unset HF_HUB_OFFLINE)"
-            ) from None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         raise MissingFileError(
             f"could not get {repo_id} from the Hugging Face hub ({type(e).__name__}); check the name, your "
@@ -117,9 +140,7 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
             )
         shape = tuple(int(s) for s in meta["shape"])
         start, end = (int(x) for x in meta["data_offsets"])
-        nbytes = torch.empty((), dtype=dtype).element_size()
-        for s in shape:
-            nbytes *= s
+        nbytes = dtype.itemsize * math.prod(shape)
         if end - start != nbytes or base + end > size:
             raise CheckpointError(
                 f"tensor {name} in {file.name} lies outside the file or has the wrong size: {file} is "
@@ -137,6 +158,7 @@ class Checkpoint:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.label = self.path.name
         self.args = ModelArgs.from_file(self.path)
         self.tensors = self._index()
 
@@ -231,30 +253,9 @@ class Checkpoint:
         info = self.tensors[name]
         return self.read_into(name, torch.empty(info.shape, dtype=dtype or info.dtype))
 
-    def layer_names(self, i: int) -> list[str]:
-        return [f"model.layers.{i}.{n}" for n in self.args.layer_shapes()]
-
-    def tokenizer_files(self) -> list[Path]:
-        return [p for p in self.path.iterdir() if p.name.startswith("tokenizer")]
 
 
 def _listing(names: Iterable[str], limit: int = 6) -> str:
     names = list(names)
     head = ", ".join(names[:limit])
     return head + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
-# --- tokenizer
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The checkpoint's tokenizer through AutoTokenizer, or None when it ships none (token-id prompts only)."""
-    path = Path(path)
-    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"the tokenizer in {path} could not be loaded ({e}); re-download tokenizer files") from None

@@ -17,6 +17,7 @@ from typing import Iterator, Mapping, Protocol
 import torch
 import torch.nn.functional as F
 
+from .batch import ForwardBatch
 from .config import ModelArgs
 from .kv_cache import KVCache
 
@@ -185,21 +186,6 @@ def decoder_layer(args: ModelArgs, w: LayerWeights, x: torch.Tensor, cos, sin, m
 
 
 # --- the whole model
-
-
-@dataclass
-class ForwardBatch:
-    """What one forward processes: T new tokens for each of cache rows 0..B-1 (padded where rows differ)."""
-
-    tokens: torch.Tensor  # [B, T] int64
-    positions: torch.Tensor  # [B, T] int64
-    mask: torch.Tensor  # [B, 1, T, S] bool over cache slots 0..S-1
-    slots: torch.Tensor  # [B, T] int64: where each token's K/V is written
-    logits_at: torch.Tensor  # [B, N] indices into T whose logits are wanted (N may be 0)
-
-    def to(self, device: torch.device) -> "ForwardBatch":
-        return ForwardBatch(*(getattr(self, f).to(device, non_blocking=True) for f in
-                              ("tokens", "positions", "mask", "slots", "logits_at")))
 
 
 class Transformer:

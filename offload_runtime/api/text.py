@@ -1,0 +1,248 @@
+"""Text: tokenizers, chat templates, a reply's text as its tokens arrive (incremental detokenising, stop strings),
+and chat sessions. The decoder below knows only token ids.
+
+Detokenising a reply once per step from its first token would cost O(n^2) over an n-token reply; `TextStream`
+decodes only a short window per step (the tokens since the last settled point, after a few tokens of context
+so spacing and merges come out as in a full decode) and looks for stop strings only where new text could
+complete one, so a whole reply costs O(n).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ..decode.request import Request
+from ..errors import CheckpointError, ContextLengthError, UsageError
+
+REPLACEMENT = "\ufffd"  # what a decoder shows for the bytes of a character not complete yet
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer through AutoTokenizer, or None when it ships none (token-id prompts only)."""
+    path = Path(path)
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"the tokenizer in {path} could not be loaded ({e}); re-download tokenizer files") from None
+
+
+def normalise_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    stop = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(s, str) for s in stop):
+        raise UsageError(f"stop must be a string or a list of strings, got {list(stop)!r}")
+    return tuple(s for s in stop if s)
+
+
+class TextStream:
+    """The text of a reply whose tokens arrive a few at a time, with its stop strings.
+
+    `text` is everything decoded so far (a character still incomplete is held back); `stop_at` is where the
+    first stop string begins, once one has appeared; `settled()` is the text that can be shown for good.
+    """
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.ids: list[int] = []
+        self.text = ""
+        self.stop_at: int | None = None
+        self._prefix = 0  # ids[_prefix:_read] decode to the text's last settled piece (context for the next)
+        self._read = 0
+        self.decoded_tokens = 0  # tokens passed to the tokenizer's decode, all calls together (for tests)
+
+    def _decode(self, ids: list[int]) -> str:
+        self.decoded_tokens += len(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_at is not None
+
+    def add(self, new_ids: Sequence[int]) -> None:
+        self.ids.extend(new_ids)
+        before = self._decode(self.ids[self._prefix: self._read])
+        window = self._decode(self.ids[self._prefix:])
+        if len(window) <= len(before) or window.endswith(REPLACEMENT):
+            return  # nothing new, or a character still incomplete: wait for more tokens
+        self._append(window[len(before):])
+        self._prefix, self._read = self._read, len(self.ids)
+
+    def finish(self) -> None:
+        """The reply is over: what was held back (a truncated character) becomes text too."""
+        before = self._decode(self.ids[self._prefix: self._read])
+        window = self._decode(self.ids[self._prefix:])
+        if len(window) > len(before):
+            self._append(window[len(before):])
+        self._prefix = self._read = len(self.ids)
+
+    def _append(self, piece: str) -> None:
+        start = max(0, len(self.text) - max((len(s) for s in self.stop), default=1) + 1)
+        self.text += piece
+        if self.stop_at is None and self.stop:
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.stop_at = min(hits)
+
+    def result(self) -> str:
+        """The reply's text: cut before the first stop string."""
+        return self.text if self.stop_at is None else self.text[: self.stop_at]
+
+    def settled(self) -> str:
+        """Text that stays whatever comes next: the result, less a tail that could still begin a stop string."""
+        if self.stop_at is not None or not self.stop:
+            return self.result()
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), hold, -1):
+                if self.text.endswith(s[:k]):
+                    hold = k
+                    break
+        return self.text[: len(self.text) - hold]
+
+
+class TextCodec:
+    """A model's tokenizer seen by the engine: prompts and chat messages to ids, ids to text."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, name: str):
+        self.tokenizer, self.vocab_size, self.name = tokenizer, vocab_size, name
+
+    def _need_tokenizer(self, what: str) -> None:
+        if self.tokenizer is None:
+            raise UsageError(f"{self.name} ships no tokenizer, so {what}")
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            self._need_tokenizer("prompts must be lists of token ids")
+            ids = list(self.tokenizer(prompt).input_ids)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                       for t in prompt):
+            ids = list(prompt)
+        else:
+            raise UsageError(f"a prompt is a string or a list of token ids (integers), got {type(prompt).__name__}"
+                             + (f" {prompt!r}"[:80] if not isinstance(prompt, (list, tuple)) else " of other values"))
+        if not ids:
+            raise UsageError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return ids
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        self._need_tokenizer("it cannot format chat messages")
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise UsageError("each chat message must be a dict with 'role' and 'content'")
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            ids = list(tok(text, add_special_tokens=False).input_ids)
+            bos = tok.bos_token_id
+            if bos is not None and tok.bos_token and not text.startswith(tok.bos_token) and self._adds_bos():
+                ids = [bos] + ids
+            return ids
+        # No template: a plain transcript ending where the assistant speaks.
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.encode(text)
+
+    def _adds_bos(self) -> bool:
+        probe = self.tokenizer("a").input_ids
+        return bool(probe) and probe[0] == self.tokenizer.bos_token_id
+
+    def decode(self, ids: Sequence[int]) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def stream(self, stop: Sequence[str] = ()) -> TextStream | None:
+        if stop:
+            self._need_tokenizer("stop strings cannot be matched")
+        return None if self.tokenizer is None else TextStream(self.tokenizer, stop)
+
+
+def watch(request: Request, stream: TextStream | None) -> None:
+    """Feed the request's new tokens to `stream`, and end the request where a stop string appears."""
+    if stream is None:
+        return
+
+    def check(req: Request, new: list[int]) -> bool:
+        stream.add(new)
+        return stream.stopped
+    request.stop_check = check
+
+
+class ChatSession:
+    """A conversation whose K/V stays cached across turns: each turn only runs its new tokens."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.messages: list[dict[str, str]] = []
+        self.request: Request | None = None
+        self.interrupted = False  # set (e.g. from a SIGINT handler) to end the current reply after this step
+        self.streaming = False
+
+    def reset(self) -> None:
+        self.messages = []
+        self.request = None
+
+    def stream_ids(self, ids: list[int], *, max_new_tokens: int | None = None, temperature: float | None = None,
+                   top_p: float | None = None, seed: int | None = None, ignore_eos: bool = False,
+                   stop: Sequence[str] | str = ()) -> Iterator[str]:
+        eng = self.engine
+        stop = normalise_stop(stop)
+        if self.request is None:
+            self.request = eng.new_request(ids, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                           ignore_eos=ignore_eos, seed=seed)
+        else:
+            if len(ids) + 1 > eng.max_seq_len:
+                raise ContextLengthError(
+                    f"the conversation has {len(ids)} tokens but the context window holds {eng.max_seq_len}; "
+                    f"start over with /reset (or Engine.session())"
+                )
+            eng.renew_request(self.request, ids, temperature=temperature, top_p=top_p,
+                              max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, seed=seed)
+        req = self.request
+        text = eng.codec.stream(stop)
+        watch(req, text)
+        shown = ""
+        self.interrupted = False
+        mark = eng.begin_call()
+        for _ in eng.scheduler.run([req]):
+            if text is None:
+                continue
+            if req.done:
+                text.finish()
+            settled = text.settled()
+            if len(settled) > len(shown):
+                yield settled[len(shown):]
+                shown = settled
+            if self.interrupted and not req.done:
+                eng.scheduler.cancel(req, "interrupted")
+                break
+        eng.finish_call([req], mark)
+
+    def send(self, content: str, role: str = "user", **kwargs: Any) -> Iterator[str]:
+        """Add a message, stream the assistant's reply, and add the reply to the conversation."""
+        self.messages.append({"role": role, "content": content})
+        pieces: list[str] = []
+        try:
+            ids = self.engine.codec.apply_chat_template(self.messages)
+            self.streaming = True
+            for piece in self.stream_ids(ids, **kwargs):
+                pieces.append(piece)
+                yield piece
+        except BaseException:
+            if not pieces:  # nothing said: the turn never happened
+                self.messages.pop()
+                raise
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            raise
+        finally:
+            self.streaming = False
+        self.messages.append({"role": "assistant", "content": "".join(pieces)})

@@ -1,0 +1,1 @@
+"""Speculation: sampling, the tree search, the verifiers and the methods that pair drawing with verifying."""

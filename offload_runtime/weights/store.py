@@ -1,0 +1,100 @@
+"""The host store: each streamed decoder layer packed in one contiguous host buffer, page-locked when it can be.
+
+Filled tensor by tensor straight from a weight source (a checkpoint's shards, random weights) into place, so
+the model is never held twice. One copy per layer is what a sweep moves (streaming.py).
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Callable
+
+import torch
+
+from ..model.config import ModelArgs
+from .layout import LayerLayout, layer_layout
+from .source import WeightSource
+
+
+def alloc_host(numel: int, dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor, bool]:
+    """A host tensor of exactly `numel` elements, page-locked when asked and allowed: (tensor, pinned).
+
+    PyTorch's pinned allocator rounds every block up to a power of two (a 1.6 GiB 70B layer would take 2 GiB), so
+    the buffer is allocated pageable and then registered with the driver (cudaHostRegister), which pins exactly
+    its own pages; it is unregistered when the tensor is freed. Where registration is refused, the caching
+    allocator's pinned memory is the fallback, then pageable memory.
+    """
+    buf = torch.empty(numel, dtype=dtype)
+    if not pin or numel == 0:
+        return buf, False
+    try:
+        cudart = torch.cuda.cudart()
+        nbytes = numel * buf.element_size()
+        if int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
+            weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
+            return buf, True
+        _consume_cuda_error()
+    except (RuntimeError, AttributeError, AssertionError):
+        pass
+    try:
+        return torch.empty(numel, dtype=dtype, pin_memory=True), True
+    except RuntimeError:
+        return buf, False
+
+
+def _consume_cuda_error() -> None:
+    """A refused runtime call leaves its error pending in the thread, and torch would report it at its next
+    kernel launch, wherever that is; torch binds no cudaGetLastError, so a throwaway launch takes it here."""
+    try:
+        torch.zeros(1, device="cuda").add_(1)
+    except RuntimeError:
+        pass
+
+
+def fill_layer(source: WeightSource, i: int, layout: LayerLayout, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Read decoder layer i from `source` into `buffer` laid out by `layout`; returns the tensors' views."""
+    tensors = layout.views(buffer)
+    for name, tensor in tensors.items():
+        source.read_into(f"model.layers.{i}.{name}", tensor)
+    return tensors
+
+
+class HostLayerStore:
+    """Decoder layers `layer_ids` of a model, one packed buffer each in host memory (pinned when it can be)."""
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, layer_ids: list[int], pin: bool):
+        self.args = args
+        self.layout: LayerLayout = layer_layout(args, dtype)
+        self.layer_ids = list(layer_ids)
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.pinned = pin
+        self._want_pin = pin
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layout.dtype
+
+    @property
+    def layer_bytes(self) -> int:
+        return self.layout.nbytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.layer_bytes * len(self.layer_ids)
+
+    def _new_buffer(self) -> torch.Tensor:
+        buf, pinned = alloc_host(self.layout.numel, self.dtype, self._want_pin)
+        if self._want_pin and not pinned:
+            warnings.warn("pinned host memory was refused; streaming from pageable memory (slower copies)",
+                          RuntimeWarning, stacklevel=3)
+            self._want_pin = self.pinned = False
+        return buf
+
+    def fill(self, source: WeightSource, progress: Callable[[int], None] | None = None) -> None:
+        """Read each layer's tensors straight into its buffer: the model is never held twice."""
+        for i in self.layer_ids:
+            buf = self._new_buffer()
+            fill_layer(source, i, self.layout, buf)
+            self.buffers[i] = buf
+            if progress:
+                progress(1)

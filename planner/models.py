@@ -1,0 +1,56 @@
+"""The models a plan is for: a local checkpoint, or (when none is here) the published shape of a preset, so a
+machine can be planned for a model it has not downloaded yet."""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from typing import Any
+
+from offload_runtime.api import registry
+from offload_runtime.api.home import short_hash
+from offload_runtime.api.plans import ModelRef, local_ref
+from offload_runtime.errors import MissingFileError
+from offload_runtime.model.config import PRESETS, ModelArgs
+
+
+def _preset_for(name: str) -> str | None:
+    """The shape preset of a preset name, an alias (llama-2-70b-chat) or an alias's repo id."""
+    if name in PRESETS:
+        return name
+    for alias, (repo, _) in registry.ALIASES.items():
+        if name == repo:
+            name = alias
+            break
+    if name in PRESETS:
+        return name
+    for suffix in ("-chat", "-instruct"):
+        if name.endswith(suffix) and name[: -len(suffix)] in PRESETS:
+            return name[: -len(suffix)]
+    return None
+
+
+def shape_dict(args: ModelArgs) -> dict[str, Any]:
+    return {k: v for k, v in asdict(args).items() if k != "extra"}
+
+
+def resolve_model(name: str | os.PathLike, *, allow_preset: bool = True) -> tuple[ModelRef, ModelArgs, str | None]:
+    """A model's reference and shape, from a local checkpoint when there is one, else from a shape preset.
+
+    Returns (ref, args, notice); the notice says when a preset stood in for a checkpoint not found locally.
+    """
+    name = str(name)
+    ref = local_ref(name)
+    if ref is not None:
+        return ref, ModelArgs.from_file(ref.path), None
+    preset = _preset_for(name) if allow_preset else None
+    if preset is not None:
+        args = ModelArgs.from_name(preset)
+        ref = ModelRef(name, f"preset:{preset}", "shape:" + short_hash(shape_dict(args), 32), None)
+        notice = None if name == preset and registry.resolve_name(name) == name else (
+            f"{name} is not available locally; using the published shapes of {preset} with random weights")
+        return ref, args, notice
+    presets = ", ".join(sorted(p for p in PRESETS if p != "tiny"))
+    raise MissingFileError(
+        f"model {name!r} not found locally (nothing is downloaded here): pass a checkpoint directory, a Hugging Face "
+        f"repo id already in the cache, or a shape preset ({presets})"
+    )

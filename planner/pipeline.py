@@ -1,0 +1,320 @@
+"""The planning pipeline as functions: profile (if missing) -> acceptance (if missing) -> search -> calibration
+-> plan. The command line (`python -m planner`) and the tools call these; nothing here prints.
+
+    request = PlanRequest(model="demo", draft="demo-draft", device="cpu", log=print)
+    result = make_plan(request)            # the plan, written to the store
+    result.plan.summary()
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from offload_runtime.api import registry
+from offload_runtime.api.home import write_json
+from offload_runtime.api.machine import describe_machine, machine_fingerprint
+from offload_runtime.api.options import GenerationDefaults, check_sampling, parse_device, parse_dtype
+from offload_runtime.api.plans import ModelRef, Plan, dtype_name, save_plan
+from offload_runtime.errors import UsageError
+from offload_runtime.memory import parse_bytes
+from offload_runtime.model.config import ModelArgs
+from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE
+
+from . import acceptance as acc
+from . import optimizer as opt
+from . import profile as prof
+from .models import resolve_model
+
+
+@dataclass
+class PlanRequest:
+    """Everything a plan depends on; field names match the command line's flags."""
+
+    model: str
+    draft: str | None = None  # None: the model's default draft
+    no_draft: bool = False  # profile only: the target alone
+    device: str | None = None
+    dtype: str | None = None
+    threads: int | None = None
+    temperature: float | None = None  # None: the model's generation_config, else greedy
+    top_p: float | None = None
+    gpu_memory: str | int | None = None
+    max_tree: int = 1024
+    max_depth: int = 16
+    batch_size: int | str = 1  # or "auto"
+    max_batch: int = 64
+    max_seq_len: int | None = None
+    slots: int = 2
+    offload: bool | None = None
+    acceptance: str | None = None  # a file of `acceptance`, a vector "0.7,0.1", or "default"
+    profile: str | None = None  # a profile file to use instead of this machine's
+    grid: str | None = None
+    prefix: int | None = None
+    quick: bool = False
+    prompts: str | None = None
+    width: int = 16
+    max_new_tokens: int = 64
+    limit: int | None = None
+    seed: int = 0
+    acceptance_batch: int = 8
+    remeasure: bool = False
+    no_calibrate: bool = False
+    calibration_time: float | None = None
+    top: int = 10
+    log: Callable[[str], None] = field(default=lambda s: None, repr=False)
+    progress: bool = False
+
+    @classmethod
+    def from_namespace(cls, ns: Any, **overrides: Any) -> "PlanRequest":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names}, **overrides)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """The device, dtype and models a request resolves to."""
+
+    device: torch.device
+    dtype: torch.dtype
+    target: ModelRef
+    target_args: ModelArgs
+    draft: ModelRef | None
+    draft_args: ModelArgs | None
+
+
+def resolve(req: PlanRequest) -> Pair:
+    if req.threads:
+        torch.set_num_threads(req.threads)
+    dev = parse_device(req.device)
+    tref, targs, note = resolve_model(req.model)
+    if note:
+        req.log(note)
+    draft_name = req.draft
+    if draft_name is None and not req.no_draft:
+        draft_name = registry.default_draft(req.model)
+    dref = dargs = None
+    if draft_name is not None:
+        dref, dargs, note = resolve_model(draft_name)
+        if note:
+            req.log(note)
+    return Pair(dev, parse_dtype(req.dtype, dev, targs.torch_dtype), tref, targs, dref, dargs)
+
+
+def need_draft(pair: Pair, req: PlanRequest, command: str) -> None:
+    if pair.draft is None:
+        raise UsageError(f"`{command}` needs a draft model: {req.model} has no default draft; pass --draft D")
+
+
+def sampling(req: PlanRequest, pair: Pair) -> tuple[float, float]:
+    """(temperature, top_p): as asked, else what the engine gives a request that names none."""
+    d = GenerationDefaults.from_dir(pair.target.path)
+    temperature = d.temperature if req.temperature is None else req.temperature
+    top_p = d.top_p if req.top_p is None else req.top_p
+    check_sampling(temperature, top_p, 1)
+    return float(temperature), float(top_p)
+
+
+# --- the steps
+
+
+def ensure_profile(req: PlanRequest, pair: Pair, *, force: bool, output: Path | None = None) -> tuple[dict, Path]:
+    """This machine's profile for the pair: read from the store, or measured now (and stored)."""
+    fp = machine_fingerprint(pair.device)
+    path = output or prof.profile_path(fp["id"], pair.device, pair.dtype, pair.target_args, pair.draft_args)
+    if not force and path.is_file():
+        try:
+            profile = prof.read_profile(path)
+        except UsageError:  # from an older profiler: measure again
+            profile = {"machine": {}}
+        if profile["machine"].get("id") == fp["id"] and prof.is_current(profile):
+            req.log(f"using profile {path} (made {profile.get('created', '?')})")
+            return profile, path
+    req.log(f"profiling {pair.target.name}{f' and draft {pair.draft.name}' if pair.draft else ''} on "
+            f"{describe_machine(fp)}, {pair.device.type}, {dtype_name(pair.dtype)}")
+    grid = prof.parse_grid(req.grid) if req.grid is not None else \
+        list(prof.QUICK_GRID if req.quick else prof.DEFAULT_GRID)
+    profile = prof.run_profile(pair.target_args, pair.draft_args, pair.device, pair.dtype, grid=grid,
+                               prefix=prof.DEFAULT_PREFIX if req.prefix is None else req.prefix,
+                               effort=prof.Effort.quick() if req.quick else prof.Effort(),
+                               names=(pair.target.name, pair.draft.name if pair.draft else None),
+                               progress=req.progress, log=req.log)
+    write_json(path, profile)
+    req.log(f"profile written to {path}")
+    return profile, path
+
+
+def given_profile(req: PlanRequest, pair: Pair) -> tuple[dict, Path]:
+    """The profile named by --profile, checked against the pair."""
+    path = Path(req.profile)
+    profile = prof.read_profile(path)
+    prof.check_profile(profile, pair.device, pair.dtype, pair.target_args, pair.draft_args, req.profile)
+    if profile["machine"].get("id") != machine_fingerprint(pair.device)["id"]:
+        req.log(f"note: profile {req.profile} was made on another machine ({describe_machine(profile['machine'])})")
+    return profile, path
+
+
+def _prompts(req: PlanRequest) -> tuple[list | None, str]:
+    prompts = acc.read_prompts(req.prompts) if req.prompts else None
+    source = req.prompts or "built-in"
+    if req.limit is not None:
+        prompts = (prompts if prompts is not None else list(acc.BUILTIN_PROMPTS))[: req.limit]
+    return prompts, source
+
+
+def ensure_acceptance(req: PlanRequest, pair: Pair, temperature: float, top_p: float, *, force: bool,
+                      output: Path | None = None) -> tuple[acc.AcceptanceResult, Path]:
+    """The pair's acceptance measurement at these settings: read from the store, or measured now (and stored)."""
+    prompts, source = _prompts(req)
+    sha = acc.prompts_sha(prompts if prompts is not None else list(acc.BUILTIN_PROMPTS))
+    path = output or acc.acceptance_path(pair.target, pair.draft, temperature, top_p, req.width, sha)
+    if not force and path.is_file():
+        result = acc.read_acceptance(path)
+        if result.max_new_tokens == req.max_new_tokens and result.seed == req.seed:
+            req.log(f"using acceptance {path} ({result.steps} steps, measured {result.created})")
+            return result, path
+    req.log(f"measuring acceptance of {pair.draft.name} for {pair.target.name}: width {req.width}, temperature "
+            f"{temperature:g}, top-p {top_p:g}, {req.max_new_tokens} tokens per prompt")
+    result = acc.measure_acceptance(pair.target, pair.draft, device=pair.device, dtype=pair.dtype,
+                                    temperature=temperature, top_p=top_p, width=req.width, prompts=prompts,
+                                    prompts_source=source, max_new_tokens=req.max_new_tokens, seed=req.seed,
+                                    batch_size=req.acceptance_batch, progress=req.progress, log=req.log)
+    acc.save_acceptance(result, path)
+    req.log(f"acceptance written to {path}")
+    if pair.device.type == "cuda":  # the measuring engine is gone: give its memory back before residency is planned
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result, path
+
+
+def acceptance_vector(req: PlanRequest, pair: Pair, temperature: float, top_p: float) -> dict[str, Any]:
+    """p[1..W] with where it came from: given, measured (from the store or now), or the default assumption."""
+    spec = req.acceptance
+    if spec == "default" or (spec is None and (pair.target.is_preset or pair.draft.is_preset)):
+        if spec is None:
+            req.log("no weights to measure acceptance with; using the default acceptance vector (an assumption "
+                    "shaped like Sequoia's Llama-2 measurements); pass --acceptance to give one")
+        return {"p": list(DEFAULT_ACCEPTANCE), "se": None, "steps": None, "source": "default", "file": None}
+    if spec is not None:
+        if Path(spec).is_file():
+            result = acc.read_acceptance(spec)
+            return {"p": result.p, "se": result.se, "steps": result.steps, "source": "given", "file": str(spec)}
+        return {"p": acc.parse_vector(spec), "se": None, "steps": None, "source": "given", "file": None}
+    result, path = ensure_acceptance(req, pair, temperature, top_p, force=req.remeasure)
+    return {"p": result.p, "se": result.se, "steps": result.steps, "source": "measured", "file": str(path)}
+
+
+# --- the plan
+
+
+@dataclass
+class PlanResult:
+    plan: Plan
+    time_model: opt.TimeModel  # calibrated, with the chosen resident layers
+    choice: opt.BatchChoice
+
+
+def _calibration_time(req: PlanRequest) -> float:
+    if req.calibration_time is not None:
+        return req.calibration_time
+    return 0.0 if req.quick else 20.0
+
+
+def batch_sizes(req: PlanRequest) -> list[int]:
+    if req.batch_size == "auto":
+        return [2 ** k for k in range(int(math.log2(req.max_batch)) + 1)]
+    return [int(req.batch_size)]
+
+
+def search(p: Sequence[float], tm: opt.TimeModel, pair: Pair, req: PlanRequest, budget: int | None,
+           max_seq_len: int) -> tuple[opt.BatchChoice, list[opt.BatchChoice]]:
+    """The best (tree, batch, resident layers) for this time model and acceptance vector."""
+    def residency_of(B: int):
+        return opt.residency(pair.target_args, pair.dtype, pair.device, draft=pair.draft_args, budget_bytes=budget,
+                             batch=B, max_seq_len=max_seq_len, max_tree=req.max_tree, slots=req.slots,
+                             offload=req.offload)
+
+    return opt.optimize_batch(p, tm, batch_sizes(req), residency_of, max_tree=req.max_tree,
+                              max_depth=req.max_depth, top=req.top)
+
+
+def build_plan(req: PlanRequest) -> PlanResult:
+    """Profile (if missing), acceptance (if missing), the search, a calibration run; the plan (not yet saved)."""
+    pair = resolve(req)
+    need_draft(pair, req, "plan")
+    if req.max_depth < 0:
+        raise UsageError(f"--max-depth must be >= 0, got {req.max_depth}")
+    temperature, top_p = sampling(req, pair)
+    budget = None if req.gpu_memory is None else parse_bytes(req.gpu_memory)
+    limit = pair.target_args.max_position_embeddings
+    max_seq_len = min(limit, 4096) if req.max_seq_len is None else req.max_seq_len
+    if max_seq_len > limit:
+        raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's context window ({limit})")
+    profile, profile_path = given_profile(req, pair) if req.profile else ensure_profile(req, pair,
+                                                                                       force=req.remeasure)
+    acceptance = acceptance_vector(req, pair, temperature, top_p)
+    p = acceptance["p"]
+    n_layers = pair.target_args.n_layers
+    tm = opt.time_model_from_profile(profile, resident=n_layers, n_layers=n_layers, temperature=temperature,
+                                     top_p=top_p)
+    best, choices = search(p, tm, pair, req, budget, max_seq_len)
+    calibration = None
+    if not req.no_calibrate and not (pair.target.is_preset or pair.draft.is_preset) and best.optimum.best.n > 1:
+        from .calibrate import measure_step_split
+
+        tree = list(best.optimum.best.parents)
+        req.log(f"calibrating on {best.optimum.best.n}-node trees with the real engine")
+        streamed = best.residency.offload
+        measured = measure_step_split(str(pair.target.path), str(pair.draft.path), device=pair.device,
+                                      dtype=pair.dtype, tree=tree, temperature=temperature, top_p=top_p,
+                                      batch=best.batch, offload=streamed, gpu_memory=budget,
+                                      tokens=16 if streamed else 64,  # streamed steps are slow
+                                      min_time=_calibration_time(req),
+                                      reference=not streamed)  # plain streamed decoding is slower still
+        tm = tm.with_resident(len(best.residency.resident)).calibrated(measured, tree, best.batch)
+        calibration = {"tree": tree, "batch": best.batch, "measured": measured,
+                       "factors": {"draft": tm.draft_scale, "verify": tm.verify_scale, "host": tm.host_scale}}
+        best, choices = search(p, tm, pair, req, budget, max_seq_len)
+    c = best.optimum.best
+    tm_best = tm.with_resident(len(best.residency.resident))
+    res = best.residency
+    figures = {
+        "profile": str(profile_path), "profile_created": profile.get("created"),
+        "bandwidth_Bps": profile["bandwidth_Bps"], "layer_bytes": profile["layer_bytes"],
+        "layer_copy_s": profile["layer_copy_s"], "copy_bandwidth_Bps": tm_best.bandwidth,
+        "overlap": tm_best.overlap, "stream_s": tm_best.stream_s if res.offload else 0.0,
+        "prefix": profile.get("prefix"), "threads": profile.get("threads"), "grid": profile["grid"],
+        "layer_s": profile["layer_s"], "head_s": profile["head_s"], "host_s": profile["host_s"],
+        "warp_s": profile["warp_s"], "draft_level_s": profile["draft_level_s"], "calibration": calibration,
+    }
+    row = c.row()
+    predicted = {k: row[k] for k in ("tokens_per_step", "step_s", "draft_s", "verify_s", "host_s", "s_per_token",
+                                     "tokens_per_s")}
+    plan = Plan(
+        target=pair.target, draft=pair.draft, device=pair.device.type, dtype=dtype_name(pair.dtype),
+        temperature=temperature, top_p=top_p, batch_size=best.batch, machine=machine_fingerprint(pair.device),
+        tree=list(c.parents), resident_layers=list(res.resident), n_layers=n_layers, offload=res.offload,
+        gpu_memory=budget, max_seq_len=max_seq_len, slots=req.slots, acceptance={**acceptance, "width": len(p)},
+        figures=figures, predicted=predicted, candidates=[r.row() for r in best.optimum.ranked],
+        search={"max_tree": req.max_tree, "max_depth": req.max_depth, "batch_sizes": batch_sizes(req),
+                "evaluated": best.optimum.evaluated, "pairs": best.optimum.candidates,
+                "per_batch": [{"batch": ch.batch, "resident": len(ch.residency.resident),
+                               **{k: ch.optimum.best.row()[k] for k in ("n", "depth", "tokens_per_s", "s_per_token")}}
+                              for ch in choices]},
+    )
+    return PlanResult(plan, tm_best, best)
+
+
+def make_plan(req: PlanRequest, output: str | Path | None = None) -> PlanResult:
+    """build_plan, then save it to the store (and to `output` too when given)."""
+    result = build_plan(req)
+    result.plan.path = save_plan(result.plan)
+    if output is not None:
+        save_plan(result.plan, output)
+    return result

@@ -28,7 +28,7 @@ from ..model.transformer import Transformer
 from ..model.tree import Tree
 from ..residency import Residency
 from ..spec.methods import Method
-from ..spec.policy import TreePolicy
+from ..spec.policy import TreePolicy, default_tree
 from ..spec.sampling import make_generator
 from ..streaming import StreamedLayers, SweepStats
 from .options import GenerationDefaults, check_seed
@@ -89,8 +89,6 @@ class Engine:
         if draft is None:
             trees = TreePolicy.one(Tree([-1]))
         elif not isinstance(trees, TreePolicy):
-            from ..spec.policy import default_tree
-
             trees = TreePolicy.one(trees) if trees is not None else TreePolicy(default_tree(target.device))
         self.trees = trees
         self.residency = residency
@@ -129,10 +127,6 @@ class Engine:
     @property
     def tokenizer(self) -> Any:
         return self.codec.tokenizer
-
-    @property
-    def generation_config(self) -> dict[str, Any]:
-        return dict(self.defaults.raw or {})
 
     def sweep_stats(self) -> list[SweepStats]:
         """Per-sweep bytes, time, GB/s and copy waits of the streamed target (empty when nothing streams)."""

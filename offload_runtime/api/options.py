@@ -78,7 +78,6 @@ class GenerationDefaults:
     top_p: float = 1.0
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     eos_token_ids: tuple[int, ...] = ()
-    raw: dict[str, Any] | None = None
 
     @classmethod
     def from_dir(cls, path: str | os.PathLike | None) -> "GenerationDefaults":
@@ -100,7 +99,7 @@ class GenerationDefaults:
             return cls(temperature=float(cfg.get("temperature", 1.0)) if sampled else 0.0,
                        top_p=float(cfg.get("top_p", 1.0)) if sampled else 1.0,
                        max_new_tokens=int(cfg.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
-                       eos_token_ids=tuple(int(t) for t in eos_ids), raw=cfg)
+                       eos_token_ids=tuple(int(t) for t in eos_ids))
         except (TypeError, ValueError):
             raise CheckpointError(f"{f} has a temperature, top_p, max_new_tokens or eos_token_id that is not a "
                                   f"number; fix or delete it") from None

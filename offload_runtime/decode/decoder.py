@@ -20,6 +20,7 @@ from ..model.kv_cache import KVCache
 from ..model.transformer import Transformer
 from ..model.tree import Tree
 from ..spec.methods import Method, get_method
+from ..spec.sampling import NodeRows
 from .request import Request
 from .timing import StepClock, StepTimes
 
@@ -35,7 +36,7 @@ class RowStep:
     tree: Tree | None  # the row's speculation tree this step; None: the sweep only prefills (long chain)
     method: Method  # how its children are drawn and verified (greedy at temperature 0)
     tokens: list[int]  # the token of every tree node, node 0 (the root) first; filled by draft_trees
-    draft_probs: torch.Tensor | None = None  # Q at every node [n, V] when drafting samples; else None
+    draft_probs: NodeRows | None = None  # Q at every internal node [n, V] when drafting samples; else None
 
 
 @dataclass
@@ -122,7 +123,7 @@ class Decoder:
             catch = s.tokens[s.draft_cached:-1]
             growing.append(Growth(r, len(catch), r.tree.graft(len(catch)), catch + r.tokens))
             if not r.method.greedy:
-                r.draft_probs = torch.zeros(len(r.tree), self.vocab, dtype=torch.float32, device=draft.device)
+                r.draft_probs = NodeRows(len(r.tree), self.vocab)
         for level in range(max(r.tree.max_depth for r in rows)):
             chunks: list[RowChunk | None] = [None] * B
             expanding: dict[int, tuple[Growth, list[int]]] = {}
@@ -148,7 +149,7 @@ class Decoder:
                 drawn = r.method.draw(self._draft_logits(logits[b, : len(nodes)]), params.temperature,
                                       params.top_p, k, r.seq.draft_rng)
                 if drawn.probs is not None:
-                    r.draft_probs[nodes] = drawn.probs
+                    r.draft_probs.put(nodes, drawn.probs)
                 for u, row in zip(nodes, drawn.tokens.tolist()):
                     for j, child in enumerate(tree.children[u]):
                         token = row[j] if j < len(row) else -1

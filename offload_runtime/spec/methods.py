@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..errors import UsageError
 from ..model.tree import Tree
-from .sampling import WarpedRows, gumbel_top_k, warp_probs
+from .sampling import NodeRows, WarpedRows, gumbel_top_k, warp_probs
 from .verify import VerifyResult, verify_greedy, verify_sequoia, verify_specinfer, verify_topk
 
 Drawer = Callable[[Tensor, Sequence[int], torch.Generator], Tensor]  # probs [rows, V], k per row -> [rows, max k]
@@ -73,13 +73,13 @@ class Method:
         probs = warp_probs(logits, temperature, top_p).float()
         return Drawn(self.draw_children(probs, k, generator), probs)
 
-    def verify(self, tree: Tree, tokens: Sequence[int], logits: Tensor, draft_probs: Tensor | None,
+    def verify(self, tree: Tree, tokens: Sequence[int], logits: Tensor, draft_probs: "Tensor | NodeRows | None",
                temperature: float, top_p: float, generator: torch.Generator) -> VerifyResult:
         """Walk the tree against the target's logits [n, V]; only the rows the walk visits are warped."""
         if self.greedy:
             return self.verifier(tree, tokens, logits)
         target = WarpedRows(logits, temperature, top_p)
-        q = draft_probs if draft_probs is not None else torch.zeros(target.shape, device=logits.device)
+        q = draft_probs if draft_probs is not None else NodeRows(*target.shape)  # no children: Q is never read
         return self.verifier(tree, tokens, target, q, generator)
 
     def for_sampling(self, temperature: float) -> "Method":

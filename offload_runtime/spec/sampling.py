@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..errors import UsageError
 
-__all__ = ["MAX_TEMPERATURE", "check_warp", "make_generator", "warp_probs", "WarpedRows", "gumbel_top_k"]
+__all__ = ["MAX_TEMPERATURE", "check_warp", "make_generator", "warp_probs", "WarpedRows", "NodeRows", "gumbel_top_k"]
 
 MAX_TEMPERATURE = 100.0  # beyond this every distribution is uniform to float precision
 
@@ -111,6 +111,33 @@ class WarpedRows:
         if row not in self._rows:
             self._rows[row] = warp_probs(self.logits[row], self.temperature, self.top_p)
         return self._rows[row]
+
+
+class NodeRows:
+    """An [n, V] table of per-node distributions that is never materialised: each node's row stays in the
+    tensor it was computed in (one tree level's draft probabilities) and is looked up when read.
+
+    The draft computes Q for the internal nodes only, one level at a time; the verifier reads the rows of the
+    few nodes its walk visits. Copying every level into an [n, V] table would move n x V floats per step
+    (512 nodes x 128k tokens is 256 MB) for a handful of reads.
+    """
+
+    def __init__(self, n: int, vocab: int):
+        self.shape = torch.Size((n, vocab))
+        self._rows: dict[int, tuple[Tensor, int]] = {}
+
+    def dim(self) -> int:
+        return 2
+
+    def put(self, nodes: Sequence[int], probs: Tensor) -> None:
+        """Rows of `probs` [len(nodes), V] are the distributions at `nodes`."""
+        assert probs.shape == (len(nodes), self.shape[1]), (probs.shape, len(nodes))
+        for j, u in enumerate(nodes):
+            self._rows[u] = (probs, j)
+
+    def __getitem__(self, node: int) -> Tensor:
+        probs, j = self._rows[int(node)]
+        return probs[j]
 
 
 # --- drawing tokens

@@ -21,7 +21,8 @@ Inputs, shared by every verifier:
 - target_probs [n, V]: P at every node (already warped), the target's next-token distribution given
   the context ending at that node;
 - draft_probs [n, V]: Q at every node, the warped draft distribution the node's children were drawn
-  from (rows of leaves are never read and may be anything, e.g. zeros);
+  from (rows of leaves are never read and may be anything, e.g. zeros; the decoder passes a
+  spec.sampling.NodeRows, which holds only the internal nodes' rows);
 - generator: a CPU torch.Generator. Each call draws exactly n float64 uniforms u[0..n-1] up front:
   u[c] decides the acceptance test of child c (every non-root node is tested at most once) and u[0]
   (the root is never a child) draws the bonus token by inverse CDF. So the same generator state

@@ -3,6 +3,11 @@
 Published checkpoints spell the same things in several ways (transformers 4 writes `rope_theta` and
 `rope_scaling`, transformers 5 writes `rope_parameters`; scaling dicts say `type` or `rope_type`), so
 `from_hf_config` normalises them and drops every key the runtime does not use.
+
+Sliding-window attention follows transformers' own configs: Mistral's `sliding_window` applies to every layer;
+Qwen2/Qwen3 slide only with `use_sliding_window`, and then only the layers `layer_types` marks
+"sliding_attention" (transformers derives that list from `max_window_layers` when config.json has none: layers
+from that index on slide).
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ import torch
 
 from ..errors import ConfigError, MissingFileError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+QWEN_TYPES = ("qwen2", "qwen3")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names; index = whether the layer slides
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -35,10 +42,12 @@ class ModelArgs:
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear" | "llama3", ...}
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False  # Qwen2 always, Llama when attention_bias
-    o_bias: bool = False  # Llama's attention_bias also covers o_proj
+    qkv_bias: bool = False  # Qwen2 always, Llama and Qwen3 when attention_bias
+    o_bias: bool = False  # attention_bias (Llama, Qwen3) also covers o_proj
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral; None means full attention
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of the queries and keys, before RoPE
+    sliding_window: int | None = None  # keys at most this many positions back; None means full attention
+    full_attention_layers: tuple[int, ...] = ()  # layers that ignore sliding_window (Qwen's unwindowed ones)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None  # the checkpoint's own dtype, e.g. "bfloat16"
@@ -51,7 +60,11 @@ class ModelArgs:
                 f"({self.n_kv_heads}); fix config.json"
             )
 
-    # --- derived sizes
+    # --- derived sizes and attention
+
+    def slides(self, layer: int) -> bool:
+        """Whether decoder layer `layer` attends through the sliding window."""
+        return self.sliding_window is not None and layer not in self.full_attention_layers
 
     @property
     def q_size(self) -> int:
@@ -75,6 +88,9 @@ class ModelArgs:
             "mlp.up_proj.weight": (f, d),
             "mlp.down_proj.weight": (d, f),
         }
+        if self.qk_norm:
+            shapes["self_attn.q_norm.weight"] = (self.head_dim,)
+            shapes["self_attn.k_norm.weight"] = (self.head_dim,)
         if self.qkv_bias:
             shapes["self_attn.q_proj.bias"] = (self.q_size,)
             shapes["self_attn.k_proj.bias"] = (self.kv_size,)
@@ -137,15 +153,14 @@ class ModelArgs:
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
         n_kv_heads = int(cfg.get("num_key_value_heads") or n_heads)
-        head_dim = int(cfg.get("head_dim") or dim // n_heads)
+        # Qwen3Config's head_dim defaults to 128 whatever the hidden size; the others derive it.
+        head_dim = int(cfg.get("head_dim") or (128 if model_type == "qwen3" else dim // n_heads))
         rope_theta, rope_scaling = _rope_from_config(cfg)
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
         else:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
-        sliding_window = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
-            sliding_window = None
+        sliding_window, full_layers = _windows_from_config(cfg, model_type, n_layers)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         known = {f.name for f in dataclasses.fields(cls)}
@@ -166,7 +181,9 @@ class ModelArgs:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_window=int(sliding_window) if sliding_window else None,
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding_window,
+            full_attention_layers=full_layers,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
@@ -215,9 +232,34 @@ class ModelArgs:
             cfg["mlp_bias"] = self.mlp_bias
         if self.sliding_window is not None:
             cfg["sliding_window"] = self.sliding_window
-            if self.model_type == "qwen2":
+            if self.model_type in QWEN_TYPES:
                 cfg["use_sliding_window"] = True
+                cfg["layer_types"] = [LAYER_TYPES[self.slides(i)] for i in range(self.n_layers)]
         return cfg
+
+
+def _windows_from_config(cfg: dict[str, Any], model_type: str, n_layers: int) -> tuple[int | None, tuple[int, ...]]:
+    """(sliding_window, layers that attend fully) as transformers' config classes decide them."""
+    window = cfg.get("sliding_window")
+    if model_type == "llama" or (model_type in QWEN_TYPES and not cfg.get("use_sliding_window", False)):
+        window = None
+    if window is None:
+        return None, ()
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"sliding_window must be a whole number >= 1, got {window!r}; fix config.json")
+    if model_type not in QWEN_TYPES:  # Mistral: every layer
+        return window, ()
+    types = cfg.get("layer_types")
+    if types is None:
+        first = int(cfg.get("max_window_layers", 28))  # Qwen2Config's and Qwen3Config's default
+        types = [LAYER_TYPES[i >= first] for i in range(n_layers)]
+    if not isinstance(types, list) or len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
+        raise ConfigError(
+            f"layer_types must list one of {', '.join(LAYER_TYPES)} for each of the {n_layers} layers; fix config.json"
+        )
+    full = tuple(i for i, t in enumerate(types) if t == "full_attention")
+    # No layer slides (Qwen2.5's max_window_layers exceeds its depth): plain full attention.
+    return (None, ()) if len(full) == n_layers else (window, full)
 
 
 def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

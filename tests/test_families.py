@@ -1,0 +1,200 @@
+"""Model families: Qwen3 against transformers, sliding windows past the window."""
+import pytest
+import torch
+
+from helpers import make_checkpoint, make_truncated_draft, reference_model
+from test_generate import hf_greedy
+from test_model import _cuda_like_sdpa, ours, path_to, random_tree, ref_logits, rel_err, run
+from offload_runtime import Engine
+from offload_runtime.errors import ConfigError
+from offload_runtime.model.config import ModelArgs
+from offload_runtime.model.kv_cache import KVCache
+from offload_runtime.model.transformer import Transformer
+from offload_runtime.model.tree import Tree
+
+TREE = [-1, 0, 0, 1, 1, 2, 3, 6]  # depth 4, bushy at the top
+
+
+def variant(model: Transformer, **changes) -> Transformer:
+    """The same weights under other ModelArgs: the wrong variants a test must tell apart from the right one."""
+    return Transformer(model.args.replace(**changes), model.globals, model.layers, model.device)
+
+
+def prompt(vocab: int, n: int, seed: int) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# --- Qwen3: per-head q/k norms, head_dim apart from the width
+
+
+@pytest.fixture(scope="module")
+def qwen3_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen3")
+    target = make_checkpoint(root / "target", "qwen3-qk-norm", seed=21, num_hidden_layers=3)
+    draft = make_truncated_draft(target, root / "draft", "qwen3-qk-norm", n_layers=1, noise=0.02, seed=6)
+    return target, draft
+
+
+def test_qwen3_config_and_logits_against_transformers(qwen3_pair):
+    target, _ = qwen3_pair
+    args = ModelArgs.from_file(target)
+    assert args.model_type == "qwen3" and args.qk_norm and not args.qkv_bias
+    assert args.head_dim == 24 != args.dim // args.n_heads
+    assert args.layer_shapes()["self_attn.q_norm.weight"] == (24,)
+    model, ref = ours(target, torch.float64), reference_model(target, torch.float64)
+    ids = prompt(args.vocab_size, 30, seed=1)
+    cache = KVCache(args, 1, 40, torch.float64, "cpu")
+    want = ref_logits(ref, ids)
+    assert rel_err(run(model, cache, 0, Tree.chain(30), ids), want) < 1e-10
+    # Without the q/k norms the logits are far off: the norms are really applied, and the check can fail.
+    wrong = run(variant(model, qk_norm=False), KVCache(args, 1, 40, torch.float64, "cpu"), 0, Tree.chain(30), ids)
+    assert rel_err(wrong, want) > 1e-2
+    # Qwen3Config's head_dim is 128 when config.json has none, whatever hidden_size / heads is.
+    base = {"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+            "vocab_size": 32, "intermediate_size": 8}
+    assert ModelArgs.from_hf_config(base).head_dim == 128
+    assert ModelArgs.from_hf_config({**base, "attention_bias": True}).o_bias
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["grouped", "folded"])
+def test_qwen3_tree_forward_equals_transformers_on_each_path(qwen3_pair, fold, monkeypatch):
+    target, _ = qwen3_pair
+    model, ref = ours(target, torch.float64), reference_model(target, torch.float64)
+    model.fold_groups = fold
+    if fold:
+        _cuda_like_sdpa(monkeypatch)
+    gen = torch.Generator().manual_seed(4)
+    prefix = prompt(model.args.vocab_size, 7, seed=2)
+    tree = random_tree(12, gen)
+    tokens = torch.randint(0, model.args.vocab_size, (len(tree),), generator=gen).tolist()
+    cache = KVCache(model.args, 1, 40, torch.float64, "cpu")
+    run(model, cache, 0, Tree.chain(len(prefix)), prefix)
+    length = cache.keep(0, 0, range(len(prefix)))
+    got = run(model, cache, length, tree, tokens)
+    for node in range(len(tree)):
+        seq = prefix + [tokens[u] for u in path_to(tree, node)]
+        assert rel_err(got[node], ref_logits(ref, seq)[-1]) < 1e-10, node
+
+
+@pytest.mark.parametrize("how", ["resident", "streamed-0", "streamed-1", "draft", "draft-streamed"])
+def test_qwen3_greedy_equals_transformers_generate(qwen3_pair, how):
+    target, draft = qwen3_pair
+    ids = prompt(128, 9, seed=3)
+    expected = hf_greedy(target, ids, 40)
+    kwargs = dict(draft=False)
+    if how.startswith("streamed"):
+        kwargs.update(offload=True, resident_layers=int(how[-1]))
+    if how.startswith("draft"):
+        kwargs.update(draft=str(draft), tree=TREE)
+    if how == "draft-streamed":
+        kwargs.update(offload=True, resident_layers=1)
+    engine = Engine.from_pretrained(target, dtype="float64", **kwargs)
+    assert engine.offloaded == ("streamed" in how)
+    result = engine.generate(ids, max_new_tokens=40, temperature=0, ignore_eos=True)[0]
+    assert result.token_ids == expected
+    if how.startswith("draft"):
+        assert result.stats.tokens_per_step > 1.2  # the draft's guesses are accepted: trees are verified
+
+
+# --- sliding windows, past the window
+
+WINDOW = 8
+SLIDING = {
+    # every layer slides (Mistral v0.1)
+    "mistral": ("mistral-gqa", dict(sliding_window=WINDOW, num_hidden_layers=2), ()),
+    # layer 0 attends fully, layers 1-2 slide (Qwen's max_window_layers)
+    "qwen2": ("qwen2-bias", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                                 num_hidden_layers=3), (0,)),
+    "qwen3": ("qwen3-qk-norm", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                                    num_hidden_layers=3), (0,)),
+}
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("windowed")
+    return {name: make_checkpoint(root / name, config, seed=30 + i, **overrides)
+            for i, (name, (config, overrides, _)) in enumerate(SLIDING.items())}
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["grouped", "folded"])
+@pytest.mark.parametrize("name", list(SLIDING))
+def test_sliding_window_logits_match_transformers_past_the_window(windowed, name, fold, monkeypatch):
+    """Prefill, then one token at a time to three windows' length, then a tree: float64 logits at every step
+    against transformers' full forward. The wrong variants (no window, a window one longer, every layer
+    windowed) are caught by the same comparison."""
+    path = windowed[name]
+    model, ref = ours(path, torch.float64), reference_model(path, torch.float64)
+    assert model.args.sliding_window == WINDOW and model.args.full_attention_layers == SLIDING[name][2]
+    model.fold_groups = fold
+    if fold:
+        _cuda_like_sdpa(monkeypatch)
+    ids = prompt(model.args.vocab_size, 3 * WINDOW, seed=5)
+    want = ref_logits(ref, ids)
+    wrongs = {"no window": variant(model, sliding_window=None), "window + 1": variant(model, sliding_window=WINDOW + 1)}
+    if model.args.full_attention_layers:
+        wrongs["every layer windowed"] = variant(model, full_attention_layers=())
+    for label, m in [("ours", model)] + list(wrongs.items()):
+        m.fold_groups = fold
+        cache = KVCache(m.args, 1, 64, torch.float64, "cpu")
+        got = [run(m, cache, 0, Tree.chain(5), ids[:5])]
+        length = cache.keep(0, 0, range(5))
+        for t in range(5, len(ids)):
+            got.append(run(m, cache, length, Tree([-1]), [ids[t]]))
+            length = cache.keep(0, length, [0])
+        err = rel_err(torch.cat(got), want)
+        assert err < 1e-10 if label == "ours" else err > 1e-6, (label, err)
+    # A tree deeper than the window, two branches interleaved in breadth-first order, so a node's slot and its
+    # position differ: each node sees the window of its own path's positions (windows taken over slots fail).
+    tree = Tree([-1, 0, 0] + [i - 2 for i in range(3, 25)])
+    assert tree.max_depth == 12 > WINDOW
+    tokens = torch.randint(0, model.args.vocab_size, (len(tree),), generator=torch.Generator().manual_seed(8)).tolist()
+    prefix = ids[: 2 * WINDOW - 2]
+    cache = KVCache(model.args, 1, 64, torch.float64, "cpu")
+    run(model, cache, 0, Tree.chain(len(prefix)), prefix)
+    got = run(model, cache, cache.keep(0, 0, range(len(prefix))), tree, tokens)
+    for node in range(len(tree)):
+        seq = prefix + [tokens[u] for u in path_to(tree, node)]
+        assert rel_err(got[node], ref_logits(ref, seq)[-1]) < 1e-10, node
+
+
+@pytest.mark.parametrize("how", ["plain", "draft", "draft-streamed"])
+@pytest.mark.parametrize("name", list(SLIDING))
+def test_sliding_window_greedy_equals_transformers_generate(windowed, name, how):
+    """40 tokens from a 5-token prompt: five windows' worth, with trees grafted across the window's edge."""
+    path = windowed[name]
+    ids = prompt(128, 5, seed=6)
+    expected = hf_greedy(path, ids, 40)
+    kwargs = {"plain": dict(draft=False), "draft": dict(draft=str(path), tree=TREE),
+              "draft-streamed": dict(draft=str(path), tree=TREE, offload=True, resident_layers=1)}[how]
+    engine = Engine.from_pretrained(path, dtype="float64", **kwargs)
+    result = engine.generate(ids, max_new_tokens=40, temperature=0, ignore_eos=True)[0]
+    assert result.token_ids == expected
+
+
+def test_sliding_window_config_follows_transformers():
+    base = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 4, "vocab_size": 32,
+            "intermediate_size": 8, "sliding_window": 16}
+    mistral = ModelArgs.from_hf_config({**base, "model_type": "mistral"})
+    assert mistral.sliding_window == 16 and all(mistral.slides(i) for i in range(4))
+    # Llama has no sliding window: transformers ignores the key, so do we
+    assert ModelArgs.from_hf_config({**base, "model_type": "llama"}).sliding_window is None
+    for qwen in ("qwen2", "qwen3"):
+        off = ModelArgs.from_hf_config({**base, "model_type": qwen, "max_window_layers": 1})
+        assert off.sliding_window is None  # use_sliding_window is off by default
+        on = {**base, "model_type": qwen, "use_sliding_window": True}
+        a = ModelArgs.from_hf_config({**on, "max_window_layers": 3})
+        assert a.full_attention_layers == (0, 1, 2) and [a.slides(i) for i in range(4)] == [False] * 3 + [True]
+        # max_window_layers past the depth (Qwen2.5 ships 70 with 48 layers): nothing slides
+        assert ModelArgs.from_hf_config({**on, "max_window_layers": 70}).sliding_window is None
+        # transformers 5 writes layer_types, which win over max_window_layers
+        types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+        b = ModelArgs.from_hf_config({**on, "max_window_layers": 3, "layer_types": types})
+        assert b.full_attention_layers == (1, 3)
+        assert ModelArgs.from_hf_config(b.to_hf_config()) == b
+        with pytest.raises(ConfigError, match="layer_types"):
+            ModelArgs.from_hf_config({**on, "layer_types": ["sliding_attention"]})
+        with pytest.raises(ConfigError, match="layer_types"):
+            ModelArgs.from_hf_config({**on, "layer_types": ["chunked_attention"] * 4})
+    with pytest.raises(ConfigError, match="sliding_window"):
+        ModelArgs.from_hf_config({**base, "model_type": "mistral", "sliding_window": -4})

@@ -1,12 +1,14 @@
-"""Model families: Qwen3 against transformers, sliding windows past the window."""
+"""Model families: Qwen3 against transformers, sliding windows past the window, drafts whose embedding tables are
+padded to another size, and the vocabulary check."""
 import pytest
 import torch
 
-from helpers import make_checkpoint, make_truncated_draft, reference_model
+from helpers import make_checkpoint, make_tokenizer, make_truncated_draft, reference_model
 from test_generate import hf_greedy
 from test_model import _cuda_like_sdpa, ours, path_to, random_tree, ref_logits, rel_err, run
 from offload_runtime import Engine
-from offload_runtime.errors import ConfigError
+from offload_runtime.api.loading import check_vocab_compatible
+from offload_runtime.errors import ConfigError, UsageError
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.kv_cache import KVCache
 from offload_runtime.model.transformer import Transformer
@@ -198,3 +200,56 @@ def test_sliding_window_config_follows_transformers():
             ModelArgs.from_hf_config({**on, "layer_types": ["chunked_attention"] * 4})
     with pytest.raises(ConfigError, match="sliding_window"):
         ModelArgs.from_hf_config({**base, "model_type": "mistral", "sliding_window": -4})
+
+
+# --- drafts whose embedding tables are padded to another size, and the vocabulary check
+
+
+def test_draft_with_a_smaller_padded_embedding_and_the_same_tokenizer(tmp_path):
+    """Like Qwen2.5-0.5B (151936 rows) drafting for 72B (152064): one 128-token tokenizer, tables of 136 and
+    160 rows. The random target emits ids past the draft's table, which the draft must take without failing;
+    greedy output stays the target's own."""
+    target = make_checkpoint(tmp_path / "target", "qwen2-bias", seed=41, vocab_size=160, num_hidden_layers=3)
+    draft = make_truncated_draft(target, tmp_path / "draft", "qwen2-bias", n_layers=2, noise=0.02, seed=7,
+                                 vocab_size=136)
+    for path in (target, draft):
+        make_tokenizer(path, 128)
+    ids = prompt(128, 6, seed=7)
+    expected = hf_greedy(target, ids, 48)
+    assert any(t >= 136 for t in expected)  # the case that needs care does happen
+    engine = Engine.from_pretrained(target, dtype="float64", draft=str(draft), tree=TREE)
+    assert engine.draft.args.vocab_size == 136 and engine.target.args.vocab_size == 160
+    result = engine.generate(ids, max_new_tokens=48, temperature=0, ignore_eos=True)[0]
+    assert result.token_ids == expected and result.stats.tokens_per_step > 1.2
+    sampled = engine.generate(ids, max_new_tokens=48, temperature=1.0, seed=3, ignore_eos=True)[0]
+    assert len(sampled.token_ids) == 48
+
+
+def test_vocabulary_check_names_the_tokens_that_differ(tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    def tokenizer(name, renamed=None):
+        make_tokenizer(tmp_path / name, 128, renamed)
+        return AutoTokenizer.from_pretrained(str(tmp_path / name))
+
+    same, padded = tokenizer("a"), ModelArgs(vocab_size=160, n_heads=4, n_kv_heads=4)
+    assert check_vocab_compatible(padded, ModelArgs(vocab_size=136), same, tokenizer("b"), "t", "d") is None
+    # A few renamed special tokens (the R1 distills' case): allowed, and the notice says which ids.
+    notice = check_vocab_compatible(padded, padded, same, tokenizer("c", {"<|user|>": "<｜User｜>"}), "t", "d")
+    assert "differ in 1 token id (" in notice and "id 4 is '<|user|>' in the target but '<｜User｜>' in the draft" in notice
+    # Another vocabulary: refused, naming the first ids that differ.
+    other = tokenizer("e", {f"w{i}": f"v{i}" for i in range(60)})
+    with pytest.raises(UsageError, match=r"another vocabulary .*: id \d+ is 'w\d+' in the target but 'v\d+' in the "
+                                         r"draft.*\(and \d+ more ids\)"):
+        check_vocab_compatible(padded, padded, same, other, "t", "d")
+    # End to end: the engine refuses such a pair before loading weights, and prints the notice for a near one.
+    target = make_checkpoint(tmp_path / "target", "llama-mha", seed=1)
+    far, near = make_checkpoint(tmp_path / "far", "llama-mha", seed=2), make_checkpoint(tmp_path / "near", "llama-mha")
+    make_tokenizer(target, 128)
+    make_tokenizer(far, 128, {f"w{i}": f"v{i}" for i in range(60)})
+    make_tokenizer(near, 128, {"<|end|>": "<｜end▁of▁sentence｜>"})
+    with pytest.raises(UsageError, match="id 61 is 'w0' in the target but 'v0' in the draft"):
+        Engine.from_pretrained(target, draft=str(far), dtype="float32")
+    capsys.readouterr()
+    Engine.from_pretrained(target, draft=str(near), dtype="float32")
+    assert "id 6 is '<|end|>' in the target" in capsys.readouterr().err

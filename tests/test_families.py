@@ -1,5 +1,5 @@
 """Model families: Qwen3 against transformers, sliding windows past the window, drafts whose embedding tables are
-padded to another size, and the vocabulary check."""
+padded to another size, the vocabulary check, and the aliases with their drafts and sizes."""
 import pytest
 import torch
 
@@ -7,6 +7,7 @@ from helpers import make_checkpoint, make_tokenizer, make_truncated_draft, refer
 from test_generate import hf_greedy
 from test_model import _cuda_like_sdpa, ours, path_to, random_tree, ref_logits, rel_err, run
 from offload_runtime import Engine
+from offload_runtime.api import registry
 from offload_runtime.api.loading import check_vocab_compatible
 from offload_runtime.errors import ConfigError, UsageError
 from offload_runtime.model.config import ModelArgs
@@ -253,3 +254,74 @@ def test_vocabulary_check_names_the_tokens_that_differ(tmp_path, capsys):
     capsys.readouterr()
     Engine.from_pretrained(target, draft=str(near), dtype="float32")
     assert "id 6 is '<|end|>' in the target" in capsys.readouterr().err
+
+
+# --- aliases, default drafts, sizes
+
+ISSUE_ALIASES = (
+    ["llama-3.2-1b", "llama-3.2-3b", "llama-3.2-1b-instruct", "llama-3.2-3b-instruct", "llama-3.3-70b-instruct"]
+    + [f"qwen2.5-{s}{i}" for s in ("0.5b", "1.5b", "3b", "7b", "14b", "32b", "72b") for i in ("", "-instruct")]
+    + [f"qwen3-{s}" for s in ("0.6b", "1.7b", "4b", "8b", "14b", "32b")]
+    + ["deepseek-r1-distill-llama-8b", "deepseek-r1-distill-llama-70b"]
+    + [f"deepseek-r1-distill-qwen-{s}" for s in ("1.5b", "7b", "14b", "32b")]
+)
+
+
+def test_aliases_and_default_drafts():
+    drafts = {
+        "llama-3.3-70b-instruct": "meta-llama/Llama-3.2-1B-Instruct",
+        "qwen2.5-72b-instruct": "Qwen/Qwen2.5-0.5B-Instruct",
+        "qwen2.5-32b": "Qwen/Qwen2.5-0.5B",
+        "qwen3-32b": "Qwen/Qwen3-0.6B",
+        "deepseek-r1-distill-llama-70b": "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
+        "deepseek-r1-distill-qwen-32b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+        # the smallest of each tokenizer has no smaller sibling to draft for it
+        "llama-3.2-1b-instruct": None, "qwen2.5-0.5b": None, "qwen3-0.6b": None,
+        "deepseek-r1-distill-llama-8b": None, "deepseek-r1-distill-qwen-1.5b": None,
+    }
+    for alias, draft in drafts.items():
+        assert registry.default_draft(alias) == draft, alias
+    assert registry.resolve_name("qwen2.5-72b-instruct") == "Qwen/Qwen2.5-72B-Instruct"
+    assert registry.resolve_name("deepseek-r1-distill-qwen-7b") == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
+    assert registry.default_draft("Qwen/Qwen3-14B") == "Qwen/Qwen3-0.6B"  # by repo id too
+    assert registry.preset_for("Qwen/Qwen3-14B") == "qwen3-14b" and registry.preset_for("qwen3-14b") == "qwen3-14b"
+    listed = {row.alias: row for row in registry.list_models()}
+    assert set(ISSUE_ALIASES) <= set(listed)
+    for row in (listed[a] for a in ISSUE_ALIASES):
+        if row.draft is None:
+            continue
+        # each draft is itself a listed model, of the same architecture, a fraction of the target's size
+        draft = next(r for r in listed.values() if r.repo == row.draft)
+        t_args, d_args = (ModelArgs.from_name(registry.preset_for(r.alias)) for r in (row, draft))
+        assert d_args.model_type == t_args.model_type, row.alias
+        assert d_args.vocab_size in (t_args.vocab_size, 151936, 152064) or t_args.model_type == "llama", row.alias
+        assert 2.5 * draft.params <= row.params, row.alias
+
+
+def test_listing_sizes_match_published_figures():
+    """Parameter counts as the repos publish them (model cards / the hub's safetensors count) and the AWQ
+    estimate against a published AWQ checkpoint: Qwen/Qwen2.5-32B-Instruct-AWQ's five shards total 19.33 GB."""
+    rows = {r.alias: r for r in registry.list_models()}
+    published_params = {"llama-3.1-8b": 8.03e9, "llama-3.3-70b-instruct": 70.55e9, "llama-3.2-1b": 1.24e9,
+                        "qwen2.5-72b-instruct": 72.7e9, "qwen2.5-0.5b": 0.494e9, "qwen3-32b": 32.8e9,
+                        "qwen3-14b": 14.8e9, "deepseek-r1-distill-qwen-1.5b": 1.78e9}
+    for alias, params in published_params.items():
+        assert rows[alias].params == pytest.approx(params, rel=0.005), alias
+        assert rows[alias].fp16_bytes == 2 * rows[alias].params
+    assert rows["qwen2.5-32b-instruct"].int4_bytes == pytest.approx(19.33e9, rel=0.002)
+    # tied embeddings are counted once: Qwen2.5-0.5B ties, -7B does not
+    assert ModelArgs.from_name("qwen2.5-0.5b").tie_word_embeddings and not ModelArgs.from_name("qwen2.5-7b").tie_word_embeddings
+
+
+def test_list_models_flag_prints_the_listing_without_loading(monkeypatch, capsys):
+    from offload_runtime import chat, cli
+
+    def no_load(*a, **k):
+        raise AssertionError("--list-models loaded a model")
+
+    monkeypatch.setattr(chat, "load_engine", no_load)
+    assert chat.main(["--list-models"]) == 0
+    rows = registry.list_models()
+    table = cli.format_model_list(rows).splitlines()
+    assert capsys.readouterr().out.splitlines() == table
+    assert len(table) == len(rows) + 3 and all(line.startswith(r.alias + " ") for line, r in zip(table[1:], rows))

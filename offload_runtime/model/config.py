@@ -295,6 +295,34 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 # --- presets: published shapes, and tiny ones for tests
+#
+# Each family's shared fields are written once; every shape is as the repo's config.json publishes it
+# (max_position_embeddings: the instruct repo's where base and instruct differ).
+
+
+def _llama3(rope_factor: float, **shape: Any) -> dict[str, Any]:
+    """Llama 3.1 / 3.2 / 3.3 (and the DeepSeek-R1 Llama distills): llama3 RoPE scaling, 128k context."""
+    rope = {"rope_type": "llama3", "factor": rope_factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    return {**dict(vocab_size=128256, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                   rope_theta=500000.0, rope_scaling=rope), **shape}
+
+
+def _qwen2(**shape: Any) -> dict[str, Any]:
+    """Qwen2.5 (and the DeepSeek-R1 Qwen distills): q/k/v biases, no sliding window in use."""
+    return {**dict(model_type="qwen2", head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                   rope_theta=1000000.0, qkv_bias=True), **shape}
+
+
+def _qwen3(**shape: Any) -> dict[str, Any]:
+    """Qwen3 dense: per-head q/k RMSNorm, head_dim 128 whatever the width."""
+    return {**dict(model_type="qwen3", head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                   rms_norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True), **shape}
+
+
+_QWEN25_SMALL = dict(vocab_size=151936, tie_word_embeddings=True)  # 0.5B to 3B tie their embeddings
+_QWEN25_LARGE = dict(vocab_size=152064)  # 7B and up pad the same vocabulary to 152064 rows
+_R1_QWEN = dict(max_position_embeddings=131072)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, intermediate_size=11008,
@@ -307,12 +335,54 @@ PRESETS: dict[str, dict[str, Any]] = {
                        vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
     "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128, intermediate_size=28672,
                         vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-3.1-8b": _llama3(8.0, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336),
+    "llama-3.1-70b": _llama3(8.0, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672),
+    "llama-3.2-1b": _llama3(32.0, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, intermediate_size=8192,
+                            tie_word_embeddings=True),
+    "llama-3.2-3b": _llama3(32.0, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, intermediate_size=8192,
+                            tie_word_embeddings=True),
+    "llama-3.3-70b": _llama3(8.0, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672),
     "mistral-7b": dict(model_type="mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                        intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768,
                        rope_theta=1000000.0),
+    # v0.1: the same shapes, RoPE theta 10000 and a 4096-token sliding window on every layer
+    "mistral-7b-v0.1": dict(model_type="mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                            intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768,
+                            sliding_window=4096),
     "qwen2-7b": dict(model_type="qwen2", dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
                      intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768,
                      rope_theta=1000000.0, qkv_bias=True),
+    "qwen2.5-0.5b": _qwen2(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64, intermediate_size=4864,
+                           **_QWEN25_SMALL),
+    "qwen2.5-1.5b": _qwen2(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960, **_QWEN25_SMALL),
+    "qwen2.5-3b": _qwen2(dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, intermediate_size=11008, **_QWEN25_SMALL),
+    "qwen2.5-7b": _qwen2(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944, **_QWEN25_LARGE),
+    "qwen2.5-14b": _qwen2(dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, intermediate_size=13824, **_QWEN25_LARGE),
+    "qwen2.5-32b": _qwen2(dim=5120, n_layers=64, n_heads=40, n_kv_heads=8, intermediate_size=27648, **_QWEN25_LARGE),
+    "qwen2.5-72b": _qwen2(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=29568, **_QWEN25_LARGE),
+    "qwen3-0.6b": _qwen3(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, intermediate_size=3072,
+                         tie_word_embeddings=True),
+    "qwen3-1.7b": _qwen3(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, intermediate_size=6144,
+                         tie_word_embeddings=True),
+    "qwen3-4b": _qwen3(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, intermediate_size=9728,
+                       tie_word_embeddings=True),
+    "qwen3-8b": _qwen3(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, intermediate_size=12288),
+    "qwen3-14b": _qwen3(dim=5120, n_layers=40, n_heads=40, n_kv_heads=8, intermediate_size=17408),
+    "qwen3-32b": _qwen3(dim=5120, n_layers=64, n_heads=64, n_kv_heads=8, intermediate_size=25600),
+    # DeepSeek-R1 distills: the Llama ones keep their base's shapes; the Qwen ones are built on Qwen2.5-Math-1.5B
+    # and -7B (RoPE theta 10000, and the 1.5B unties its embeddings) and on Qwen2.5-14B and -32B.
+    "deepseek-r1-distill-llama-8b": _llama3(8.0, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                                            intermediate_size=14336),
+    "deepseek-r1-distill-llama-70b": _llama3(8.0, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                                             intermediate_size=28672),
+    "deepseek-r1-distill-qwen-1.5b": _qwen2(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960,
+                                            vocab_size=151936, rope_theta=10000.0, **_R1_QWEN),
+    "deepseek-r1-distill-qwen-7b": _qwen2(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944,
+                                          rope_theta=10000.0, **_QWEN25_LARGE, **_R1_QWEN),
+    "deepseek-r1-distill-qwen-14b": _qwen2(dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, intermediate_size=13824,
+                                           rms_norm_eps=1e-5, **_QWEN25_LARGE, **_R1_QWEN),
+    "deepseek-r1-distill-qwen-32b": _qwen2(dim=5120, n_layers=64, n_heads=40, n_kv_heads=8, intermediate_size=27648,
+                                           rms_norm_eps=1e-5, **_QWEN25_LARGE, **_R1_QWEN),
     # ~100M parameters: the CPU benchmark's random model
     "bench-100m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, intermediate_size=2048,
                        vocab_size=32000, max_position_embeddings=2048),

@@ -264,6 +264,8 @@ ISSUE_ALIASES = (
     + [f"qwen3-{s}" for s in ("0.6b", "1.7b", "4b", "8b", "14b", "32b")]
     + ["deepseek-r1-distill-llama-8b", "deepseek-r1-distill-llama-70b"]
     + [f"deepseek-r1-distill-qwen-{s}" for s in ("1.5b", "7b", "14b", "32b")]
+    + ["llama-3.1-70b-instruct-awq", "llama-3.3-70b-instruct-awq", "qwen2.5-32b-instruct-awq",
+       "qwen2.5-72b-instruct-awq", "qwen3-32b-awq", "deepseek-r1-distill-llama-70b-awq"]
 )
 
 
@@ -278,6 +280,9 @@ def test_aliases_and_default_drafts():
         # the smallest of each tokenizer has no smaller sibling to draft for it
         "llama-3.2-1b-instruct": None, "qwen2.5-0.5b": None, "qwen3-0.6b": None,
         "deepseek-r1-distill-llama-8b": None, "deepseek-r1-distill-qwen-1.5b": None,
+        # AWQ checkpoints draft with their fp16 siblings' drafts
+        "qwen2.5-72b-instruct-awq": "Qwen/Qwen2.5-0.5B-Instruct", "qwen3-32b-awq": "Qwen/Qwen3-0.6B",
+        "llama-3.1-70b-instruct-awq": "meta-llama/Llama-3.2-1B-Instruct",
     }
     for alias, draft in drafts.items():
         assert registry.default_draft(alias) == draft, alias
@@ -309,6 +314,7 @@ def test_listing_sizes_match_published_figures():
         assert rows[alias].params == pytest.approx(params, rel=0.005), alias
         assert rows[alias].fp16_bytes == 2 * rows[alias].params
     assert rows["qwen2.5-32b-instruct"].int4_bytes == pytest.approx(19.33e9, rel=0.002)
+    assert rows["qwen2.5-32b-instruct-awq"].int4_bytes == rows["qwen2.5-32b-instruct"].int4_bytes
     # tied embeddings are counted once: Qwen2.5-0.5B ties, -7B does not
     assert ModelArgs.from_name("qwen2.5-0.5b").tie_word_embeddings and not ModelArgs.from_name("qwen2.5-7b").tie_word_embeddings
 

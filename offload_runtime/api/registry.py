@@ -76,6 +76,18 @@ ALIASES: dict[str, Alias] = {
     **_family("deepseek-r1-distill-qwen", {s: f"deepseek-ai/DeepSeek-R1-Distill-Qwen-{s.upper()}"
                                            for s in ("1.5b", "7b", "14b", "32b")},
               "deepseek-r1-distill-qwen-{size}", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", instruct=None),
+    # Published 4-bit AWQ checkpoints of the big ones; they load once the runtime reads quantized layers.
+    # Their drafts are those of their fp16 originals (the tokenizers are the originals').
+    "llama-3.1-70b-instruct-awq": Alias("hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4",
+                                        "meta-llama/Llama-3.2-1B-Instruct", "llama-3.1-70b"),
+    "llama-3.3-70b-instruct-awq": Alias("ibnzterrell/Meta-Llama-3.3-70B-Instruct-AWQ-INT4",
+                                        "meta-llama/Llama-3.2-1B-Instruct", "llama-3.3-70b"),
+    "qwen2.5-32b-instruct-awq": Alias("Qwen/Qwen2.5-32B-Instruct-AWQ", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-32b"),
+    "qwen2.5-72b-instruct-awq": Alias("Qwen/Qwen2.5-72B-Instruct-AWQ", "Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-72b"),
+    "qwen3-32b-awq": Alias("Qwen/Qwen3-32B-AWQ", "Qwen/Qwen3-0.6B", "qwen3-32b"),
+    "deepseek-r1-distill-llama-70b-awq": Alias("casperhansen/deepseek-r1-distill-llama-70b-awq",
+                                               "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
+                                               "deepseek-r1-distill-llama-70b"),
 }
 
 

@@ -9,7 +9,8 @@ must already have been written by an earlier forward of the same step.
 With a sliding window W, a token at position p sees only keys at positions p - W + 1 .. p (transformers'
 rule). Positions, not slots, decide: a tree node sits at the position of its depth, like the token it would be
 in the sequence of its own path. Models whose layers mix windowed and full attention (Qwen's
-max_window_layers) need both masks, so the batch carries both once the window bites.
+max_window_layers) need both masks, so the batch carries both once the window bites (where every layer slides,
+the full one then goes unused: one boolean tensor per forward, small beside a layer's weights).
 """
 from __future__ import annotations
 

@@ -323,6 +323,9 @@ def _qwen3(**shape: Any) -> dict[str, Any]:
 _QWEN25_SMALL = dict(vocab_size=151936, tie_word_embeddings=True)  # 0.5B to 3B tie their embeddings
 _QWEN25_LARGE = dict(vocab_size=152064)  # 7B and up pad the same vocabulary to 152064 rows
 _R1_QWEN = dict(max_position_embeddings=131072)
+# Llama 3.1 / 3.3 and the R1 Llama distills share these (3.3-70B and Distill-Llama-70B keep 3.1-70B's shapes)
+_LLAMA31_8B = _llama3(8.0, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336)
+_LLAMA31_70B = _llama3(8.0, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, intermediate_size=11008,
@@ -335,13 +338,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                        vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
     "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128, intermediate_size=28672,
                         vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
-    "llama-3.1-8b": _llama3(8.0, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336),
-    "llama-3.1-70b": _llama3(8.0, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672),
+    "llama-3.1-8b": _LLAMA31_8B,
+    "llama-3.1-70b": _LLAMA31_70B,
     "llama-3.2-1b": _llama3(32.0, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, intermediate_size=8192,
                             tie_word_embeddings=True),
     "llama-3.2-3b": _llama3(32.0, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, intermediate_size=8192,
                             tie_word_embeddings=True),
-    "llama-3.3-70b": _llama3(8.0, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672),
+    "llama-3.3-70b": _LLAMA31_70B,
     "mistral-7b": dict(model_type="mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                        intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768,
                        rope_theta=1000000.0),
@@ -371,10 +374,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-32b": _qwen3(dim=5120, n_layers=64, n_heads=64, n_kv_heads=8, intermediate_size=25600),
     # DeepSeek-R1 distills: the Llama ones keep their base's shapes; the Qwen ones are built on Qwen2.5-Math-1.5B
     # and -7B (RoPE theta 10000, and the 1.5B unties its embeddings) and on Qwen2.5-14B and -32B.
-    "deepseek-r1-distill-llama-8b": _llama3(8.0, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-                                            intermediate_size=14336),
-    "deepseek-r1-distill-llama-70b": _llama3(8.0, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
-                                             intermediate_size=28672),
+    "deepseek-r1-distill-llama-8b": _LLAMA31_8B,
+    "deepseek-r1-distill-llama-70b": _LLAMA31_70B,
     "deepseek-r1-distill-qwen-1.5b": _qwen2(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960,
                                             vocab_size=151936, rope_theta=10000.0, **_R1_QWEN),
     "deepseek-r1-distill-qwen-7b": _qwen2(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944,

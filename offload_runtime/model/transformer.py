@@ -215,6 +215,7 @@ class Transformer:
         assert batch.tokens.shape == batch.positions.shape == batch.slots.shape
         assert batch.mask.dtype == torch.bool and batch.mask.shape[:3] == (batch.tokens.shape[0], 1, batch.tokens.shape[1])
         assert batch.mask.shape[-1] <= cache.max_len + 1
+        assert batch.window_mask is None or batch.window_mask.shape == batch.mask.shape
         x = F.embedding(batch.tokens, self.globals.embed)  # [B, T, D]
         cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)
         masks = self._layer_masks(batch)

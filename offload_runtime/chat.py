@@ -9,7 +9,8 @@ from __future__ import annotations
 import signal
 import sys
 
-from .cli import ArgumentParser, add_model_args, add_sampling_args, load_engine, run_main, sampling_kwargs
+from .cli import (ArgumentParser, add_model_args, add_sampling_args, format_model_list, load_engine, run_main,
+                  sampling_kwargs)
 from .errors import OffloadError
 
 HELP = """commands:
@@ -24,6 +25,8 @@ def parse_args(argv: list[str] | None = None):
     add_model_args(p)
     add_sampling_args(p)
     p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--list-models", action="store_true",
+                   help="print the model aliases with their repos, default drafts and sizes, then exit")
     return p.parse_args(argv)
 
 
@@ -53,6 +56,11 @@ def stats_report(engine, stats) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.list_models:
+        from .api.registry import list_models
+
+        print(format_model_list(list_models()))
+        return 0
     engine = load_engine(args)
     interactive = sys.stdin.isatty()
     dim, reset = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")

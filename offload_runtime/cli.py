@@ -5,9 +5,12 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Callable, NoReturn
+from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
 
 from .errors import OffloadError
+
+if TYPE_CHECKING:
+    from .api.registry import ModelListing
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -47,6 +50,19 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     return {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
             "seed": args.seed}
+
+
+def format_model_list(rows: Sequence["ModelListing"]) -> str:
+    """The `--list-models` table: alias, repo id, default draft, parameters, fp16 and int4 checkpoint sizes."""
+    table = [("alias", "repo", "default draft", "params", "fp16", "int4")]
+    table += [(r.alias, r.repo, r.draft or "-", f"{r.params / 1e9:.2f}B", f"{r.fp16_bytes / 1e9:.1f} GB",
+               f"{r.int4_bytes / 1e9:.1f} GB") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    right = {3, 4, 5}  # numbers line up on the right
+    lines = ["  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             .rstrip() for row in table]
+    return "\n".join(lines + ["", "int4: group-128 AWQ (4-bit weights, an fp16 scale and a 4-bit zero per 128 "
+                                   "inputs; embeddings, lm_head and norms fp16). GB = 10^9 bytes."])
 
 
 def load_engine(args: argparse.Namespace, batch_size: int = 1, device: str | None = None):

@@ -13,22 +13,6 @@ from offload_runtime.errors import MissingFileError
 from offload_runtime.model.config import PRESETS, ModelArgs
 
 
-def _preset_for(name: str) -> str | None:
-    """The shape preset of a preset name, an alias (llama-2-70b-chat) or an alias's repo id."""
-    if name in PRESETS:
-        return name
-    for alias, (repo, _) in registry.ALIASES.items():
-        if name == repo:
-            name = alias
-            break
-    if name in PRESETS:
-        return name
-    for suffix in ("-chat", "-instruct"):
-        if name.endswith(suffix) and name[: -len(suffix)] in PRESETS:
-            return name[: -len(suffix)]
-    return None
-
-
 def shape_dict(args: ModelArgs) -> dict[str, Any]:
     return {k: v for k, v in asdict(args).items() if k != "extra"}
 
@@ -42,7 +26,7 @@ def resolve_model(name: str | os.PathLike, *, allow_preset: bool = True) -> tupl
     ref = local_ref(name)
     if ref is not None:
         return ref, ModelArgs.from_file(ref.path), None
-    preset = _preset_for(name) if allow_preset else None
+    preset = registry.preset_for(name) if allow_preset else None
     if preset is not None:
         args = ModelArgs.from_name(preset)
         ref = ModelRef(name, f"preset:{preset}", "shape:" + short_hash(shape_dict(args), 32), None)

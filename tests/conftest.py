@@ -16,7 +16,7 @@ os.environ["OFFLOAD_RUNTIME_HOME"] = tempfile.mkdtemp(prefix="offload-runtime-ho
 # machine may be shared).
 torch.set_num_threads(1)
 
-from helpers import CONFIGS, make_checkpoint, make_tokenizer  # noqa: E402
+from helpers import CONFIGS, make_checkpoint, make_tokenizer, make_truncated_draft  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -30,16 +30,9 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 def tiny_pair(tmp_path_factory) -> tuple[Path, Path]:
     """A target and a smaller draft with the same tokenizer; the draft is a truncated, noised copy of the target
     (its first layer), so it agrees with the target often but not always."""
-    from safetensors.torch import load_file, save_file
-
     root = tmp_path_factory.mktemp("pair")
     target = make_checkpoint(root / "target", "llama-mha", seed=11, num_hidden_layers=3)
     make_tokenizer(target, 128)
-    draft = make_checkpoint(root / "draft", "llama-mha", seed=12, num_hidden_layers=1)
-    weights = load_file(target / "model.safetensors")
-    g = torch.Generator().manual_seed(5)
-    kept = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in weights.items()
-            if not k.startswith("model.layers.") or k.startswith("model.layers.0.")}
-    save_file(kept, draft / "model.safetensors", metadata={"format": "pt"})
+    draft = make_truncated_draft(target, root / "draft", "llama-mha", n_layers=1, noise=0.02, seed=5)
     make_tokenizer(draft, 128)
     return target, draft

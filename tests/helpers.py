@@ -26,9 +26,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
                         sliding_window=None, rope_theta=1000000.0),
     "qwen2-bias": dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128, max_position_embeddings=512),
+    # head_dim 24 is not hidden_size / heads (16), as in Qwen3 (1024 wide, 16 heads of 128)
+    "qwen3-qk-norm": dict(model_type="qwen3", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=24, vocab_size=128,
+                          max_position_embeddings=512),
 }
 
-ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+         "qwen3": "Qwen3ForCausalLM"}
 
 
 def hf_config(name: str, **overrides: Any):
@@ -37,7 +42,7 @@ def hf_config(name: str, **overrides: Any):
     cfg = {**CONFIGS[name], **overrides}
     model_type = cfg.pop("model_type")
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[model_type]
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[model_type]
     cfg.setdefault("initializer_range", 0.15)  # larger than usual, so random logits carry signal
     return cls(bos_token_id=1, eos_token_id=2, pad_token_id=0, **cfg)
 
@@ -50,8 +55,37 @@ def make_checkpoint(path: Path, name: str, seed: int = 0, dtype: torch.dtype = t
     config = hf_config(name, **overrides)
     torch.manual_seed(seed)
     model = getattr(transformers, ARCHS[config.model_type])(config).to(dtype)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            # Norms start at ones, under which a per-head norm commutes with RoPE (a rotation keeps the RMS):
+            # random q/k norm weights make the order matter, so a test can tell it.
+            if pname.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
+    return Path(path)
+
+
+def make_truncated_draft(target: Path, path: Path, name: str, n_layers: int = 1, noise: float = 0.02,
+                         seed: int = 5, vocab_size: int | None = None, **overrides: Any) -> Path:
+    """A draft made from `target`: its first `n_layers` layers and (the first `vocab_size` rows of) its
+    embeddings, each weight noised, so the draft agrees with the target often but not always."""
+    from safetensors.torch import load_file, save_file
+
+    if vocab_size is not None:
+        overrides["vocab_size"] = vocab_size
+    make_checkpoint(path, name, num_hidden_layers=n_layers, **overrides)  # config.json; weights replaced below
+    weights = load_file(Path(target) / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    kept = {}
+    for k, v in weights.items():
+        layer = k.split(".")[2] if k.startswith("model.layers.") else None
+        if layer is not None and int(layer) >= n_layers:
+            continue
+        if vocab_size is not None and k in ("model.embed_tokens.weight", "lm_head.weight"):
+            v = v[:vocab_size].contiguous()
+        kept[k] = v + noise * torch.randn(v.shape, generator=g)
+    save_file(kept, Path(path) / "model.safetensors", metadata={"format": "pt"})
     return Path(path)
 
 
@@ -62,8 +96,9 @@ def reference_model(path: Path, dtype: torch.dtype = torch.float64):
     return model.to(dtype).eval()
 
 
-def make_tokenizer(path: Path, vocab_size: int) -> None:
-    """A tiny word-level tokenizer (with a chat template) whose ids fit in `vocab_size`."""
+def make_tokenizer(path: Path, vocab_size: int, renamed: dict[str, str] | None = None) -> None:
+    """A tiny word-level tokenizer (with a chat template) whose ids fit in `vocab_size`; `renamed` gives some
+    words another spelling at the same id (as the DeepSeek-R1 distills rename their base's special tokens)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
@@ -72,6 +107,7 @@ def make_tokenizer(path: Path, vocab_size: int) -> None:
                           "one two three cat dog sat ran mat house tree red blue green big small hello world "
                           "what where who how why yes no good bad day night sun moon star water fire").split()]
     words += [f"w{i}" for i in range(vocab_size - len(words))]
+    words = [(renamed or {}).get(w, w) for w in words]
     vocab = {w: i for i, w in enumerate(words[:vocab_size])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

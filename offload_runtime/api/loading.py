@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -34,23 +35,55 @@ def open_checkpoint(name: str) -> tuple[Path, Checkpoint]:
     return path, ckpt
 
 
+@dataclass(frozen=True)
+class VocabDifference:
+    """Token ids whose token differs between two tokenizers (None: the id is not in that tokenizer)."""
+
+    ids: list[tuple[int, str | None, str | None]]  # (id, target's token, draft's token), by id
+    smaller: int  # size of the smaller vocabulary
+
+    def describe(self, limit: int = 4) -> str:
+        def tok(t: str | None) -> str:
+            return "nothing" if t is None else repr(t)
+        shown = "; ".join(f"id {i} is {tok(t)} in the target but {tok(d)} in the draft" for i, t, d in self.ids[:limit])
+        more = len(self.ids) - limit
+        return shown + (f" (and {more} more ids)" if more > 0 else "")
+
+
+def vocab_difference(target_tok: Any, draft_tok: Any) -> VocabDifference:
+    tv, dv = target_tok.get_vocab(), draft_tok.get_vocab()
+    t_by_id, d_by_id = {i: t for t, i in tv.items()}, {i: t for t, i in dv.items()}
+    ids = sorted(set(t_by_id) | set(d_by_id))
+    return VocabDifference([(i, t_by_id.get(i), d_by_id.get(i)) for i in ids if t_by_id.get(i) != d_by_id.get(i)],
+                           min(len(tv), len(dv)))
+
+
 def check_vocab_compatible(target_args: ModelArgs, draft_args: ModelArgs, target_tok: Any, draft_tok: Any,
-                           target_name: str, draft_name: str) -> None:
-    """The draft must speak the target's vocabulary; padded embedding sizes may differ."""
+                           target_name: str, draft_name: str) -> str | None:
+    """The draft must speak the target's vocabulary: the same token at (nearly) every id.
+
+    Embedding tables padded to different sizes are fine (Qwen2.5-0.5B's 151936 rows, 72B's 152064, one tokenizer).
+    A few ids whose token differs (renamed special tokens) are allowed: verification compares ids, so the output
+    stays exact, and the returned notice says where the draft will guess poorly. More than 1% refuses the pair.
+    """
     if target_tok is not None and draft_tok is not None:
-        tv, dv = target_tok.get_vocab(), draft_tok.get_vocab()
-        shared = set(tv) & set(dv)
-        same = len(shared) >= 0.99 * min(len(tv), len(dv)) and all(tv[t] == dv[t] for t in shared)
-        if not same:
+        diff = vocab_difference(target_tok, draft_tok)
+        if len(diff.ids) > 0.01 * diff.smaller:
             raise UsageError(
-                f"draft {draft_name} has another vocabulary than target {target_name}; pick a draft of the same "
-                f"model family (same tokenizer), or run without one (--no-draft)"
+                f"draft {draft_name} has another vocabulary than target {target_name}: {diff.describe()}; pick a "
+                f"draft of the same model family (same tokenizer), or run without one (--no-draft)"
             )
-    elif target_args.vocab_size != draft_args.vocab_size:
+        if diff.ids:
+            n = len(diff.ids)
+            return (f"draft {draft_name} and target {target_name} differ in {n} token id{'s' * (n != 1)} "
+                    f"({diff.describe(2)}): the output is unchanged, but the draft guesses poorly where they appear")
+        return None
+    if target_args.vocab_size != draft_args.vocab_size:
         raise UsageError(
             f"draft {draft_name} has vocab_size {draft_args.vocab_size} but target {target_name} has "
             f"{target_args.vocab_size}; pick a draft with the target's vocabulary, or run without one (--no-draft)"
         )
+    return None
 
 
 @contextmanager
@@ -135,7 +168,10 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     draft_ckpt = None
     if draft_name is not None:
         draft_path, draft_ckpt = open_checkpoint(draft_name)
-        check_vocab_compatible(targs, draft_ckpt.args, tokenizer, load_tokenizer(draft_path), model, draft_name)
+        notice = check_vocab_compatible(targs, draft_ckpt.args, tokenizer, load_tokenizer(draft_path), model,
+                                        draft_name)
+        if notice and not quiet:
+            print(notice, file=sys.stderr)
     plans = []
     trees = TreePolicy.one(Tree([-1]))
     if draft_ckpt is not None:

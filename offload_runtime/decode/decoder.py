@@ -135,7 +135,7 @@ class Decoder:
                 if not nodes:
                     continue
                 run = (list(range(g.catch)) if level == 0 else []) + [g.catch + u for u in nodes]
-                chunks[g.step.seq.row] = RowChunk(g.step.seq.draft_cached, g.chunk, [max(t, 0) for t in g.tokens],
+                chunks[g.step.seq.row] = RowChunk(g.step.seq.draft_cached, g.chunk, self._draft_ids(g.tokens),
                                                   run, range(len(run) - len(nodes), len(run)))
                 expanding[g.step.seq.row] = (g, nodes)
             if not expanding:
@@ -161,9 +161,17 @@ class Decoder:
         while len(s.tokens) - 1 - s.draft_cached > self.max_chunk:
             chain = s.tokens[s.draft_cached: s.draft_cached + self.max_chunk]
             chunks: list[RowChunk | None] = [None] * B
-            chunks[s.row] = RowChunk(s.draft_cached, Tree.chain(len(chain)), chain, range(len(chain)), ())
+            chunks[s.row] = RowChunk(s.draft_cached, Tree.chain(len(chain)), self._draft_ids(chain),
+                                     range(len(chain)), ())
             draft.forward(build_forward(chunks, cache.scratch_slot, draft.args.sliding_window, draft.device), cache)
             s.draft_cached = cache.keep(s.row, s.draft_cached, range(len(chain)))
+
+    def _draft_ids(self, tokens: Sequence[int]) -> list[int]:
+        """Tokens as the draft's embedding takes them: a node not drawn yet (-1) as 0, and an id past the draft's
+        table (a padding row of a larger target table, which sampling can emit) as its last row. The draft only
+        proposes, so what it sees there can change acceptance, never the output."""
+        top = self.draft.args.vocab_size - 1
+        return [min(max(t, 0), top) for t in tokens]
 
     def _draft_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Draft logits over the target's vocabulary: cut or pad (-inf) where the two sizes differ."""

@@ -3,6 +3,11 @@
 Published checkpoints spell the same things in several ways (transformers 4 writes `rope_theta` and
 `rope_scaling`, transformers 5 writes `rope_parameters`; scaling dicts say `type` or `rope_type`), so
 `from_hf_config` normalises them and drops every key the runtime does not use.
+
+Sliding-window attention follows transformers' own configs: Mistral's `sliding_window` applies to every layer;
+Qwen2/Qwen3 slide only with `use_sliding_window`, and then only the layers `layer_types` marks
+"sliding_attention" (transformers derives that list from `max_window_layers` when config.json has none: layers
+from that index on slide).
 """
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ import torch
 
 from ..errors import ConfigError, MissingFileError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+QWEN_TYPES = ("qwen2", "qwen3")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names; index = whether the layer slides
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -35,10 +42,12 @@ class ModelArgs:
     rope_scaling: dict[str, Any] | None = None  # {"rope_type": "linear" | "llama3", ...}
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False  # Qwen2 always, Llama when attention_bias
-    o_bias: bool = False  # Llama's attention_bias also covers o_proj
+    qkv_bias: bool = False  # Qwen2 always, Llama and Qwen3 when attention_bias
+    o_bias: bool = False  # attention_bias (Llama, Qwen3) also covers o_proj
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral; None means full attention
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of the queries and keys, before RoPE
+    sliding_window: int | None = None  # keys at most this many positions back; None means full attention
+    full_attention_layers: tuple[int, ...] = ()  # layers that ignore sliding_window (Qwen's unwindowed ones)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None  # the checkpoint's own dtype, e.g. "bfloat16"
@@ -51,7 +60,11 @@ class ModelArgs:
                 f"({self.n_kv_heads}); fix config.json"
             )
 
-    # --- derived sizes
+    # --- derived sizes and attention
+
+    def slides(self, layer: int) -> bool:
+        """Whether decoder layer `layer` attends through the sliding window."""
+        return self.sliding_window is not None and layer not in self.full_attention_layers
 
     @property
     def q_size(self) -> int:
@@ -75,6 +88,9 @@ class ModelArgs:
             "mlp.up_proj.weight": (f, d),
             "mlp.down_proj.weight": (d, f),
         }
+        if self.qk_norm:
+            shapes["self_attn.q_norm.weight"] = (self.head_dim,)
+            shapes["self_attn.k_norm.weight"] = (self.head_dim,)
         if self.qkv_bias:
             shapes["self_attn.q_proj.bias"] = (self.q_size,)
             shapes["self_attn.k_proj.bias"] = (self.kv_size,)
@@ -137,15 +153,14 @@ class ModelArgs:
         if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ConfigError(f"hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
         n_kv_heads = int(cfg.get("num_key_value_heads") or n_heads)
-        head_dim = int(cfg.get("head_dim") or dim // n_heads)
+        # Qwen3Config's head_dim defaults to 128 whatever the hidden size; the others derive it.
+        head_dim = int(cfg.get("head_dim") or (128 if model_type == "qwen3" else dim // n_heads))
         rope_theta, rope_scaling = _rope_from_config(cfg)
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
         else:
             qkv_bias = o_bias = bool(cfg.get("attention_bias", False))
-        sliding_window = cfg.get("sliding_window")
-        if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
-            sliding_window = None
+        sliding_window, full_layers = _windows_from_config(cfg, model_type, n_layers)
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         known = {f.name for f in dataclasses.fields(cls)}
@@ -166,7 +181,9 @@ class ModelArgs:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_window=int(sliding_window) if sliding_window else None,
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding_window,
+            full_attention_layers=full_layers,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
@@ -215,9 +232,34 @@ class ModelArgs:
             cfg["mlp_bias"] = self.mlp_bias
         if self.sliding_window is not None:
             cfg["sliding_window"] = self.sliding_window
-            if self.model_type == "qwen2":
+            if self.model_type in QWEN_TYPES:
                 cfg["use_sliding_window"] = True
+                cfg["layer_types"] = [LAYER_TYPES[self.slides(i)] for i in range(self.n_layers)]
         return cfg
+
+
+def _windows_from_config(cfg: dict[str, Any], model_type: str, n_layers: int) -> tuple[int | None, tuple[int, ...]]:
+    """(sliding_window, layers that attend fully) as transformers' config classes decide them."""
+    window = cfg.get("sliding_window")
+    if model_type == "llama" or (model_type in QWEN_TYPES and not cfg.get("use_sliding_window", False)):
+        window = None
+    if window is None:
+        return None, ()
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConfigError(f"sliding_window must be a whole number >= 1, got {window!r}; fix config.json")
+    if model_type not in QWEN_TYPES:  # Mistral: every layer
+        return window, ()
+    types = cfg.get("layer_types")
+    if types is None:
+        first = int(cfg.get("max_window_layers", 28))  # Qwen2Config's and Qwen3Config's default
+        types = [LAYER_TYPES[i >= first] for i in range(n_layers)]
+    if not isinstance(types, list) or len(types) != n_layers or any(t not in LAYER_TYPES for t in types):
+        raise ConfigError(
+            f"layer_types must list one of {', '.join(LAYER_TYPES)} for each of the {n_layers} layers; fix config.json"
+        )
+    full = tuple(i for i, t in enumerate(types) if t == "full_attention")
+    # No layer slides (Qwen2.5's max_window_layers exceeds its depth): plain full attention.
+    return (None, ()) if len(full) == n_layers else (window, full)
 
 
 def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -253,6 +295,37 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 # --- presets: published shapes, and tiny ones for tests
+#
+# Each family's shared fields are written once; every shape is as the repo's config.json publishes it
+# (max_position_embeddings: the instruct repo's where base and instruct differ).
+
+
+def _llama3(rope_factor: float, **shape: Any) -> dict[str, Any]:
+    """Llama 3.1 / 3.2 / 3.3 (and the DeepSeek-R1 Llama distills): llama3 RoPE scaling, 128k context."""
+    rope = {"rope_type": "llama3", "factor": rope_factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+    return {**dict(vocab_size=128256, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                   rope_theta=500000.0, rope_scaling=rope), **shape}
+
+
+def _qwen2(**shape: Any) -> dict[str, Any]:
+    """Qwen2.5 (and the DeepSeek-R1 Qwen distills): q/k/v biases, no sliding window in use."""
+    return {**dict(model_type="qwen2", head_dim=128, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                   rope_theta=1000000.0, qkv_bias=True), **shape}
+
+
+def _qwen3(**shape: Any) -> dict[str, Any]:
+    """Qwen3 dense: per-head q/k RMSNorm, head_dim 128 whatever the width."""
+    return {**dict(model_type="qwen3", head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                   rms_norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True), **shape}
+
+
+_QWEN25_SMALL = dict(vocab_size=151936, tie_word_embeddings=True)  # 0.5B to 3B tie their embeddings
+_QWEN25_LARGE = dict(vocab_size=152064)  # 7B and up pad the same vocabulary to 152064 rows
+_R1_QWEN = dict(max_position_embeddings=131072)
+# Llama 3.1 / 3.3 and the R1 Llama distills share these (3.3-70B and Distill-Llama-70B keep 3.1-70B's shapes)
+_LLAMA31_8B = _llama3(8.0, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, intermediate_size=14336)
+_LLAMA31_70B = _llama3(8.0, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=28672)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llama-2-7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, intermediate_size=11008,
@@ -265,12 +338,52 @@ PRESETS: dict[str, dict[str, Any]] = {
                        vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
     "llama-3-70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128, intermediate_size=28672,
                         vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0),
+    "llama-3.1-8b": _LLAMA31_8B,
+    "llama-3.1-70b": _LLAMA31_70B,
+    "llama-3.2-1b": _llama3(32.0, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, intermediate_size=8192,
+                            tie_word_embeddings=True),
+    "llama-3.2-3b": _llama3(32.0, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, intermediate_size=8192,
+                            tie_word_embeddings=True),
+    "llama-3.3-70b": _LLAMA31_70B,
     "mistral-7b": dict(model_type="mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
                        intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768,
                        rope_theta=1000000.0),
+    # v0.1: the same shapes, RoPE theta 10000 and a 4096-token sliding window on every layer
+    "mistral-7b-v0.1": dict(model_type="mistral", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+                            intermediate_size=14336, vocab_size=32000, max_position_embeddings=32768,
+                            sliding_window=4096),
     "qwen2-7b": dict(model_type="qwen2", dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, head_dim=128,
                      intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768,
                      rope_theta=1000000.0, qkv_bias=True),
+    "qwen2.5-0.5b": _qwen2(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64, intermediate_size=4864,
+                           **_QWEN25_SMALL),
+    "qwen2.5-1.5b": _qwen2(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960, **_QWEN25_SMALL),
+    "qwen2.5-3b": _qwen2(dim=2048, n_layers=36, n_heads=16, n_kv_heads=2, intermediate_size=11008, **_QWEN25_SMALL),
+    "qwen2.5-7b": _qwen2(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944, **_QWEN25_LARGE),
+    "qwen2.5-14b": _qwen2(dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, intermediate_size=13824, **_QWEN25_LARGE),
+    "qwen2.5-32b": _qwen2(dim=5120, n_layers=64, n_heads=40, n_kv_heads=8, intermediate_size=27648, **_QWEN25_LARGE),
+    "qwen2.5-72b": _qwen2(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, intermediate_size=29568, **_QWEN25_LARGE),
+    "qwen3-0.6b": _qwen3(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, intermediate_size=3072,
+                         tie_word_embeddings=True),
+    "qwen3-1.7b": _qwen3(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, intermediate_size=6144,
+                         tie_word_embeddings=True),
+    "qwen3-4b": _qwen3(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, intermediate_size=9728,
+                       tie_word_embeddings=True),
+    "qwen3-8b": _qwen3(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, intermediate_size=12288),
+    "qwen3-14b": _qwen3(dim=5120, n_layers=40, n_heads=40, n_kv_heads=8, intermediate_size=17408),
+    "qwen3-32b": _qwen3(dim=5120, n_layers=64, n_heads=64, n_kv_heads=8, intermediate_size=25600),
+    # DeepSeek-R1 distills: the Llama ones keep their base's shapes; the Qwen ones are built on Qwen2.5-Math-1.5B
+    # and -7B (RoPE theta 10000, and the 1.5B unties its embeddings) and on Qwen2.5-14B and -32B.
+    "deepseek-r1-distill-llama-8b": _LLAMA31_8B,
+    "deepseek-r1-distill-llama-70b": _LLAMA31_70B,
+    "deepseek-r1-distill-qwen-1.5b": _qwen2(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, intermediate_size=8960,
+                                            vocab_size=151936, rope_theta=10000.0, **_R1_QWEN),
+    "deepseek-r1-distill-qwen-7b": _qwen2(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, intermediate_size=18944,
+                                          rope_theta=10000.0, **_QWEN25_LARGE, **_R1_QWEN),
+    "deepseek-r1-distill-qwen-14b": _qwen2(dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, intermediate_size=13824,
+                                           rms_norm_eps=1e-5, **_QWEN25_LARGE, **_R1_QWEN),
+    "deepseek-r1-distill-qwen-32b": _qwen2(dim=5120, n_layers=64, n_heads=40, n_kv_heads=8, intermediate_size=27648,
+                                           rms_norm_eps=1e-5, **_QWEN25_LARGE, **_R1_QWEN),
     # ~100M parameters: the CPU benchmark's random model
     "bench-100m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, head_dim=64, intermediate_size=2048,
                        vocab_size=32000, max_position_embeddings=2048),

@@ -96,6 +96,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # --- attention masks
 #
+# A forward has at most two masks: the batch's full one and, once a sliding window bites, its windowed one
+# (ForwardBatch.window_mask); each layer uses the one its config names (ModelArgs.slides), and each mask is
+# turned into a layer mask once per forward, not once per layer.
+#
 # A layer's mask is either the batch's boolean mask [B, 1, T, S] (True = may attend), or, for grouped-query
 # models on CUDA, a "folded" additive mask [B, 1, G*T, S]: the G query heads that share a K/V head are laid
 # along the query axis, so attention runs with H_kv heads and no K/V expansion. On CUDA that is what keeps
@@ -162,10 +166,13 @@ def attention(
     slots: torch.Tensor,  # [B, T] where the new K/V go in cache rows 0..B-1
 ) -> torch.Tensor:
     B, T, _ = x.shape
-    q = _linear(x, w, "self_attn.q_proj").view(B, T, args.n_heads, args.head_dim).transpose(1, 2)
-    k = _linear(x, w, "self_attn.k_proj").view(B, T, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    q = _linear(x, w, "self_attn.q_proj").view(B, T, args.n_heads, args.head_dim)
+    k = _linear(x, w, "self_attn.k_proj").view(B, T, args.n_kv_heads, args.head_dim)
     v = _linear(x, w, "self_attn.v_proj").view(B, T, args.n_kv_heads, args.head_dim).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if args.qk_norm:  # Qwen3: each head normalised on its own, before RoPE
+        q = rms_norm(q, w["self_attn.q_norm.weight"], args.rms_norm_eps)
+        k = rms_norm(k, w["self_attn.k_norm.weight"], args.rms_norm_eps)
+    q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
     rows = torch.arange(B, device=slots.device)[:, None]
     # Advanced indices around a slice put the indexed dims first: the target view is [B, T, H_kv, Dh].
     k_cache[rows, :, slots] = k.transpose(1, 2)
@@ -199,6 +206,7 @@ class Transformer:
         self.dtype = globals_.embed.dtype
         self.inv_freq = rope_inv_freq(args, self.device)
         self.fold_groups = folds_groups(args, self.device)  # see layer_mask
+        self.mask_kinds = {args.slides(i) for i in range(args.n_layers)}  # which of the two masks layers use
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
@@ -207,12 +215,21 @@ class Transformer:
         assert batch.tokens.shape == batch.positions.shape == batch.slots.shape
         assert batch.mask.dtype == torch.bool and batch.mask.shape[:3] == (batch.tokens.shape[0], 1, batch.tokens.shape[1])
         assert batch.mask.shape[-1] <= cache.max_len + 1
+        assert batch.window_mask is None or batch.window_mask.shape == batch.mask.shape
         x = F.embedding(batch.tokens, self.globals.embed)  # [B, T, D]
         cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)
-        mask = layer_mask(args, batch.mask, self.dtype, self.fold_groups)
+        masks = self._layer_masks(batch)
         kv = cache.kv
         for i, w in self.layers.sweep():
-            x = decoder_layer(args, w, x, cos, sin, mask, kv[i, 0], kv[i, 1], batch.slots)
+            x = decoder_layer(args, w, x, cos, sin, masks[args.slides(i)], kv[i, 0], kv[i, 1], batch.slots)
         x = torch.gather(x, 1, batch.logits_at[..., None].expand(-1, -1, x.shape[-1]))
         x = rms_norm(x, self.globals.norm, args.rms_norm_eps)
         return F.linear(x, self.globals.lm_head)
+
+    def _layer_masks(self, batch: ForwardBatch) -> dict[bool, torch.Tensor]:
+        """Layer masks by whether the layer slides: each built once, and only when some layer uses it."""
+        if batch.window_mask is None:  # no window bites in this forward: one mask serves every layer
+            mask = layer_mask(self.args, batch.mask, self.dtype, self.fold_groups)
+            return {False: mask, True: mask}
+        sources = {False: batch.mask, True: batch.window_mask}
+        return {kind: layer_mask(self.args, sources[kind], self.dtype, self.fold_groups) for kind in self.mask_kinds}

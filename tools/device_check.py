@@ -47,7 +47,7 @@ import tempfile  # noqa: E402
 import traceback  # noqa: E402
 import warnings  # noqa: E402
 import xml.etree.ElementTree as ET  # noqa: E402
-from dataclasses import dataclass, field, replace  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Sequence  # noqa: E402
 
@@ -140,24 +140,8 @@ class Settings:
     default_budget_s: float
 
     def describe(self) -> dict[str, Any]:
-        def shape(a: ModelArgs) -> dict[str, Any]:
-            return prof.shape_fields(a) | {"params": a.n_params()}
-
-        return {
-            "dtype": _dtype_name(self.dtype), "seed": self.seed,
-            "target": {"name": self.target_name, **shape(self.target)},
-            "sweep_configs": [{"resident": r, "slots": k} for r, k in self.sweep_configs],
-            "sweep_tokens": list(self.sweep_tokens), "prefix": self.prefix,
-            "verify_grid": list(self.verify_grid), "copy_bytes": self.copy_bytes,
-            "drafts": {n: shape(a) for n, a in self.drafts.items()},
-            "draft_grids": {n: list(g) for n, g in self.draft_grids.items()},
-            "planner": {"target": {"name": self.plan_target_name, **shape(self.plan_target)},
-                        "draft": self.plan_draft_name, "grid": list(self.plan_grid),
-                        "max_tree": self.plan_max_tree, "max_depth": self.plan_max_depth},
-            "batch": {"target": {"name": self.batch_target_name, **shape(self.batch_target)},
-                      "draft_layers": self.batch_draft_layers, "sizes": list(self.batch_sizes),
-                      "new_tokens": self.batch_new_tokens, "tree_nodes": self.batch_tree_nodes},
-        }
+        """Every setting as plain JSON (shapes as ModelArgs fields)."""
+        return jsonable(asdict(self))
 
 
 # llama-68m (JackFram) and TinyLlama-1.1B: the small drafts Sequoia and SpecExec pair with Llama-2 targets.
@@ -305,44 +289,43 @@ def pinned_host_stats() -> dict[str, Any] | None:
     return {k: stats.get(k) for k in keys}
 
 
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, *, each: bool = True) -> list[float]:
+    """Seconds of `repeats` calls of fn: each synchronised on its own (one time per call), or all enqueued back
+    to back and waited for once (one figure: the mean per call). The caller warms up."""
+    times = []
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+        if each:
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+    sync(device)
+    return times if each else [(time.perf_counter() - t0) / repeats]
+
+
 def timed_copies(dst: torch.Tensor, src: torch.Tensor, repeats: int, non_blocking: bool) -> list[float]:
     """Seconds of each of `repeats` copies src -> dst after one warm-up, synchronised around each copy."""
     dst.copy_(src, non_blocking=non_blocking)
     sync(dst.device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=non_blocking)
-        sync(dst.device)
-        times.append(time.perf_counter() - t0)
-    return times
+    return timed(lambda: dst.copy_(src, non_blocking=non_blocking), dst.device, repeats)
 
 
-def time_forwards(model: Transformer, batch: ForwardBatch, cache: KVCache, repeats: int, *, warmup: int = 1,
+def time_forwards(model: Transformer, batch: ForwardBatch, cache: KVCache, repeats: int, *,
                   back_to_back: bool = True) -> tuple[float, list[SweepStats]]:
-    """Seconds per forward, and the streamer's SweepStats of the timed sweeps.
+    """Seconds per forward after one warm-up, and the streamer's SweepStats of the timed sweeps.
 
     back_to_back: the host enqueues every forward before waiting once, so the copy engine runs on from one sweep
     into the next (the steady state of decoding); otherwise each forward is synchronised on its own and the
     median is returned (what one plain decoding token costs when the host waits after every step).
     """
-    device, layers = model.device, model.layers
+    layers = model.layers
     streamed = isinstance(layers, StreamedLayers)
-    for _ in range(warmup):
-        model.forward(batch, cache)
-    sync(device)
+    model.forward(batch, cache)
+    sync(model.device)
     first = len(layers.history) if streamed else 0
-    times = []
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        model.forward(batch, cache)
-        if not back_to_back:
-            sync(device)
-            times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-    sync(device)
-    seconds = (time.perf_counter() - t0) / repeats if back_to_back else statistics.median(times)
-    return seconds, layers.resolve_stats()[first:] if streamed else []
+    times = timed(lambda: model.forward(batch, cache), model.device, repeats, each=not back_to_back)
+    return statistics.median(times), layers.resolve_stats()[first:] if streamed else []
 
 
 def summarise_stats(stats: Sequence[SweepStats]) -> dict[str, Any]:

@@ -147,7 +147,7 @@ def hf_model(source: WeightSource, dtype: torch.dtype = torch.float32):
     for name, param in list(model.named_parameters()):
         owner, leaf = name.rsplit(".", 1)
         value = source.read_into(name, torch.empty(param.shape, dtype=dtype))
-        model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        model.get_submodule(owner).register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
     model.tie_weights()
     return model.eval()
 
@@ -254,6 +254,7 @@ Method = Callable[[int], Run]  # argument: the repeat index; -1 is the warm-up
 
 def engine_method(engine: Engine, tree: Tree | Sequence[int] | None, prompts: Sequence[list[int]], tokens: int,
                   temperature: float, top_p: float = 1.0) -> Method:
+    """Our side as a method of the protocol: every prompt through `engine` with `tree` (None: the engine's)."""
     def run(repeat: int) -> Run:
         todo, n = (prompts[:1], min(tokens, 8)) if repeat < 0 else (prompts, tokens)
         return run_engine(engine, todo, tree=tree, tokens=n, temperature=temperature, top_p=top_p,

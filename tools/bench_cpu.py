@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import math
 import os
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 

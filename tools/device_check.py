@@ -634,7 +634,7 @@ def section_h2d_bandwidth(ctx: Context) -> Outcome:
 
 
 def section_sweep_efficiency(ctx: Context) -> Outcome:
-    s, dev = ctx.settings, ctx.device
+    s = ctx.settings
     plan = ctx.plan_layers()
     rss0 = psutil.Process().memory_info().rss
     bw, bw_source = ctx.bandwidth_for("pinned_best")

@@ -164,8 +164,15 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: f
 
 
 def load_tool(name: str):
-    """A script of tools/ as a module (tools are scripts, not part of the package)."""
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    """A script of tools/ as a module (tools are scripts, not part of the package). tools/ goes on sys.path as
+    it does for a script run from there, so the tools' shared modules (harness, report) import the same way."""
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    if str(tools) not in sys.path:
+        sys.path.insert(0, str(tools))
+    path = tools / f"{name}.py"
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+        return loaded  # one module object: another tool imported it already (its classes must be the same)
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up while the class is built

@@ -1,25 +1,24 @@
-"""tools/ablations.py: the small mode end to end (a subprocess), the estimators, the k-sequence baseline, the
+"""tools/ablations.py: the small mode end to end (its returned results), --no-write, the estimators, the k-sequence baseline, the
 Markdown section and the plots (with and without matplotlib)."""
 from __future__ import annotations
 
 import importlib.util
-import os
+import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import load_tool
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "tools" / "ablations.py"
 PM = "\u00b1"
 
 
 abl = load_tool("ablations")
+report = load_tool("report")
 
 
 def _has_matplotlib() -> bool:
@@ -29,72 +28,67 @@ def _has_matplotlib() -> bool:
 # --- the script, small mode
 
 
-def _table(out: str, title_start: str) -> tuple[list[list[str]], list[str]]:
-    """(data rows split on 2+ spaces, note lines) of the one table whose title starts with `title_start`."""
-    lines = out.splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith(f"== {title_start}")]
-    assert len(starts) == 1, f"expected one table '{title_start}', got {len(starts)}:\n{out}"
-    body = []
-    for line in lines[starts[0] + 1:]:
-        if not line.strip():
-            break
-        body.append(line)
-    rows = [re.split(r"\s{2,}", line.strip()) for line in body[2:] if not line.startswith("   ")]
-    notes = [line.strip() for line in body if line.startswith("   ")]
-    return rows, notes
-
-
-def _value(cell: str) -> tuple[float, float]:
-    mean, se = cell.split(f" {PM} ")
-    return float(mean), float(se)
-
-
 @pytest.mark.slow
-def test_small_mode_prints_every_table_writes_plots_and_leaves_benchmarks_md_alone(tmp_path):
-    md = REPO / "BENCHMARKS.md"
-    before = md.read_bytes() if md.exists() else None
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    plots = tmp_path / "plots"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--small", "--no-write", "--plots-dir", str(plots)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = proc.stdout
-    assert (md.read_bytes() if md.exists() else None) == before  # --no-write: neither created nor appended to
+def test_small_mode_measures_every_table_and_writes_plots(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        out = abl.run(["--small", "--no-write", "--plots-dir", str(tmp_path / "plots")])
+    finally:
+        torch.set_num_threads(threads)
+    res = out.results
 
-    acc, _ = _table(out, "Acceptance vectors of small")
-    assert {(r[0], r[1]) for r in acc} == {("0", "1"), ("0.6", "1"), ("1.2", "1"), ("1", "0.8"), ("1", "0.9")}
-    for r in acc:
-        assert int(r[2]) > 0 and 0 <= float(r[-1]) <= 1 + 1e-9, r  # p[k] are shares of disjoint events
+    assert set(res.acceptance) == {(0.0, 1.0), (0.6, 1.0), (1.2, 1.0), (1.0, 0.8), (1.0, 0.9)}
+    for a in res.acceptance.values():
+        assert a.steps > 0 and 0 <= sum(a.p) <= 1 + 1e-9, a  # p[k] are shares of disjoint events
 
-    for name in ("T = 0.6", "greedy"):
-        rows, notes = _table(out, f"Tokens per step vs tree size on small, {name}")
-        assert [r[0] for r in rows] == ["1", "4", "16"]
-        one = rows[0]
+    for t in (0.6, 0.0):
+        rows = res.sizes[t]
+        assert [r.n for r in rows] == [1, 4, 16]
+        one = rows[0].measured
         # One node: plain decoding, exactly one token per step for every family, and every family is that tree.
-        assert [one[1], one[4], one[7]] == [f"1.000 {PM} 0.000"] * 3 and one[9] == "same tree", one
+        assert one["dp"] is one["kseq"] is one["chain"] and (one["dp"].mean, one["dp"].se) == (1.0, 0.0)
         for r in rows:
-            for col in (1, 4, 7):
-                mean, se = _value(r[col])
-                assert 1 <= mean <= int(r[0]) and se >= 0, r  # a step emits 1 .. n tokens
-            assert float(r[2]) >= float(r[5]) - 1e-9, r  # the DP's prediction is the best of the three
-            assert float(r[2]) >= float(r[8]) - 1e-9, r
-        if name == "greedy":  # greedy is lossless: every tree reproduced plain decoding's tokens
-            assert any(n.startswith("lossless check: every tree's first") for n in notes), notes
+            for m in r.measured.values():
+                assert 1 <= m.mean <= r.n and m.se >= 0, r  # a step emits 1 .. n tokens
+            assert r.predicted["dp"] >= max(r.predicted["kseq"], r.predicted["chain"]) - 1e-9, r  # the DP's best
+    sizes = [t for t in out.tables if t.title.startswith("Tokens per step vs tree size on small")]
+    assert len(sizes) == 2 and all(t.rows[0]["gain"] == "same tree" for t in sizes)
+    greedy = next(t for t in sizes if "greedy" in t.title)
+    assert abl.greedy_mismatches(res.sizes[0.0]) == []  # greedy is lossless: every tree gave plain decoding's tokens
+    assert any(n.startswith("lossless check: every tree's first") for n in greedy.notes), greedy.notes
 
-    methods, _ = _table(out, "Tokens per step vs temperature on small")
-    assert [(r[0], r[1]) for r in methods] == [("0", "1"), ("0.6", "1"), ("1.2", "1"), ("1", "0.8"), ("1", "0.9")]
-    greedy = methods[0]
-    assert greedy[2] == greedy[4] == greedy[5] and greedy[6] == greedy[7] == "-", greedy  # T = 0: all greedy
-    for r in methods[1:]:
-        assert re.fullmatch(r"[+-]\d+\.\d% ± \d+\.\d", r[6]) and re.fullmatch(r"[+-]\d+\.\d% ± \d+\.\d", r[7]), r
+    assert [(r.temperature, r.top_p) for r in res.settings] == [(0.0, 1.0), (0.6, 1.0), (1.2, 1.0), (1.0, 0.8),
+                                                                 (1.0, 0.9)]
+    methods = next(t for t in out.tables if t.title.startswith("Tokens per step vs temperature on small"))
+    first = methods.rows[0]  # T = 0: all greedy, measured once
+    assert first["sequoia"] is first["specinfer"] is first["topk"]
+    assert first["vs_specinfer"] is None and first["vs_topk"] is None
+    for r in methods.rows[1:]:
+        for key in ("vs_specinfer", "vs_topk"):
+            gain, se = r[key]
+            assert math.isfinite(gain) and se >= 0, r
+            assert re.fullmatch(r"[+-]\d+\.\d% ± \d+\.\d", abl.fmt_gain(r[key])), r
 
-    assert "command: python tools/ablations.py --small --no-write --plots-dir" in out
-    assert any(line.startswith("- Sequoia vs SpecInfer: largest gain") for line in out.splitlines())
+    assert out.command.startswith("python tools/ablations.py --small --no-write --plots-dir")
+    assert any(s.startswith("Sequoia vs SpecInfer: largest gain") for s in out.claims)
     if _has_matplotlib():
+        assert set(out.images) == {abl.TREE_PNG, abl.TEMPERATURE_PNG}
         for png in (abl.TREE_PNG, abl.TEMPERATURE_PNG):
-            assert (plots / png).stat().st_size > 5000, png
+            assert (tmp_path / "plots" / png).stat().st_size > 5000, png
     else:
-        assert "plots skipped: matplotlib is not installed" in out
+        assert out.images == {} and "plots skipped: matplotlib is not installed" in out.notice
+
+
+def test_no_write_leaves_the_markdown_alone(tmp_path, monkeypatch, capsys):
+    res = _fake_results()
+    fake = abl.Outcome(res, [abl.acceptance_table(res, 3)], ["a claim"], "machine M", "python tools/ablations.py",
+                       0.5, ["intro"], {}, None)
+    monkeypatch.setattr(abl, "run", lambda argv: fake)
+    md = tmp_path / "B.md"
+    assert abl.main(["--no-write", "--output", str(md)]) == 0
+    assert not md.exists() and "- a claim" in capsys.readouterr().out
+    assert abl.main(["--output", str(md)]) == 0
+    assert "## Sequoia ablations on the fake pair" in md.read_text()
 
 
 def test_usage_errors(capsys):
@@ -295,10 +289,10 @@ def test_markdown_section_links_the_plots_and_appends(tmp_path):
     method_title = next(i for i, line in enumerate(lines) if line.startswith("### Tokens per step vs temperature"))
     assert greedy_title < tree_img < method_title < temp_img  # each plot after the last table it draws
     assert "**Where we differ from the paper, and why.**" in text
-    abl.append_markdown(md, text)
+    report.append(md, text)
     first = md.read_text()
     assert first.startswith("# Benchmarks\n") and text in first
-    abl.append_markdown(md, text)
+    report.append(md, text)
     assert md.read_text().startswith(first) and md.read_text().count("## Sequoia ablations") == 2
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -112,12 +111,13 @@ def test_measurements_are_consistent(dc, small_run):
 
 def test_table_is_printed_last(dc, small_run):
     proc, report = small_run
+    table = dc.summary_table(report)
+    assert table.title.startswith("device_check small | ") and report["created"] in table.title
+    assert table.column("section") == list(dc.SECTIONS) and set(table.column("status")) == {"ok"}
+    assert table.column("result") == [report["summary"][name] for name in dc.SECTIONS]
+    # the device tool returns only the end of the output: the table's lines come last, as written
     lines = proc.stdout.rstrip("\n").splitlines()
-    table = lines[-(len(dc.SECTIONS) + 2):]
-    assert table[0].startswith("device_check small | ") and report["created"] in table[0]
-    assert table[1].split() == ["section", "status", "time", "result"]
-    for name, line in zip(dc.SECTIONS, table[2:]):
-        assert line.split()[:2] == [name, "ok"], line
+    assert lines[-(len(dc.SECTIONS) + 3):] == dc.report.to_text(table).splitlines()
 
 
 def test_out_of_budget_sections_are_skipped_and_out_dir_gets_the_report(dc, tmp_path):
@@ -132,7 +132,7 @@ def test_out_of_budget_sections_are_skipped_and_out_dir_gets_the_report(dc, tmp_
     for name in dc.SECTIONS[1:]:
         assert sections[name]["status"] == "skipped" and "out of time budget" in sections[name]["reason"], name
         assert report["summary"][name].startswith("skipped: out of time budget")
-    assert proc.stdout.rstrip().splitlines()[-1].startswith("batch_throughput")
+    assert proc.stdout.rstrip().splitlines()[-1].split()[:2] == ["batch_throughput", "skipped"]
 
 
 def test_sections_flag_and_bad_arguments(dc, tmp_path, monkeypatch):
@@ -173,11 +173,10 @@ def test_llama2_70b_with_7b_draft_fits_the_projected_24gb_card(dc):
     curve = lambda f: dc.opt.Curve(tuple(grid), tuple(f(n) for n in grid))  # noqa: E731
     curves = {"layer": curve(lambda n: 4e-3 + 2e-6 * n), "head": curve(lambda n: 1e-4 + 1e-7 * n),
               "host": curve(lambda n: 5e-4 + 2e-6 * n), "draft_level": curve(lambda n: 1.2e-2 + 2e-5 * n)}
-    table = dc.best_trees(dc.DEFAULT_ACCEPTANCE, s.plan_max_tree, s.plan_max_depth)
-    r = dc._predict(s, curves, dc.DEFAULT_ACCEPTANCE, table, 25e9, int(dc.BUDGET_FRACTION * 24 * 2**30), True)
+    r = dc.predict(s, curves, dc.DEFAULT_ACCEPTANCE, 25e9, int(dc.BUDGET_FRACTION * 24 * 2**30), True)
     assert r["resident_layers"] == 0 and r["max_seq_len"] == 4096
     # 80 layers of 1.71 GB at 25 GB/s: the sweep dominates, and the tree buys several tokens per sweep
-    assert r["stream_s"] == pytest.approx(80 * dc.opt.layer_bytes(s.plan_target, torch.float16) / 25e9)
+    assert r["stream_s"] == pytest.approx(80 * dc.layer_bytes(s.plan_target, torch.float16) / 25e9)
     assert r["plain_s_per_token"] > r["stream_s"] and r["speedup_vs_plain"] > 3
 
 
@@ -193,11 +192,17 @@ def test_host_ram_plan(dc):
     assert dc.host_layers_that_fit(8, layer, pinned, globals_, 10, headroom) == 0
 
 
-def test_sweep_efficiency_and_json(dc):
+def test_sweep_efficiency_and_json(dc, tmp_path):
     assert dc.sweep_efficiency(50e9, 50e9, 1.25) == pytest.approx(0.8)
     assert dc.jsonable({"a": (1, float("nan")), "b": np.float32(0.5), 3: np.int64(7)}) == {
         "a": [1, None], "b": 0.5, "3": 7}
-    assert math.isnan(float("nan")) and dc.jsonable(float("inf")) is None
+    assert dc.jsonable(float("inf")) is None and dc.jsonable(float("-inf")) is None
+    assert dc.jsonable({"t": torch.float16, "p": Path("/x")}) == {"t": "torch.float16", "p": "/x"}
+    # the report as written is strict JSON (json.loads rejects the NaN / Infinity that json.dumps would write)
+    path = tmp_path / "r.json"
+    dc.write_json(path, dc.jsonable({"x": [float("nan"), 1.5, float("inf")]}))
+    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-finite {c} in the JSON")) == {
+        "x": [None, 1.5, None]}
 
 
 def test_parse_junit(dc, tmp_path):

@@ -32,33 +32,32 @@ with a notice without it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
-import os
 import shlex
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-TOOLS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TOOLS))
+import harness as h
+import report
+import torch
+from harness import Pair
+from report import PLUS_MINUS, Column, Table
 
-from bench_cpu import (  # noqa: E402  (sets the offline environment before torch and transformers load)
-    BENCHMARKS_HEADER, BENCHMARKS_MD, SMALL_ARGS, Pair, Table, build_random_pair, demo_pair, describe_model,
-    format_markdown, format_text, machine_description, make_prompts,
-)
+from offload_runtime.api.text import load_tokenizer
+from offload_runtime.errors import UsageError
+from offload_runtime.model.config import ModelArgs
+from offload_runtime.model.tree import Tree
+from offload_runtime.spec.methods import SAMPLING_METHODS
+from offload_runtime.spec.tree_search import best_trees, chain_tree, expected_tokens, k_sequences_tree
 
-import torch  # noqa: E402
-
-REPO = TOOLS.parent
-METHODS = ("sequoia", "specinfer", "topk")
+METHODS = SAMPLING_METHODS  # sequoia, specinfer, topk
 TREE_PNG, TEMPERATURE_PNG = "ablation_tree_size.png", "ablation_temperature.png"
 ACCEPTANCE_SEED = 100_000  # acceptance runs draw from seeds disjoint from the runs they predict
 HELDOUT_EVERY = 20  # the demo recipe holds out every 20th chapter (tools/train_demo_pair.py, Recipe.heldout_every)
-PLUS_MINUS = "\u00b1"
 SIZE_TITLE, METHOD_TITLE = "Tokens per step vs tree size", "Tokens per step vs temperature"
 
 
@@ -86,15 +85,12 @@ def relative_gain(a: Sequence[SeqCount], b: Sequence[SeqCount]) -> tuple[float, 
     Ra, ua = _influence(a)
     Rb, ub = _influence(b)
     # delta method on R_a / R_b with the per-sequence influences of both ratios
-    w = [x / Rb - Ra * y / Rb ** 2 for x, y in zip(ua, ub)]
-    return Ra / Rb - 1.0, _se(w)
+    return Ra / Rb - 1.0, _se([x / Rb - Ra * y / Rb ** 2 for x, y in zip(ua, ub)])
 
 
 def _influence(seqs: Sequence[SeqCount]) -> tuple[float, list[float]]:
-    X = sum(x for x, _ in seqs)
-    N = sum(n for _, n in seqs)
-    R = X / N
-    mean_n = N / len(seqs)
+    X, N = sum(x for x, _ in seqs), sum(n for _, n in seqs)
+    R, mean_n = X / N, N / len(seqs)
     return R, [(x - R * n) / mean_n for x, n in seqs]
 
 
@@ -120,72 +116,57 @@ def best_k_sequences(n: int, p: Sequence[float]) -> tuple[int, int]:
     p1 = p[0]
 
     def value(k: int, l: int) -> float:
-        head = sum(p[:k])
-        return 1.0 + head * (l if p1 == 1.0 else (1.0 - p1 ** l) / (1.0 - p1))
+        return 1.0 + sum(p[:k]) * (l if p1 == 1.0 else (1.0 - p1 ** l) / (1.0 - p1))
 
     ks = range(2, n) if n >= 3 else range(1, 2)
     return max(((k, (n - 1) // k) for k in ks), key=lambda kl: (value(*kl), -kl[0]))
 
 
-def family_trees(n: int, p: Sequence[float], table, depth: int) -> dict[str, tuple[list[int], str]]:
-    """{family: (parents, label)} for tree size n: the DP tree, the best k x l sequences, a chain."""
-    from planner.tree_search import chain_tree, k_sequences_tree
-
+def family_trees(n: int, p: Sequence[float], table, depth: int) -> dict[str, tuple[Tree, str]]:
+    """{family: (tree, label)} for tree size n: the DP tree, the best k x l sequences, a chain."""
     dp = table.tree(n, depth)
-    out = {"dp": (dp, f"{len(dp)} node{'s' if len(dp) > 1 else ''}, depth {max(_depths(dp))}")}
+    out = {"dp": (dp, f"{len(dp)} node{'s' if len(dp) > 1 else ''}, depth {dp.max_depth}")}
     if n >= 2:
         k, l = best_k_sequences(n, p)
         out["kseq"] = (k_sequences_tree(k, l), f"{k} x {l}")
     else:
-        out["kseq"] = ([-1], "-")
+        out["kseq"] = (Tree([-1]), "-")
     out["chain"] = (chain_tree(n), f"{n} node{'s' if n > 1 else ''}")
     return out
-
-
-def _depths(parents: Sequence[int]) -> list[int]:
-    d = [0] * len(parents)
-    for i in range(1, len(parents)):
-        d[i] = d[parents[i]] + 1
-    return d
 
 
 # --- prompts
 
 
-def load_prompts(spec: str, pair: Pair, count: int, length: int,
-                 log: Callable[[str], None]) -> tuple[list[list[int]], str]:
+def load_prompts(spec: str, pair: Pair, count: int, length: int, log) -> tuple[list[list[int]], str]:
     """(token-id prompts, where they came from): built-in, the demo's held-out chapters, or a JSONL file.
 
     Prompts are distinct: at temperature 0 a repeated prompt repeats its sequence exactly, which would shrink
     the error bars without adding information.
     """
-    from offload_runtime.checkpoint import load_tokenizer
-    from offload_runtime.config import ModelArgs
-    from offload_runtime.errors import UsageError
     from planner.acceptance import BUILTIN_PROMPTS, read_prompts
 
     tok = load_tokenizer(pair.target)
     vocab = ModelArgs.from_file(pair.target).vocab_size
     if spec == "builtin":
         if tok is None:
-            return make_prompts(None, vocab, count, length, torch.Generator().manual_seed(0)), \
+            return h.make_prompts(None, vocab, count, length, torch.Generator().manual_seed(0)), \
                 f"{count} random token-id prompts of {length} tokens (the model has no tokenizer)"
         if count > len(BUILTIN_PROMPTS):
             log(f"only {len(BUILTIN_PROMPTS)} distinct built-in prompts; using {len(BUILTIN_PROMPTS)}, not {count} "
                 f"(--prompts-from heldout gives more)")
             count = len(BUILTIN_PROMPTS)
-        return make_prompts(tok, vocab, count, length, torch.Generator()), \
+        return h.make_prompts(tok, vocab, count, length, torch.Generator()), \
             f"the first {count} of the planner's {len(BUILTIN_PROMPTS)} built-in prompts (planner/acceptance.py)"
     if tok is None:
         raise UsageError(f"--prompts-from {spec} needs a tokenizer; {pair.target} has none (use builtin)")
     if spec == "heldout":
-        texts = heldout_texts(REPO / "tools" / "_work" / "corpus" / "kjv.txt")
+        texts = heldout_texts(h.REPO / "tools" / "_work" / "corpus" / "kjv.txt")
         source = "the first verse of held-out chapters of the demo's corpus (tools/_work/corpus/kjv.txt)"
     else:
         texts = [t for t in read_prompts(spec) if isinstance(t, str)]
         source = f"prompts from {spec}"
-    step = max(1, len(texts) // count)
-    chosen = texts[::step][:count]
+    chosen = texts[::max(1, len(texts) // count)][:count]
     if len(chosen) < count:
         log(f"{spec}: only {len(chosen)} prompts available, not {count}")
     return [list(tok(t).input_ids) for t in chosen], f"{len(chosen)} {source}"
@@ -193,8 +174,6 @@ def load_prompts(spec: str, pair: Pair, count: int, length: int,
 
 def heldout_texts(dump: Path) -> list[str]:
     """First verses of the chapters the demo recipe held out of training (read from the local dump, never fetched)."""
-    from offload_runtime.errors import UsageError
-
     if not dump.is_file():
         raise UsageError(f"{dump} does not exist: it is made by tools/train_demo_pair.py (which fetches the corpus); "
                          f"use --prompts-from builtin")
@@ -221,54 +200,30 @@ class Measured:
     def se(self) -> float:
         return ratio_estimate(self.seqs)[1]
 
-    @property
-    def steps(self) -> int:
-        return sum(n for _, n in self.seqs)
 
-
-def measure(engine, parents: Sequence[int], prompts: Sequence[list[int]], tokens: int, temperature: float,
-            top_p: float, seed: int) -> Measured:
-    """Tokens per step of `engine` with tree `parents` over the prompts (prompt i with seed + i)."""
-    from offload_runtime.tree import Tree
-
-    tree = Tree(parents)
-    engine.decoder.set_tree(tree)
+def measure(engine, tree: Tree, prompts: Sequence[list[int]], tokens: int, temperature: float, top_p: float,
+            seed: int) -> Measured:
+    """Tokens per step of `engine` with `tree` over the prompts (prompt i with seed + i)."""
     # Generate past `tokens` by more than one step can emit, and stop at the first step that reaches it: then
     # no counted step is cut by the length budget (which would bias the last step down) and every step drafts
     # the whole tree (the decoder shrinks the tree to one node when one token is left).
-    budget = tokens + tree.max_depth + 1
-
-    def reached(req, new: list[int]) -> bool:
-        return len(req.generated) >= tokens
-
-    requests = []
-    for i, ids in enumerate(prompts):
-        req = engine.request(ids, max_new_tokens=budget, temperature=temperature, top_p=top_p, seed=seed + i,
-                             ignore_eos=True)
-        req.on_tokens = reached
-        requests.append(req)
-    t0 = time.perf_counter()
-    seqs: list[SeqCount] = [(0, 0)] * len(requests)
-    outputs: list[list[int]] = [[]] * len(requests)
-    for i, result in engine.run(requests):
-        st = result.stats
-        assert result.finish_reason == "stop", (result.finish_reason, "a step was cut short")
-        assert st.new_tokens == sum(a + 1 for a in st.accepted_per_step), "a step's tokens went missing"
-        seqs[i] = (st.new_tokens, st.steps)
-        outputs[i] = result.token_ids[:tokens]
-    return Measured(seqs, time.perf_counter() - t0, outputs)
+    run = h.run_engine(engine, prompts, tree=tree, tokens=tokens + tree.max_depth + 1, temperature=temperature,
+                       top_p=top_p, seed=seed, stop_at=tokens)
+    for r in run.results:
+        assert r.finish_reason == "stop", (r.finish_reason, "a step was cut short")
+        assert r.stats.new_tokens == sum(a + 1 for a in r.stats.accepted_per_step), "a step's tokens went missing"
+    return Measured([(r.stats.new_tokens, r.stats.steps) for r in run.results], run.seconds,
+                    [t[:tokens] for t in run.tokens])
 
 
-def fmt(m: Measured | None) -> str:
-    if m is None:
-        return "-"
+def fmt(m: Measured) -> str:
     se = m.se
     return f"{m.mean:.3f}" + ("" if math.isnan(se) else f" {PLUS_MINUS} {se:.3f}")
 
 
-def fmt_gain(g: tuple[float, float] | None) -> str:
-    if g is None:
-        return "-"
+def fmt_gain(g: tuple[float, float] | str) -> str:
+    if isinstance(g, str):
+        return g
     gain, se = g
     return f"{gain * 100:+.1f}%" + ("" if math.isnan(se) else f" {PLUS_MINUS} {se * 100:.1f}")
 
@@ -303,8 +258,9 @@ class Settings:
 
 
 def settings_from(a: argparse.Namespace) -> Settings:
-    small = a.small
-    pick = lambda given, full, tiny: given if given is not None else (tiny if small else full)  # noqa: E731
+    def pick(given, full, tiny):
+        return given if given is not None else (tiny if a.small else full)
+
     sizes = pick(a.sizes, [2 ** i for i in range(10)], [1, 4, 16])
     tokens = pick(a.tokens, 64, 12)
     return Settings(
@@ -315,8 +271,7 @@ def settings_from(a: argparse.Namespace) -> Settings:
         full_prompts_until=pick(a.full_prompts_until, 64, 64), tokens=tokens,
         batch=pick(a.batch_size, 16, 4), width=pick(a.width, 32, 8), max_depth=pick(a.max_depth, 64, 16),
         method_tree_size=pick(a.method_tree_size, 32, min(16, max(sizes))),
-        acceptance_tokens=pick(a.acceptance_tokens, tokens, tokens), prompt_len=8, seed=a.seed,
-        device=a.device)
+        acceptance_tokens=pick(a.acceptance_tokens, tokens, tokens), prompt_len=8, seed=a.seed, device=a.device)
 
 
 # --- the experiments
@@ -353,24 +308,21 @@ class Results:
     acceptance: dict[tuple[float, float], Acceptance] = field(default_factory=dict)
     sizes: dict[float, list[SizeRow]] = field(default_factory=dict)  # by temperature
     settings: list[SettingRow] = field(default_factory=list)
-    method_tree: list[int] = field(default_factory=list)
+    method_tree: Tree = field(default_factory=lambda: Tree([-1]))
     method_tree_source: str = ""
 
 
 class Runner:
-    def __init__(self, pair: Pair, cfg: Settings, prompts: list[list[int]], log: Callable[[str], None]):
-        from offload_runtime.config import ModelArgs
-        from planner.plan import resolve_model
+    def __init__(self, pair: Pair, cfg: Settings, prompts: list[list[int]], log):
+        from planner.models import resolve_model
 
         self.pair, self.cfg, self.log = pair, cfg, log
-        self.args = ModelArgs.from_file(pair.target)
+        args = ModelArgs.from_file(pair.target)
         # Room in the context window for the prompt, the generated tokens and the largest tree.
         largest = max(max(cfg.sizes), cfg.method_tree_size)
-        room = self.args.max_position_embeddings - cfg.tokens - largest - 2
+        room = args.max_position_embeddings - cfg.tokens - largest - 2
         if room < 4:
-            from offload_runtime.errors import UsageError
-
-            raise UsageError(f"the context window ({self.args.max_position_embeddings}) cannot hold --tokens "
+            raise UsageError(f"the context window ({args.max_position_embeddings}) cannot hold --tokens "
                              f"{cfg.tokens} plus a tree of {largest} nodes and a prompt; lower --tokens or the sizes")
         self.prompts = [ids[-room:] for ids in prompts]
         self.max_seq_len = max(len(x) for x in self.prompts) + cfg.tokens + largest + 2
@@ -378,13 +330,10 @@ class Runner:
         self.engines: dict[str, object] = {}
 
     def engine(self, method: str):
-        from offload_runtime.engine import Engine
-
         if method not in self.engines:
-            self.engines[method] = Engine.from_pretrained(
-                str(self.pair.target), draft=str(self.pair.draft), device=self.cfg.device, dtype="float32",
-                tree=[-1], method=method, batch_size=self.cfg.batch, plan=None, max_seq_len=self.max_seq_len,
-                progress=False, quiet=True)
+            self.engines[method] = h.load_engine(self.pair, draft=True, max_seq_len=self.max_seq_len,
+                                                 device=self.cfg.device, tree=[-1], method=method,
+                                                 batch_size=self.cfg.batch)
         return self.engines[method]
 
     def acceptance(self, res: Results, temperature: float, top_p: float) -> Acceptance:
@@ -395,23 +344,20 @@ class Runner:
             cfg = self.cfg
             r = measure_acceptance(*self.refs, device=cfg.device, dtype="float32", temperature=temperature,
                                    top_p=top_p, width=cfg.width, prompts=self.prompts[: cfg.prompts],
-                                   prompts_source="ablations",
-                                   max_new_tokens=cfg.acceptance_tokens, seed=ACCEPTANCE_SEED,
-                                   batch_size=cfg.batch)
+                                   prompts_source="ablations", max_new_tokens=cfg.acceptance_tokens,
+                                   seed=ACCEPTANCE_SEED, batch_size=cfg.batch)
             res.acceptance[key] = Acceptance(list(r.p), r.steps, r.elapsed_s)
             self.log(f"acceptance at T={temperature:g}, top-p {top_p:g}: p[1..4] = "
                      f"{', '.join(f'{x:.3f}' for x in r.p[:4])} ({r.steps} steps, {r.elapsed_s:.1f} s)")
         return res.acceptance[key]
 
-    def run(self, method: str, parents: Sequence[int], n_prompts: int, temperature: float, top_p: float) -> Measured:
-        return measure(self.engine(method), parents, self.prompts[:n_prompts], self.cfg.tokens, temperature,
-                       top_p, self.cfg.seed)
+    def run(self, method: str, tree: Tree, n_prompts: int, temperature: float, top_p: float) -> Measured:
+        return measure(self.engine(method), tree, self.prompts[:n_prompts], self.cfg.tokens, temperature, top_p,
+                       self.cfg.seed)
 
     # --- (a) tree shape
 
     def tree_sizes(self, res: Results, temperature: float) -> None:
-        from planner.tree_search import best_trees, expected_tokens
-
         cfg = self.cfg
         p = self.acceptance(res, temperature, 1.0).p
         table = best_trees(p, max(cfg.sizes), cfg.max_depth)
@@ -419,35 +365,29 @@ class Runner:
         for n in cfg.sizes:
             trees = family_trees(n, p, table, cfg.max_depth)
             k = cfg.prompts_for(n)
-            seen: dict[tuple[int, ...], Measured] = {}  # identical trees (small sizes) are measured once
-            measured = {}
-            for fam, (parents, _) in trees.items():
-                key = tuple(parents)
-                if key not in seen:
-                    seen[key] = self.run("sequoia", parents, k, temperature, 1.0)
-                measured[fam] = seen[key]
+            seen: dict[Tree, Measured] = {}  # identical trees (small sizes) are measured once
+            for tree, _ in trees.values():
+                if tree not in seen:
+                    seen[tree] = self.run("sequoia", tree, k, temperature, 1.0)
+            measured = {fam: seen[tree] for fam, (tree, _) in trees.items()}
             rows.append(SizeRow(n, k, {f: lab for f, (_, lab) in trees.items()}, measured,
-                                {f: expected_tokens(parents, p) for f, (parents, _) in trees.items()}))
-            took = sum(m.seconds for m in {id(m): m for m in measured.values()}.values())
+                                {f: expected_tokens(tree, p) for f, (tree, _) in trees.items()}))
             self.log(f"T={temperature:g} size {n}: DP {fmt(measured['dp'])}, k seq {fmt(measured['kseq'])}, "
-                     f"chain {fmt(measured['chain'])} ({k} prompts, {took:.1f} s)")
+                     f"chain {fmt(measured['chain'])} ({k} prompts, {sum(m.seconds for m in seen.values()):.1f} s)")
         res.sizes[temperature] = rows
 
     # --- (b) drafting and verification
 
     def methods(self, res: Results) -> None:
-        from planner.tree_search import best_trees, expected_tokens
-
         cfg = self.cfg
         t_ref = 0.6 if 0.6 in cfg.temperatures else cfg.temperatures[len(cfg.temperatures) // 2]
-        p_ref = self.acceptance(res, t_ref, 1.0).p
         n, d = cfg.method_tree_size, cfg.max_depth
-        res.method_tree = best_trees(p_ref, n, d).tree(n, d)
+        res.method_tree = best_trees(self.acceptance(res, t_ref, 1.0).p, n, d).tree(n, d)
         res.method_tree_source = (f"the DP tree of at most {n} nodes, depth <= {d} ({len(res.method_tree)} nodes, "
-                                  f"depth {max(_depths(res.method_tree))}) for the acceptance vector at T={t_ref:g}, "
+                                  f"depth {res.method_tree.max_depth}) for the acceptance vector at T={t_ref:g}, "
                                   f"top-p 1; the same tree for every method and setting")
-        grid = [(t, 1.0) for t in cfg.temperatures] + [(cfg.top_p_temperature, q) for q in cfg.top_ps]
-        for temperature, top_p in grid:
+        for temperature, top_p in [(t, 1.0) for t in cfg.temperatures] + [(cfg.top_p_temperature, q)
+                                                                           for q in cfg.top_ps]:
             p = self.acceptance(res, temperature, top_p).p
             measured: dict[str, Measured] = {}
             for method in METHODS:
@@ -464,12 +404,12 @@ class Runner:
 
 def acceptance_table(res: Results, width: int) -> Table:
     shown = min(width, 6)
-    rows = []
-    for (t, q), a in sorted(res.acceptance.items()):
-        rows.append([f"{t:g}", f"{q:g}", str(a.steps)] + [f"{x:.3f}" for x in a.p[:shown]] +
-                    [f"{sum(a.p):.3f}"])
+    rows = [{"T": t, "top_p": q, "steps": a.steps, **{f"p{k + 1}": x for k, x in enumerate(a.p[:shown])},
+             "sum": sum(a.p)} for (t, q), a in sorted(res.acceptance.items())]
     return Table(f"Acceptance vectors of {res.pair.label} (star tree of {width} children)",
-                 ["T", "top-p", "steps"] + [f"p[{k + 1}]" for k in range(shown)] + [f"sum p[1..{width}]"], rows,
+                 [Column("T", "T", "g"), Column("top_p", "top-p", "g"), Column("steps", "steps"),
+                  *(Column(f"p{k + 1}", f"p[{k + 1}]", ".3f") for k in range(shown)),
+                  Column("sum", f"sum p[1..{width}]", ".3f")], rows,
                  ["p[k] = share of steps whose accepted child had draft rank k; T = 0: the draft's top children, "
                   "accepted on equality; the predicted columns below come from these vectors"])
 
@@ -491,14 +431,17 @@ def greedy_mismatches(rows: Sequence[SizeRow]) -> list[str]:
 def size_table(res: Results, temperature: float, cfg: Settings) -> Table:
     rows = []
     for r in res.sizes[temperature]:
-        m, pr = r.measured, r.predicted
-        gain = "same tree" if m["dp"] is m["kseq"] else fmt_gain(relative_gain(m["dp"].seqs, m["kseq"].seqs))
-        rows.append([str(r.n), fmt(m["dp"]), f"{pr['dp']:.3f}", r.labels["dp"], fmt(m["kseq"]), f"{pr['kseq']:.3f}",
-                     r.labels["kseq"], fmt(m["chain"]), f"{pr['chain']:.3f}", gain, str(r.prompts)])
+        m = r.measured
+        rows.append({"n": r.n, **{f: m[f] for f in m}, **{f"{f}_pred": x for f, x in r.predicted.items()},
+                     **{f"{f}_label": x for f, x in r.labels.items()}, "prompts": r.prompts,
+                     "gain": "same tree" if m["dp"] is m["kseq"] else relative_gain(m["dp"].seqs, m["kseq"].seqs)})
     name = "greedy (T = 0)" if temperature == 0 else f"T = {temperature:g}, top-p 1"
+    cols = [Column("n", "n")]
+    for fam, title, label in (("dp", "DP", "DP tree"), ("kseq", "k seq", "k x l"), ("chain", "chain", None)):
+        cols += [Column(fam, title, fmt), Column(f"{fam}_pred", f"{title} pred.", ".3f")]
+        cols += [Column(f"{fam}_label", label)] if label else []
     return Table(f"{SIZE_TITLE} on {res.pair.label}, {name}",
-                 ["n", "DP", "DP pred.", "DP tree", "k seq", "k seq pred.", "k x l", "chain", "chain pred.",
-                  "DP vs k seq", "prompts"], rows,
+                 cols + [Column("gain", "DP vs k seq", fmt_gain), Column("prompts", "prompts")], rows,
                  [f"measured: mean tokens per step {PLUS_MINUS} one standard error (per-sequence estimate), "
                   f"{cfg.tokens} tokens per prompt; pred. = expected_tokens(tree, p) for the acceptance vector above",
                   f"DP = best_trees(p, {max(cfg.sizes)}, {cfg.max_depth}).tree(n, {cfg.max_depth}) (depth limit "
@@ -524,14 +467,15 @@ def greedy_note(rows: Sequence[SizeRow], cfg: Settings, temperature: float) -> l
 def method_table(res: Results, cfg: Settings) -> Table:
     rows = []
     for r in res.settings:
-        m = r.measured
-        greedy = r.temperature == 0
-        g_si = None if greedy else relative_gain(m["sequoia"].seqs, m["specinfer"].seqs)
-        g_tk = None if greedy else relative_gain(m["sequoia"].seqs, m["topk"].seqs)
-        rows.append([f"{r.temperature:g}", f"{r.top_p:g}", fmt(m["sequoia"]), f"{r.predicted:.3f}",
-                     fmt(m["specinfer"]), fmt(m["topk"]), fmt_gain(g_si), fmt_gain(g_tk)])
+        m, greedy = r.measured, r.temperature == 0
+        rows.append({"T": r.temperature, "top_p": r.top_p, **m, "pred": r.predicted,
+                     "vs_specinfer": None if greedy else relative_gain(m["sequoia"].seqs, m["specinfer"].seqs),
+                     "vs_topk": None if greedy else relative_gain(m["sequoia"].seqs, m["topk"].seqs)})
     return Table(f"{METHOD_TITLE} on {res.pair.label}: Sequoia, SpecInfer and top-k drafting",
-                 ["T", "top-p", "Sequoia", "Sequoia pred.", "SpecInfer", "top-k", "vs SpecInfer", "vs top-k"], rows,
+                 [Column("T", "T", "g"), Column("top_p", "top-p", "g"), Column("sequoia", "Sequoia", fmt),
+                  Column("pred", "Sequoia pred.", ".3f"), Column("specinfer", "SpecInfer", fmt),
+                  Column("topk", "top-k", fmt), Column("vs_specinfer", "vs SpecInfer", fmt_gain),
+                  Column("vs_topk", "vs top-k", fmt_gain)], rows,
                  [f"tree: {res.method_tree_source}",
                   f"{cfg.prompts} prompts x {cfg.tokens} tokens per setting and method; {PLUS_MINUS} one standard "
                   "error (per-sequence estimate); gains paired over the same prompts and seeds",
@@ -550,17 +494,15 @@ def tree_claims(res: Results) -> list[str]:
         big = [r for r in rows if r.n >= 3]
         if not big:
             continue
-        name = "greedy" if t == 0 else f"T={t:g}"
         last = big[-1]
-        g = relative_gain(last.measured["dp"].seqs, last.measured["kseq"].seqs)
         gains = [(relative_gain(r.measured["dp"].seqs, r.measured["kseq"].seqs), r.n) for r in big]
         (gmax, gse), nmax = max(gains, key=lambda x: x[0][0])
-        behind = [r.n for (gg, _), r in zip(gains, big) if gg[0] + 2 * gg[1] < 0]
+        behind = [n for (g, se), n in gains if g + 2 * se < 0]
         m = last.measured
-        s = (f"{name}: at size {last.n} the DP tree gives {fmt(m['dp'])} tokens/step, the best k independent "
-             f"sequences ({last.labels['kseq']}) {fmt(m['kseq'])} and the chain {fmt(m['chain'])}: DP "
-             f"{fmt_gain(g)} over k sequences (paper: up to +33% at sizes up to 512); the largest measured gain is "
-             f"{gmax * 100:+.1f}% {PLUS_MINUS} {gse * 100:.1f} at size {nmax}.")
+        s = (f"{'greedy' if t == 0 else f'T={t:g}'}: at size {last.n} the DP tree gives {fmt(m['dp'])} tokens/step, "
+             f"the best k independent sequences ({last.labels['kseq']}) {fmt(m['kseq'])} and the chain "
+             f"{fmt(m['chain'])}: DP {fmt_gain(gains[-1][0])} over k sequences (paper: up to +33% at sizes up to "
+             f"512); the largest measured gain is {gmax * 100:+.1f}% {PLUS_MINUS} {gse * 100:.1f} at size {nmax}.")
         if behind:
             s += f" DP is behind k sequences by more than two standard errors at size(s) {behind}."
         tail = [r for r in rows if r.n >= max(4, rows[-1].n // 8)]
@@ -572,8 +514,7 @@ def tree_claims(res: Results) -> list[str]:
                   f"{per['kseq']:+.3f} for k sequences and {per['chain']:+.3f} for the chain (paper: DP keeps growing "
                   f"roughly logarithmically, the others flatten).")
         pred = max(abs(r.measured["dp"].mean / r.predicted["dp"] - 1) for r in rows)
-        s += f" Measured DP values are within {pred * 100:.0f}% of the DP's prediction at every size."
-        out.append(s)
+        out.append(s + f" Measured DP values are within {pred * 100:.0f}% of the DP's prediction at every size.")
     return out
 
 
@@ -581,45 +522,36 @@ def method_claims(res: Results) -> list[str]:
     sampled = [r for r in res.settings if r.temperature > 0 and r.top_p == 1.0]
     if not sampled:
         return []
-    out = []
-    si = [(relative_gain(r.measured["sequoia"].seqs, r.measured["specinfer"].seqs), r.temperature) for r in sampled]
-    tk = [(relative_gain(r.measured["sequoia"].seqs, r.measured["topk"].seqs), r.temperature) for r in sampled]
-    (g1, s1), t1 = max(si, key=lambda x: x[0][0])
-    (g2, s2), t2 = max(tk, key=lambda x: x[0][0])
+    gains = {other: [(relative_gain(r.measured["sequoia"].seqs, r.measured[other].seqs), r.temperature)
+                     for r in sampled] for other in ("specinfer", "topk")}
+    (g1, s1), t1 = max(gains["specinfer"], key=lambda x: x[0][0])
+    (g2, s2), t2 = max(gains["topk"], key=lambda x: x[0][0])
     lo, hi = sampled[0], sampled[-1]
-    out.append(f"Sequoia vs SpecInfer: largest gain {g1 * 100:+.1f}% {PLUS_MINUS} {s1 * 100:.1f} at T={t1:g} "
-               f"(paper: up to +65%); at the lowest sampled temperature (T={lo.temperature:g}) SpecInfer gives "
-               f"{fmt(lo.measured['specinfer'])} tokens/step against Sequoia's {fmt(lo.measured['sequoia'])} "
-               f"(paper: SpecInfer collapses at low temperature).")
-    out.append(f"Sequoia vs top-k: largest gain {g2 * 100:+.1f}% {PLUS_MINUS} {s2 * 100:.1f} at T={t2:g} (paper: up to "
-               f"+27%); at the highest temperature (T={hi.temperature:g}) top-k gives {fmt(hi.measured['topk'])} "
-               f"against Sequoia's {fmt(hi.measured['sequoia'])} (paper: top-k falls behind at high temperature).")
-    worse = [f"{name} at T={t:g}" for gains, name in ((si, "SpecInfer"), (tk, "top-k"))
-             for (g, s), t in gains if g + 2 * s < 0]
-    out.append("Sequoia is never behind either baseline by more than two standard errors." if not worse else
-               f"Sequoia is behind by more than two standard errors against: {', '.join(worse)}.")
-    return out
+    worse = [f"{name} at T={t:g}" for other, name in (("specinfer", "SpecInfer"), ("topk", "top-k"))
+             for (g, s), t in gains[other] if g + 2 * s < 0]
+    return [f"Sequoia vs SpecInfer: largest gain {g1 * 100:+.1f}% {PLUS_MINUS} {s1 * 100:.1f} at T={t1:g} "
+            f"(paper: up to +65%); at the lowest sampled temperature (T={lo.temperature:g}) SpecInfer gives "
+            f"{fmt(lo.measured['specinfer'])} tokens/step against Sequoia's {fmt(lo.measured['sequoia'])} "
+            f"(paper: SpecInfer collapses at low temperature).",
+            f"Sequoia vs top-k: largest gain {g2 * 100:+.1f}% {PLUS_MINUS} {s2 * 100:.1f} at T={t2:g} (paper: up to "
+            f"+27%); at the highest temperature (T={hi.temperature:g}) top-k gives {fmt(hi.measured['topk'])} "
+            f"against Sequoia's {fmt(hi.measured['sequoia'])} (paper: top-k falls behind at high temperature).",
+            "Sequoia is never behind either baseline by more than two standard errors." if not worse else
+            f"Sequoia is behind by more than two standard errors against: {', '.join(worse)}."]
 
 
 # --- plots
-
-
-def load_pyplot():
-    """matplotlib.pyplot on the Agg backend, or None (with the caller printing a notice) when not installed."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 FAMILY_STYLE = {"dp": ("DP tree (Sequoia)", "C0"), "kseq": ("best k independent sequences", "C1"),
                 "chain": ("chain", "C2")}
 METHOD_STYLE = {"sequoia": ("Sequoia (without replacement)", "C0"), "specinfer": ("SpecInfer (with replacement)", "C3"),
                 "topk": ("top-k drafting", "C2")}
+
+
+def _errorbars(ax, xs, measured: Sequence[Measured], label: str, color: str) -> None:
+    ax.errorbar(xs, [m.mean for m in measured], yerr=[0.0 if math.isnan(m.se) else m.se for m in measured],
+                marker="o", ms=4, lw=1.6, capsize=3, color=color, label=label)
 
 
 def plot_tree_sizes(plt, res: Results, path: Path) -> None:
@@ -629,8 +561,7 @@ def plot_tree_sizes(plt, res: Results, path: Path) -> None:
         rows = res.sizes[t]
         ns = [r.n for r in rows]
         for fam, (label, color) in FAMILY_STYLE.items():
-            ax.errorbar(ns, [r.measured[fam].mean for r in rows], yerr=[_nz(r.measured[fam].se) for r in rows],
-                        marker="o", ms=4, lw=1.6, capsize=3, color=color, label=f"{label}, measured")
+            _errorbars(ax, ns, [r.measured[fam] for r in rows], f"{label}, measured", color)
             ax.plot(ns, [r.predicted[fam] for r in rows], ls="--", lw=1, color=color, alpha=0.7,
                     label=f"{label}, predicted")
         ax.set_xscale("log", base=2)
@@ -646,16 +577,12 @@ def plot_tree_sizes(plt, res: Results, path: Path) -> None:
 def plot_methods(plt, res: Results, path: Path) -> None:
     main = [r for r in res.settings if r.top_p == 1.0]
     nucleus = [r for r in res.settings if r.top_p != 1.0]
-    t_nuc = nucleus[0].temperature if nucleus else None
-    same_t = [r for r in main if r.temperature == t_nuc]
     panels = 2 if nucleus else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels + 0.6, 4.2), squeeze=False, sharey=True,
                              gridspec_kw={"width_ratios": [2, 1][:panels]})
     ax = axes[0][0]
     for method, (label, color) in METHOD_STYLE.items():
-        ax.errorbar([r.temperature for r in main], [r.measured[method].mean for r in main],
-                    yerr=[_nz(r.measured[method].se) for r in main], marker="o", ms=4, lw=1.6, capsize=3,
-                    color=color, label=label)
+        _errorbars(ax, [r.temperature for r in main], [r.measured[method] for r in main], label, color)
     ax.plot([r.temperature for r in main], [r.predicted for r in main], ls="--", lw=1, color="C0", alpha=0.7,
             label="Sequoia, predicted")
     ax.set_xlabel("temperature (top-p 1)")
@@ -664,36 +591,32 @@ def plot_methods(plt, res: Results, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     if nucleus:
-        ax2 = axes[0][1]
-        rows = sorted(nucleus + same_t, key=lambda r: r.top_p)
+        t_nuc = nucleus[0].temperature
+        rows = sorted(nucleus + [r for r in main if r.temperature == t_nuc], key=lambda r: r.top_p)
         for method, (label, color) in METHOD_STYLE.items():
-            ax2.errorbar([r.top_p for r in rows], [r.measured[method].mean for r in rows],
-                         yerr=[_nz(r.measured[method].se) for r in rows], marker="o", ms=4, lw=1.6, capsize=3,
-                         color=color, label=label)
-        ax2.set_xlabel(f"top-p (T = {t_nuc:g})")
-        ax2.set_title("nucleus sampling", fontsize=10)
-        ax2.grid(alpha=0.3)
+            _errorbars(axes[0][1], [r.top_p for r in rows], [r.measured[method] for r in rows], label, color)
+        axes[0][1].set_xlabel(f"top-p (T = {t_nuc:g})")
+        axes[0][1].set_title("nucleus sampling", fontsize=10)
+        axes[0][1].grid(alpha=0.3)
     fig.suptitle(f"Drafting and verification methods: {res.pair.label} pair (error bars: 1 s.e.)", fontsize=10)
     _save(plt, fig, path)
 
 
 def write_plots(res: Results, plots_dir: Path) -> tuple[dict[str, Path], str | None]:
     """({png name: path} written, notice): the notice says why nothing was drawn (no matplotlib)."""
-    plt = load_pyplot()
-    if plt is None:
+    try:
+        import matplotlib
+    except ImportError:
         return {}, "plots skipped: matplotlib is not installed (pip install 'offload-runtime[plot]')"
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     images = {}
-    if res.sizes:
-        images[TREE_PNG] = plots_dir / TREE_PNG
-        plot_tree_sizes(plt, res, images[TREE_PNG])
-    if res.settings:
-        images[TEMPERATURE_PNG] = plots_dir / TEMPERATURE_PNG
-        plot_methods(plt, res, images[TEMPERATURE_PNG])
+    for name, drawn, plot in ((TREE_PNG, res.sizes, plot_tree_sizes), (TEMPERATURE_PNG, res.settings, plot_methods)):
+        if drawn:
+            images[name] = plots_dir / name
+            plot(plt, res, images[name])
     return images, None
-
-
-def _nz(x: float) -> float:
-    return 0.0 if math.isnan(x) else x
 
 
 def _save(plt, fig, path: Path) -> None:
@@ -709,106 +632,73 @@ def _save(plt, fig, path: Path) -> None:
 def markdown_section(res: Results, tables: Sequence[Table], *, machine: str, command: str, minutes: float,
                      intro: Sequence[str], images: dict[str, Path], md_path: Path, date: str | None = None) -> str:
     """The section for BENCHMARKS.md: heading, machine, command, tables with their plots, the claims in words."""
-    date = date or time.strftime("%Y-%m-%d %H:%M")
-    parts = [f"## Sequoia ablations on the {res.pair.label} pair, {date}", "", f"Machine: {machine}", "",
-             f"Command: `{command}` ({minutes:.1f} min)", ""] + [f"- {line}" for line in intro]
-    link = {name: Path(os.path.relpath(p, md_path.parent)).as_posix() for name, p in images.items()}
+    blocks: list[Table | str] = list(tables)
     # Each plot goes after the last table it draws.
-    after = {}
-    size_tables = [t for t in tables if t.title.startswith(SIZE_TITLE)]
-    method_tables = [t for t in tables if t.title.startswith(METHOD_TITLE)]
-    if size_tables and TREE_PNG in link:
-        after[id(size_tables[-1])] = f"![tokens per step vs tree size]({link[TREE_PNG]})"
-    if method_tables and TEMPERATURE_PNG in link:
-        after[id(method_tables[-1])] = f"![tokens per step vs temperature]({link[TEMPERATURE_PNG]})"
-    for t in tables:
-        parts += ["", format_markdown(t)]
-        if id(t) in after:
-            parts += ["", after[id(t)]]
-    parts += ["", "### The paper's claims against these numbers", "",
-              "**Claim 1: DP trees keep gaining as they grow; k independent sequences and chains flatten.**", ""]
-    parts += [f"- {s}" for s in tree_claims(res)] or ["- (tree sizes not run)"]
-    parts += ["", "**Claim 2: sampling without replacement holds up at every temperature.**", ""]
-    parts += [f"- {s}" for s in method_claims(res)] or ["- (methods not run)"]
-    parts += ["", "**Where we differ from the paper, and why.** _(to be written after reading the numbers above: "
-              "a small model pair is not Llama-2-7B/70B.)_"]
-    return "\n".join(parts) + "\n"
-
-
-def append_markdown(path: Path, section: str) -> None:
-    """Append a section to BENCHMARKS.md, creating it with bench_cpu's header if missing."""
-    text = path.read_text() if path.is_file() else BENCHMARKS_HEADER
-    if not text.endswith("\n"):
-        text += "\n"
-    path.write_text(text + "\n" + section)
+    for title, name, alt in ((SIZE_TITLE, TREE_PNG, "tokens per step vs tree size"),
+                             (METHOD_TITLE, TEMPERATURE_PNG, "tokens per step vs temperature")):
+        drawn = [i for i, t in enumerate(blocks) if isinstance(t, Table) and t.title.startswith(title)]
+        if drawn and name in images:
+            blocks.insert(drawn[-1] + 1, report.link(images[name], md_path, alt))
+    claims = ["### The paper's claims against these numbers",
+              "**Claim 1: DP trees keep gaining as they grow; k independent sequences and chains flatten.**",
+              "\n".join(f"- {s}" for s in tree_claims(res)) or "- (tree sizes not run)",
+              "**Claim 2: sampling without replacement holds up at every temperature.**",
+              "\n".join(f"- {s}" for s in method_claims(res)) or "- (methods not run)",
+              "**Where we differ from the paper, and why.** _(to be written after reading the numbers above: a "
+              "small model pair is not Llama-2-7B/70B.)_"]
+    return report.section(f"Sequoia ablations on the {res.pair.label} pair", machine=machine,
+                          command=f"`{command}` ({minutes:.1f} min)", intro=intro, blocks=blocks + claims, date=date)
 
 
 # --- the command line
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python tools/ablations.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="tiny random pair, sizes 1,4,16, few prompts (< 60 s)")
-    p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    p.add_argument("--output", type=Path, default=BENCHMARKS_MD, help="the Markdown file to append to")
-    p.add_argument("--plots-dir", type=Path, default=None,
-                   help="where the PNGs go (default: next to --output; with --no-write: no plots)")
-    p.add_argument("--experiments", default="sizes,methods", help="sizes, methods or both (default both)")
-    p.add_argument("--model", default=None, help="target (default: the demo pair; --small: a tiny random pair)")
-    p.add_argument("--draft", default=None, help="draft (with --model)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default 2; --small: 1)")
-    p.add_argument("--device", default="cpu",
-                   help="cpu (default) or cuda: tokens per step do not depend on the device, only the time does")
-    p.add_argument("--sizes", type=_ints, default=None, help="tree sizes (default 1,2,4,...,512)")
-    p.add_argument("--size-temperatures", type=_floats, default=None, help="temperatures of (a) (default 0.6,0)")
-    p.add_argument("--temperatures", type=_floats, default=None, help="temperatures of (b) (default 0,0.2,...,1.2)")
-    p.add_argument("--top-ps", type=_floats, default=None, help="top-p values of (b) (default 0.8,0.9)")
-    p.add_argument("--top-p-temperature", type=float, default=1.0, help="temperature of the top-p rows (default 1)")
-    p.add_argument("--prompts", type=int, default=None, help="prompts per measurement (default 32; --small 4)")
-    p.add_argument("--min-prompts", type=int, default=None, help="fewest prompts for the largest sizes (default 12)")
-    p.add_argument("--full-prompts-until", type=int, default=None,
-                   help="sizes above this get prompts * this / n prompts, at least --min-prompts (default 64)")
-    p.add_argument("--prompts-from", default="builtin",
-                   help="builtin (planner's prompts), heldout (the demo's held-out chapters, from the local corpus "
-                        "dump of tools/train_demo_pair.py) or a JSONL file (default builtin)")
-    p.add_argument("--tokens", type=int, default=None, help="tokens generated per prompt (default 64; --small 12)")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per target sweep (default 16; --small 4)")
-    p.add_argument("--width", type=int, default=None, help="children of the acceptance star tree (default 32)")
-    p.add_argument("--acceptance-tokens", type=int, default=None,
-                   help="tokens per prompt measuring acceptance (default: --tokens; acceptance drifts along a "
-                        "generation, so the prediction should see the same positions as the runs it predicts)")
-    p.add_argument("--max-depth", type=int, default=None,
-                   help="depth limit of the DP trees (default 64, which does not bind at 512 nodes unless p[1] is "
-                        "near 1: the tables show each tree's depth)")
-    p.add_argument("--method-tree-size", type=int, default=None, help="tree size of (b) (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="base seed: prompt i uses seed + i (default 0)")
-    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    add = p.add_argument
+    add("--small", action="store_true", help="tiny random pair, sizes 1,4,16, few prompts (< 60 s)")
+    add("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    add("--output", type=Path, default=h.BENCHMARKS_MD, help="the Markdown file to append to")
+    add("--plots-dir", type=Path, default=None,
+        help="where the PNGs go (default: next to --output; with --no-write: no plots)")
+    add("--experiments", type=h.csv(str), default=["sizes", "methods"], help="sizes, methods or both (default both)")
+    add("--model", default=None, help="target (default: the demo pair; --small: a tiny random pair)")
+    add("--draft", default=None, help="draft (with --model)")
+    add("--threads", type=int, default=None, help="torch threads (default 2; --small: 1)")
+    add("--device", default="cpu",
+        help="cpu (default) or cuda: tokens per step do not depend on the device, only the time does")
+    add("--sizes", type=h.csv(int), default=None, help="tree sizes (default 1,2,4,...,512)")
+    add("--size-temperatures", type=h.csv(float), default=None, help="temperatures of (a) (default 0.6,0)")
+    add("--temperatures", type=h.csv(float), default=None, help="temperatures of (b) (default 0,0.2,...,1.2)")
+    add("--top-ps", type=h.csv(float), default=None, help="top-p values of (b) (default 0.8,0.9)")
+    add("--top-p-temperature", type=float, default=1.0, help="temperature of the top-p rows (default 1)")
+    add("--prompts", type=int, default=None, help="prompts per measurement (default 32; --small 4)")
+    add("--min-prompts", type=int, default=None, help="fewest prompts for the largest sizes (default 12)")
+    add("--full-prompts-until", type=int, default=None,
+        help="sizes above this get prompts * this / n prompts, at least --min-prompts (default 64)")
+    add("--prompts-from", default="builtin",
+        help="builtin (planner's prompts), heldout (the demo's held-out chapters, from the local corpus dump of "
+             "tools/train_demo_pair.py) or a JSONL file (default builtin)")
+    add("--tokens", type=int, default=None, help="tokens generated per prompt (default 64; --small 12)")
+    add("--batch-size", type=int, default=None, help="rows per target sweep (default 16; --small 4)")
+    add("--width", type=int, default=None, help="children of the acceptance star tree (default 32)")
+    add("--acceptance-tokens", type=int, default=None,
+        help="tokens per prompt measuring acceptance (default: --tokens; acceptance drifts along a generation, so "
+             "the prediction should see the same positions as the runs it predicts)")
+    add("--max-depth", type=int, default=None,
+        help="depth limit of the DP trees (default 64, which does not bind at 512 nodes unless p[1] is near 1: the "
+             "tables show each tree's depth)")
+    add("--method-tree-size", type=int, default=None, help="tree size of (b) (default 32)")
+    add("--seed", type=int, default=0, help="base seed: prompt i uses seed + i (default 0)")
+    add("--debug", action="store_true", help="show Python tracebacks")
     a = p.parse_args(argv)
-    a.experiments = [x.strip() for x in a.experiments.split(",") if x.strip()]
     if not a.experiments or any(x not in ("sizes", "methods") for x in a.experiments):
         p.error("--experiments takes sizes, methods or sizes,methods")
     if (a.model is None) != (a.draft is None):
         p.error("--model and --draft go together")
-    for name in ("threads", "prompts", "min_prompts", "full_prompts_until", "tokens", "batch_size", "width",
-                 "acceptance_tokens", "method_tree_size"):
-        v = getattr(a, name)
-        if v is not None and v < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    h.check_positive(p, a, ("threads", "prompts", "min_prompts", "full_prompts_until", "tokens", "batch_size",
+                            "width", "acceptance_tokens", "method_tree_size"))
     if a.sizes is not None and (not a.sizes or min(a.sizes) < 1):
         p.error("--sizes must be whole numbers >= 1")
     if a.max_depth is not None and a.max_depth < 0:
@@ -822,48 +712,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def choose_pair(a: argparse.Namespace, workdir: Path) -> Pair:
-    from offload_runtime.config import ModelArgs
-    from offload_runtime.errors import UsageError
-
     if a.model is not None:
-        from offload_runtime.checkpoint import resolve_model_dir
-        from offload_runtime.registry import resolve_name
-
-        target, draft = resolve_model_dir(resolve_name(a.model)), resolve_model_dir(resolve_name(a.draft))
-        return Pair(Path(a.model).name, target, draft, f"{a.model} with draft {a.draft}")
+        return h.named_pair(a.model, a.draft)
     if a.small:
-        # Random weights: near-uniform distributions, so sampled drafts are accepted far more often than on a
-        # trained pair; the small mode checks that everything runs, its numbers say nothing about the paper.
-        return build_random_pair(workdir, ModelArgs(**SMALL_ARGS), "small",
-                                 "tiny random Llama (--small), draft = its first 2 layers, noised")
-    pair = demo_pair()
+        return h.small_pair(workdir)
+    pair = h.demo_pair()
     if pair is None:
         raise UsageError("the demo pair is not built yet (offload_runtime/demo/*/model.safetensors missing): run "
                          "python tools/train_demo_pair.py, or pass --small, or --model/--draft")
     return pair
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from offload_runtime.errors import UsageError
+@dataclass
+class Outcome:
+    """What one run measured, and how it was written up."""
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    results: Results
+    tables: list[Table]
+    claims: list[str]
+    machine: str
+    command: str
+    minutes: float
+    intro: list[str]
+    images: dict[str, Path]
+    notice: str | None  # why no plots were drawn
+
+
+def run(argv: Sequence[str]) -> Outcome:
     a = parse_args(argv)
     cfg = settings_from(a)
     threads = a.threads or (1 if a.small else 2)
     torch.set_num_threads(threads)
-    start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:7.1f} s] {msg}", file=sys.stderr, flush=True)
-
-    with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ablations-")))
+    log = h.Log()
+    with tempfile.TemporaryDirectory(prefix="ablations-") as workdir:
         log("preparing the pair")
-        pair = choose_pair(a, workdir)
+        pair = choose_pair(a, Path(workdir))
         prompts, source = load_prompts(a.prompts_from, pair, cfg.prompts, cfg.prompt_len, log)
         if len(prompts) < 2:
             raise UsageError(f"{source}: the error bars need at least two prompts")
-        models = f"target {describe_model(pair.target)}, draft {describe_model(pair.draft)}"
+        models = f"target {h.describe_model(pair.target)}, draft {h.describe_model(pair.draft)}"
         cfg.prompts = min(cfg.prompts, len(prompts))
         cfg.min_prompts = min(cfg.min_prompts, cfg.prompts)
         runner = Runner(pair, cfg, prompts, log)
@@ -874,45 +761,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "methods" in a.experiments:
             runner.methods(res)
         runner.engines.clear()
-
-    tables = [acceptance_table(res, cfg.width)]
-    tables += [size_table(res, t, cfg) for t in res.sizes]
+    tables = [acceptance_table(res, cfg.width)] + [size_table(res, t, cfg) for t in res.sizes]
     if res.settings:
         tables.append(method_table(res, cfg))
-    for t in tables:
-        print(format_text(t))
-        print()
-    claims = tree_claims(res) + method_claims(res)
-    for s in claims:
-        print(f"- {s}")
-    minutes = (time.perf_counter() - start) / 60
-    machine = machine_description(threads)
+    machine = h.machine_description(threads)
     if cfg.device != "cpu":
         machine = f"{torch.cuda.get_device_name(cfg.device)} ({cfg.device}, float32); host: {machine}"
-    command = shlex.join(["python", "tools/ablations.py", *argv])
-    print(f"\nmachine: {machine}")
-    print(f"command: {command}")
-    print(f"took: {minutes:.1f} min")
-
-    images: dict[str, Path] = {}
     plots_dir = a.plots_dir if a.plots_dir is not None else (None if a.no_write else a.output.parent)
-    if plots_dir is not None:
-        images, notice = write_plots(res, plots_dir)
-        if notice:
-            print(notice)
-        for p in images.values():
-            print(f"plot written to {p}")
+    images, notice = write_plots(res, plots_dir) if plots_dir is not None else ({}, None)
+    intro = [f"pair: {pair.about}; {models}", f"prompts: {res.prompts_source}",
+             "tokens per step = mean over target sweeps of (accepted path length + 1), pooled over sequences; "
+             f"{PLUS_MINUS} one standard error from a per-sequence (cluster) estimate; no step is cut by the "
+             "length budget (requests run past it and stop at the first step that reaches it)",
+             "predicted = Sequoia's objective expected_tokens(tree, p) with the acceptance vector measured at "
+             f"the same setting on the same prompts (other seeds), {cfg.acceptance_tokens} tokens per prompt"]
+    return Outcome(res, tables, tree_claims(res) + method_claims(res), machine,
+                   shlex.join(["python", "tools/ablations.py", *argv]), (time.perf_counter() - log.start) / 60,
+                   intro, images, notice)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = run(argv)
+    for t in out.tables:
+        print(report.to_text(t), end="\n\n")
+    print("\n".join(f"- {s}" for s in out.claims))
+    print(f"\nmachine: {out.machine}\ncommand: {out.command}\ntook: {out.minutes:.1f} min")
+    for line in ([out.notice] if out.notice else []) + [f"plot written to {p}" for p in out.images.values()]:
+        print(line)
+    a = parse_args(argv)
     if not a.no_write:
-        intro = [f"pair: {pair.about}; {models}",
-                 f"prompts: {res.prompts_source}",
-                 "tokens per step = mean over target sweeps of (accepted path length + 1), pooled over sequences; "
-                 f"{PLUS_MINUS} one standard error from a per-sequence (cluster) estimate; no step is cut by the "
-                 "length budget (requests run past it and stop at the first step that reaches it)",
-                 "predicted = Sequoia's objective expected_tokens(tree, p) with the acceptance vector measured at "
-                 f"the same setting on the same prompts (other seeds), {cfg.acceptance_tokens} tokens per prompt"]
-        section = markdown_section(res, tables, machine=machine, command=command, minutes=minutes, intro=intro,
-                                   images=images, md_path=a.output)
-        append_markdown(a.output, section)
+        report.append(a.output, markdown_section(out.results, out.tables, machine=out.machine, command=out.command,
+                                                 minutes=out.minutes, intro=out.intro, images=out.images,
+                                                 md_path=a.output))
         print(f"appended to {a.output}")
     return 0
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import time
 
+import harness  # noqa: F401  (this checkout first on sys.path)
 import numpy as np
 
-from planner.tree_search import best_first_growth_curve, best_first_tree, best_trees, expected_tokens
+from offload_runtime.spec.tree_search import best_first_growth_curve, best_first_tree, best_trees, expected_tokens
 
 N, D, W = 2048, 32, 32
 

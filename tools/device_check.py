@@ -5,7 +5,8 @@ the accelerate baseline, the planner's predictions and batch throughput, all wit
     python tools/device_check.py --small              # the same code paths, tiny shapes, on the CPU (tests)
     python tools/device_check.py --sections h2d_bandwidth,sweep_efficiency --budget-s 200
 
-Nothing is downloaded: every model is random weights of a published shape, built on the spot.
+Nothing is downloaded: every model is random weights of a published shape (weights/random.py), built on the
+spot by the runtime's loader (weights/loader.py build_model) with the residency asked for, as a checkpoint is.
 
 Sections run in order of value; each is timed, and a failure is recorded (with its error) while the script
 carries on. A section that would not fit the time left is skipped with a note. The JSON report goes to
@@ -29,50 +30,54 @@ with NAME in SECTIONS below.
 """
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import importlib.util
-import math
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import traceback
-import warnings
-import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Sequence
 
 _T_START = time.perf_counter()  # the budget counts from here: imports are part of the run
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # the GPU machine's python3 runs the repo without installing it
-    sys.path.insert(0, str(REPO))
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import importlib.util  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+import xml.etree.ElementTree as ET  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
+
+import harness as h  # noqa: E402  (first: puts this checkout on sys.path, keeps transformers offline)
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+import report  # noqa: E402
 import torch  # noqa: E402
+from report import Column, Table  # noqa: E402
 
-from offload_runtime.config import ModelArgs  # noqa: E402
-from offload_runtime.engine import Engine  # noqa: E402
+from offload_runtime.api.engine import Engine  # noqa: E402
+from offload_runtime.api.home import write_json  # noqa: E402
+from offload_runtime.api.machine import describe_machine, machine_fingerprint  # noqa: E402
 from offload_runtime.errors import ResourceError, UsageError  # noqa: E402
-from offload_runtime.inputs import RowChunk, build_forward  # noqa: E402
-from offload_runtime.kv_cache import KVCache  # noqa: E402
-from offload_runtime.loader import fixed_device_bytes, spread  # noqa: E402
-from offload_runtime.memory import itemsize  # noqa: E402
-from offload_runtime.model import ForwardBatch, GlobalWeights, ResidentLayers, Transformer  # noqa: E402
-from offload_runtime.streaming import HostLayerStore, StreamedLayers, SweepStats, alloc_host, views  # noqa: E402
-from offload_runtime.tree import Tree  # noqa: E402
-from planner import hardware  # noqa: E402
+from offload_runtime.model.batch import ForwardBatch, RowChunk, build_forward  # noqa: E402
+from offload_runtime.model.config import ModelArgs  # noqa: E402
+from offload_runtime.model.kv_cache import KVCache  # noqa: E402
+from offload_runtime.model.transformer import Transformer  # noqa: E402
+from offload_runtime.model.tree import Tree  # noqa: E402
+from offload_runtime.residency import Residency, fixed_device_bytes, spread  # noqa: E402
+from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, best_first_tree, best_tree  # noqa: E402
+from offload_runtime.streaming import StreamedLayers, SweepStats  # noqa: E402
+from offload_runtime.weights.layout import layer_bytes  # noqa: E402
+from offload_runtime.weights.loader import build_model  # noqa: E402
+from offload_runtime.weights.random import RandomWeights  # noqa: E402
+from offload_runtime.weights.store import alloc_host  # noqa: E402
 from planner import optimizer as opt  # noqa: E402
-from planner.tree_search import DEFAULT_ACCEPTANCE, best_first_tree, best_tree, best_trees  # noqa: E402
+from planner import profile as prof  # noqa: E402
 
+REPO = h.REPO
 REPORT_VERSION = 1
 SECTIONS = ("environment", "gpu_tests", "h2d_bandwidth", "sweep_efficiency", "verify_scaling", "draft_levels",
             "accelerate_baseline", "planner_predictions", "batch_throughput")
@@ -108,19 +113,15 @@ class Settings:
     sweep_repeats: int
     verify_grid: tuple[int, ...]
     verify_repeats: int
-    # bandwidth
-    copy_bytes: int
+    copy_bytes: int  # bandwidth
     copy_repeats: int
-    # drafts, resident
-    drafts: dict[str, ModelArgs]
+    drafts: dict[str, ModelArgs]  # resident
     draft_grids: dict[str, tuple[int, ...]]
     draft_prefix: int
-    effort: hardware.Effort
-    # accelerate
-    hf_tokens: int
+    effort: prof.Effort
+    hf_tokens: int  # accelerate
     prompt_len: int
-    # planner
-    plan_target_name: str
+    plan_target_name: str  # planner
     plan_target: ModelArgs
     plan_draft_name: str  # a key of `drafts`: its measured curve is reused
     plan_grid: tuple[int, ...]
@@ -128,37 +129,19 @@ class Settings:
     plan_max_tree: int
     plan_max_depth: int
     plan_max_seq_len: int
-    # batches
-    batch_target_name: str
+    batch_target_name: str  # batches
     batch_target: ModelArgs
     batch_draft_layers: int
     batch_sizes: tuple[int, ...]
     batch_new_tokens: int
     batch_tree_nodes: int
-    # time: the least each section needs to start, and the gpu pytest's own limit
-    need_s: dict[str, float]
-    pytest_timeout_s: float
+    need_s: dict[str, float]  # the least each section needs to start
+    pytest_timeout_s: float  # the gpu pytest's own limit
     default_budget_s: float
 
     def describe(self) -> dict[str, Any]:
-        def shape(a: ModelArgs) -> dict[str, Any]:
-            return hardware.shape_fields(a) | {"params": a.n_params()}
-
-        return {
-            "dtype": _dtype_name(self.dtype), "seed": self.seed,
-            "target": {"name": self.target_name, **shape(self.target)},
-            "sweep_configs": [{"resident": r, "slots": k} for r, k in self.sweep_configs],
-            "sweep_tokens": list(self.sweep_tokens), "prefix": self.prefix,
-            "verify_grid": list(self.verify_grid), "copy_bytes": self.copy_bytes,
-            "drafts": {n: shape(a) for n, a in self.drafts.items()},
-            "draft_grids": {n: list(g) for n, g in self.draft_grids.items()},
-            "planner": {"target": {"name": self.plan_target_name, **shape(self.plan_target)},
-                        "draft": self.plan_draft_name, "grid": list(self.plan_grid),
-                        "max_tree": self.plan_max_tree, "max_depth": self.plan_max_depth},
-            "batch": {"target": {"name": self.batch_target_name, **shape(self.batch_target)},
-                      "draft_layers": self.batch_draft_layers, "sizes": list(self.batch_sizes),
-                      "new_tokens": self.batch_new_tokens, "tree_nodes": self.batch_tree_nodes},
-        }
+        """Every setting as plain JSON (shapes as ModelArgs fields)."""
+        return jsonable(asdict(self))
 
 
 # llama-68m (JackFram) and TinyLlama-1.1B: the small drafts Sequoia and SpecExec pair with Llama-2 targets.
@@ -179,10 +162,10 @@ def full_settings(dtype: torch.dtype, seed: int, max_layers: int | None) -> Sett
         sweep_repeats=3, verify_grid=_pow2_grid(2048), verify_repeats=2, copy_bytes=2 * 2**30, copy_repeats=5,
         drafts=drafts, draft_grids={"llama-68m": _pow2_grid(256), "tinyllama-1.1b": _pow2_grid(256),
                                     "llama-2-7b": _pow2_grid(512)},
-        draft_prefix=hardware.DEFAULT_PREFIX, effort=hardware.Effort(min_time=0.05, max_repeats=10),
+        draft_prefix=prof.DEFAULT_PREFIX, effort=prof.Effort(min_time=0.05, max_repeats=10),
         hf_tokens=3, prompt_len=16,
         plan_target_name="llama-2-70b", plan_target=ModelArgs.from_name("llama-2-70b"), plan_draft_name="llama-2-7b",
-        plan_grid=_pow2_grid(2048), plan_prefix=hardware.DEFAULT_PREFIX, plan_max_tree=1024, plan_max_depth=16,
+        plan_grid=_pow2_grid(2048), plan_prefix=prof.DEFAULT_PREFIX, plan_max_tree=1024, plan_max_depth=16,
         plan_max_seq_len=4096,
         batch_target_name="llama-2-7b shape, 8 layers", batch_target=ModelArgs.from_name("llama-2-7b").replace(n_layers=8),
         batch_draft_layers=1, batch_sizes=(1, 2, 4, 8, 16), batch_new_tokens=16, batch_tree_nodes=32,
@@ -194,14 +177,13 @@ def full_settings(dtype: torch.dtype, seed: int, max_layers: int | None) -> Sett
 
 def small_settings(dtype: torch.dtype, seed: int, max_layers: int | None) -> Settings:
     tiny = ModelArgs.from_name("tiny")
-    target = tiny.replace(n_layers=6 if max_layers is None else max(1, min(6, max_layers)))
-    draft = tiny.replace(n_layers=1)
     return Settings(
-        small=True, dtype=dtype, seed=seed, target_name="tiny", target=target, min_layers=1,
+        small=True, dtype=dtype, seed=seed, target_name="tiny",
+        target=tiny.replace(n_layers=6 if max_layers is None else max(1, min(6, max_layers))), min_layers=1,
         ram_headroom=256 * 2**20, prefix=8, sweep_configs=((0, 2), (0, 3), (2, 2)), sweep_tokens=(1, 16),
         sweep_repeats=2, verify_grid=_pow2_grid(32), verify_repeats=2, copy_bytes=16 * 2**20, copy_repeats=3,
-        drafts={"tiny-draft": draft}, draft_grids={"tiny-draft": _pow2_grid(8)}, draft_prefix=16,
-        effort=hardware.Effort.quick(), hf_tokens=2, prompt_len=16,
+        drafts={"tiny-draft": tiny.replace(n_layers=1)}, draft_grids={"tiny-draft": _pow2_grid(8)}, draft_prefix=16,
+        effort=prof.Effort.quick(), hf_tokens=2, prompt_len=16,
         plan_target_name="tiny, 8 layers", plan_target=tiny.replace(n_layers=8), plan_draft_name="tiny-draft",
         plan_grid=_pow2_grid(16), plan_prefix=16, plan_max_tree=64, plan_max_depth=6, plan_max_seq_len=256,
         batch_target_name="tiny, 4 layers", batch_target=tiny.replace(n_layers=4), batch_draft_layers=1,
@@ -272,10 +254,6 @@ def _gb(x: float | None) -> str:
     return "-" if x is None else f"{x / 1e9:.1f}"
 
 
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x * 1e3:.3g}"
-
-
 # --- device plumbing (the CUDA-only parts are kept this thin)
 
 
@@ -311,51 +289,43 @@ def pinned_host_stats() -> dict[str, Any] | None:
     return {k: stats.get(k) for k in keys}
 
 
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, *, each: bool = True) -> list[float]:
+    """Seconds of `repeats` calls of fn: each synchronised on its own (one time per call), or all enqueued back
+    to back and waited for once (one figure: the mean per call). The caller warms up."""
+    times = []
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+        if each:
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+    sync(device)
+    return times if each else [(time.perf_counter() - t0) / repeats]
+
+
 def timed_copies(dst: torch.Tensor, src: torch.Tensor, repeats: int, non_blocking: bool) -> list[float]:
     """Seconds of each of `repeats` copies src -> dst after one warm-up, synchronised around each copy."""
-    device = dst.device
     dst.copy_(src, non_blocking=non_blocking)
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=non_blocking)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+    sync(dst.device)
+    return timed(lambda: dst.copy_(src, non_blocking=non_blocking), dst.device, repeats)
 
 
-def time_forwards(model: Transformer, batch: ForwardBatch, cache: KVCache, repeats: int, *, warmup: int = 1,
+def time_forwards(model: Transformer, batch: ForwardBatch, cache: KVCache, repeats: int, *,
                   back_to_back: bool = True) -> tuple[float, list[SweepStats]]:
-    """Seconds per forward, and the streamer's SweepStats of the timed sweeps.
+    """Seconds per forward after one warm-up, and the streamer's SweepStats of the timed sweeps.
 
     back_to_back: the host enqueues every forward before waiting once, so the copy engine runs on from one sweep
     into the next (the steady state of decoding); otherwise each forward is synchronised on its own and the
     median is returned (what one plain decoding token costs when the host waits after every step).
     """
-    device = model.device
     layers = model.layers
     streamed = isinstance(layers, StreamedLayers)
-    for _ in range(warmup):
-        model.forward(batch, cache)
-    sync(device)
+    model.forward(batch, cache)
+    sync(model.device)
     first = len(layers.history) if streamed else 0
-    if back_to_back:
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            model.forward(batch, cache)
-        sync(device)
-        seconds = (time.perf_counter() - t0) / repeats
-    else:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model.forward(batch, cache)
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        seconds = statistics.median(times)
-    stats = layers.resolve_stats()[first:] if streamed else []
-    return seconds, stats
+    times = timed(lambda: model.forward(batch, cache), model.device, repeats, each=not back_to_back)
+    return statistics.median(times), layers.resolve_stats()[first:] if streamed else []
 
 
 def summarise_stats(stats: Sequence[SweepStats]) -> dict[str, Any]:
@@ -366,92 +336,16 @@ def summarise_stats(stats: Sequence[SweepStats]) -> dict[str, Any]:
             "GBps": statistics.mean(s.gbps for s in stats), "layers": stats[0].layers}
 
 
-def random_globals(args: ModelArgs, dtype: torch.dtype, seed: int) -> GlobalWeights:
-    """Embeddings, final norm and head on the host from a seeded generator (accelerate's copy draws the same)."""
-    g = torch.Generator().manual_seed(seed + 1)
-    embed = torch.randn(args.vocab_size, args.dim, generator=g).mul_(0.02).to(dtype)
-    head = embed if args.tie_word_embeddings else torch.randn(args.vocab_size, args.dim, generator=g).mul_(0.02).to(dtype)
-    return GlobalWeights(embed=embed, norm=torch.ones(args.dim, dtype=dtype), lm_head=head)
-
-
-def globals_to(g: GlobalWeights, device: torch.device) -> GlobalWeights:
-    embed = g.embed.to(device)
-    head = embed if g.lm_head is g.embed else g.lm_head.to(device)
-    return GlobalWeights(embed=embed, norm=g.norm.to(device), lm_head=head)
-
-
 def tree_of(n: int, p: Sequence[float] = DEFAULT_ACCEPTANCE, depth: int = 16) -> Tree:
     """The tree shape plans use for n nodes: best-first under the acceptance vector p."""
-    return Tree([-1]) if n == 1 else Tree(best_first_tree(p, n, depth)[1])
+    return Tree([-1]) if n == 1 else best_first_tree(p, n, depth)[1]
 
 
-class HostModel:
-    """A random-weight model of a published shape: every decoder layer packed in host RAM (pinned on CUDA), globals
-    on the device, one KV cache; `streamed(R, K)` wraps it as a Transformer with R resident layers and K slots."""
-
-    def __init__(self, args: ModelArgs, dtype: torch.dtype, device: torch.device, seed: int, max_tokens: int,
-                 prefix: int):
-        self.args, self.dtype, self.device, self.prefix = args, dtype, device, prefix
-        t0 = time.perf_counter()
-        self.store = HostLayerStore(args, dtype, list(range(args.n_layers)), pin=device.type == "cuda")
-        self.store.fill_random(seed)
-        self.host_fill_s = time.perf_counter() - t0
-        self.host_globals = random_globals(args, dtype, seed)
-        self.globals = globals_to(self.host_globals, device)
-        self.cache = KVCache(args, 1, prefix + max_tokens + 1, dtype, device)
-        self.build_s = time.perf_counter() - t0
-        self._batches: dict[int, ForwardBatch] = {}
-        self._gen = torch.Generator().manual_seed(seed + 2)
-
-    def streamed(self, resident: int, slots: int) -> Transformer:
-        ids = spread(self.args.n_layers, resident)
-        sub = HostLayerStore(self.args, self.dtype, [i for i in range(self.args.n_layers) if i not in ids],
-                             pin=self.store.pinned)
-        sub.buffers = {i: self.store.buffers[i] for i in sub.layer_ids}  # shared, not copied
-        sub.pinned = self.store.pinned
-        on_device = {i: views(self.store.buffers[i].to(self.device, copy=True), self.store.layout) for i in ids}
-        layers = StreamedLayers(self.args.n_layers, on_device, sub, self.device, slots)
-        return Transformer(self.args, self.globals, layers, self.device)
-
-    def batch(self, n: int) -> ForwardBatch:
-        """n new tokens (a plan-shaped tree) against `prefix` cached ones, logits at every node; built once."""
-        if n not in self._batches:
-            tree = tree_of(n)
-            tokens = torch.randint(0, self.args.vocab_size, (n,), generator=self._gen).tolist()
-            row = RowChunk(self.prefix, tree, tokens, range(n), range(n))
-            self._batches[n] = build_forward([row], self.cache.scratch_slot, self.args.sliding_window, self.device)
-        return self._batches[n]
-
-    def prompt_logits(self, model: Transformer, prompt: list[int]) -> torch.Tensor:
-        """Next-token logits after `prompt` from position 0 (float32, host); the cache is left zeroed."""
-        self.cache.kv.zero_()
-        n = len(prompt)
-        batch = build_forward([RowChunk(0, Tree.chain(n), prompt, range(n), [n - 1])], self.cache.scratch_slot,
-                              self.args.sliding_window, self.device)
-        logits = model.forward(batch, self.cache)[0, 0].float().cpu()
-        self.cache.kv.zero_()
-        return logits
-
-    @property
-    def nbytes(self) -> int:
-        return self.store.nbytes
-
-    def source(self) -> "RandomSource":
-        """The weights' host-side origin (one layer, every layer being a copy of it, and the globals), pageable."""
-        return RandomSource(views(self.store.buffers[0].clone(), self.store.layout), self.host_globals)
-
-
-@dataclass
-class RandomSource:
-    layer: dict[str, torch.Tensor]  # name -> tensor of the layer every decoder layer copies
-    globals_: GlobalWeights  # on the host
-
-    @classmethod
-    def draw(cls, args: ModelArgs, dtype: torch.dtype, seed: int) -> "RandomSource":
-        """What HostModel(args, dtype, ..., seed) draws, drawn again."""
-        first = HostLayerStore(args, dtype, [0], pin=False)
-        first.fill_random(seed)
-        return cls(views(first.buffers[0], first.layout), random_globals(args, dtype, seed))
+def streamed_model(weights: RandomWeights, device: torch.device, dtype: torch.dtype, resident: int,
+                   slots: int) -> Transformer:
+    """The model through the runtime's loader: `resident` layers spread over the model stay on the device, the
+    rest are packed in the host store (pinned on CUDA) and stream through `slots` device slots."""
+    return build_model(weights, device, dtype, Residency(True, spread(weights.args.n_layers, resident), slots, None))
 
 
 # --- the run's shared state
@@ -467,14 +361,18 @@ class Context:
     out_paths: list[Path]
     out_dir: Path | None
     report: dict[str, Any] = field(default_factory=dict)
+    details: list[str] = field(default_factory=list)  # printed before the summary table
     # filled in by sections, read by later ones
     card: str = "unknown"
     gpu_free_at_start: int | None = None
-    gpu_total: int | None = None
     compute_mode: str | None = None  # NVML's, when it answers: "exclusive process" keeps a second process off
     bandwidth: dict[str, float] = field(default_factory=dict)  # pinned_best, pinned_median (bytes/s)
-    host_model: HostModel | None = None
     layer_plan: dict[str, Any] | None = None
+    model: Transformer | None = None  # the benchmark model as last built, with its (resident, slots)
+    model_config: tuple[int, int] | None = None
+    build_s: float | None = None  # seconds the loader took to build it the first time
+    cache: KVCache | None = None
+    batches: dict[int, ForwardBatch] = field(default_factory=dict)
     ours: dict[str, Any] = field(default_factory=dict)  # token_s, prompt_logits (for the accelerate comparison)
     draft_curves: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
 
@@ -503,20 +401,16 @@ class Context:
         if self.layer_plan is None:
             s = self.settings
             args, dtype = s.target, s.dtype
-            store_probe = HostLayerStore(args, dtype, [], pin=False)  # layout only; allocates nothing
-            layer_bytes = store_probe.layer_bytes
-            pinned = layer_bytes  # the streamer pins exactly (cudaHostRegister), no power-of-two rounding
-            globals_bytes = args.global_numel() * itemsize(dtype)
+            per_layer = layer_bytes(args, dtype)  # the streamer pins exactly (cudaHostRegister): no rounding
+            globals_bytes = args.global_numel() * dtype.itemsize
             available, source = self.host_ram()
-            fit = host_layers_that_fit(args.n_layers, layer_bytes, pinned, globals_bytes, available, s.ram_headroom)
-            n = min(args.n_layers, fit)
-            note = None
-            if n < args.n_layers:
-                note = (f"host RAM ({available / 2**30:.1f} GiB by {source}) holds {n} of {args.n_layers} layers twice "
-                        f"(pinned {pinned / 2**20:.0f} MiB + pageable {layer_bytes / 2**20:.0f} MiB each, "
-                        f"{s.ram_headroom / 2**30:.1f} GiB kept free): both models use {n} layers")
-            self.layer_plan = {"n_layers": n, "wanted_layers": args.n_layers, "layer_bytes": layer_bytes,
-                               "pinned_layer_bytes": pinned, "globals_bytes": globals_bytes,
+            n = host_layers_that_fit(args.n_layers, per_layer, per_layer, globals_bytes, available, s.ram_headroom)
+            note = None if n == args.n_layers else (
+                f"host RAM ({available / 2**30:.1f} GiB by {source}) holds {n} of {args.n_layers} layers twice "
+                f"(pinned + pageable {per_layer / 2**20:.0f} MiB each, {s.ram_headroom / 2**30:.1f} GiB kept "
+                f"free): both models use {n} layers")
+            self.layer_plan = {"n_layers": n, "wanted_layers": args.n_layers, "layer_bytes": per_layer,
+                               "pinned_layer_bytes": per_layer, "globals_bytes": globals_bytes,
                                "host_ram_available": available, "host_ram_source": source,
                                "headroom": s.ram_headroom, "reduced": n < args.n_layers, "note": note}
         return self.layer_plan
@@ -529,66 +423,107 @@ class Context:
                                  f"pass --host-ram-gib if that figure is wrong")
         return self.settings.target.replace(n_layers=plan["n_layers"])
 
-    def get_host_model(self) -> HostModel:
-        if self.host_model is None:
-            s = self.settings
-            self.host_model = HostModel(self.target_args(), s.dtype, self.device, s.seed,
-                                        max(max(s.verify_grid), max(s.sweep_tokens), s.prompt_len), s.prefix)
-        return self.host_model
+    def weights(self) -> RandomWeights:
+        """Every decoder layer a copy of layer 0: building a 13B shape costs one layer of random draws."""
+        return RandomWeights(self.target_args(), self.settings.seed, distinct_layers=False)
 
-    def drop_host_model(self, keep_source: bool = False) -> RandomSource | None:
-        source = self.host_model.source() if keep_source and self.host_model is not None else None
-        self.host_model = None
+    def streamed(self, resident: int, slots: int) -> Transformer:
+        """The benchmark model with this residency (one at a time in host RAM: the previous one goes first)."""
+        if self.model_config != (resident, slots):
+            self.drop_model()
+            s = self.settings
+            args = self.target_args()
+            if self.cache is None:  # one cache for every build, so forwards read the same K/V
+                longest = max(max(s.verify_grid), max(s.sweep_tokens), s.prompt_len)
+                self.cache = KVCache(args, 1, s.prefix + longest + 1, s.dtype, self.device)
+            t0 = time.perf_counter()
+            self.model = streamed_model(self.weights(), self.device, s.dtype, resident, slots)
+            self.build_s = self.build_s or time.perf_counter() - t0
+            self.model_config = (resident, slots)
+        return self.model
+
+    def drop_model(self) -> None:
+        self.model, self.model_config = None, None
         release(self.device)
-        return source
+
+    def batch(self, n: int) -> ForwardBatch:
+        """n new tokens (a plan-shaped tree) against `prefix` cached ones, logits at every node; built once."""
+        if n not in self.batches:
+            s = self.settings
+            g = torch.Generator().manual_seed(s.seed + 2 + n)
+            tokens = torch.randint(0, s.target.vocab_size, (n,), generator=g).tolist()
+            row = RowChunk(s.prefix, tree_of(n), tokens, range(n), range(n))
+            self.batches[n] = build_forward([row], self.cache.scratch_slot, s.target.sliding_window, self.device)
+        return self.batches[n]
+
+    def prompt_logits(self, model: Transformer) -> torch.Tensor:
+        """Next-token logits after the prompt from position 0 (float32, host); the cache is left zeroed."""
+        prompt = self.prompt()
+        self.cache.kv.zero_()
+        n = len(prompt)
+        batch = build_forward([RowChunk(0, Tree.chain(n), prompt, range(n), [n - 1])], self.cache.scratch_slot,
+                              model.args.sliding_window, self.device)
+        logits = model.forward(batch, self.cache)[0, 0].float().cpu()
+        self.cache.kv.zero_()
+        return logits
 
     def bandwidth_for(self, key: str) -> tuple[float, str]:
         """A measured pinned bandwidth from h2d_bandwidth, or a quick one measured now if that section did not run."""
         if key in self.bandwidth:
             return self.bandwidth[key], f"h2d_bandwidth {key}"
-        quick = hardware.Effort(min_time=0.02, max_repeats=5, copy_bytes=min(self.settings.copy_bytes, 512 * 2**20))
-        bw = hardware.measure_bandwidth(self.device, quick)
+        quick = prof.Effort(min_time=0.02, max_repeats=5, copy_bytes=min(self.settings.copy_bytes, 512 * 2**20))
+        bw = prof.measure_bandwidth(self.device, quick)
         self.bandwidth.setdefault("pinned_best", bw)
         self.bandwidth.setdefault("pinned_median", bw)
         return bw, "measured here (h2d_bandwidth did not run)"
 
 
+@dataclass
+class Outcome:
+    """What a section returns: its numbers (the JSON result), a one-line headline and a few printed lines."""
+
+    result: dict[str, Any]
+    headline: str
+    details: list[str] = field(default_factory=list)
+    status: str = "ok"  # "failed": a check the section makes did not pass
+
+
 # --- sections
 
 
-def section_environment(ctx: Context) -> dict[str, Any]:
+def section_environment(ctx: Context) -> Outcome:
     dev = ctx.device
     res: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                            "torch_cuda": torch.version.cuda, "device": str(dev), "threads": torch.get_num_threads(),
-                           "cpu_count": os.cpu_count()}
+                           "cpu_count": os.cpu_count(), "host_ram_override": ctx.host_ram_override}
     for pkg in ("transformers", "accelerate", "pynvml", "nvidia-ml-py"):
         res[f"version_{pkg}"] = _package_version(pkg)
     vm = psutil.virtual_memory()
     res["host_ram_total"], res["host_ram_available"] = int(vm.total), int(vm.available)
-    res["host_ram_override"] = ctx.host_ram_override
     if ctx.cuda:
         props = torch.cuda.get_device_properties(dev)
-        ctx.card = props.name
         free, total = torch.cuda.mem_get_info(dev)
-        ctx.gpu_free_at_start, ctx.gpu_total = int(free), int(total)
+        ctx.card, ctx.gpu_free_at_start = props.name, int(free)
         res.update(gpu_name=props.name, capability=f"{props.major}.{props.minor}",
                    sm_count=props.multi_processor_count, gpu_memory_total=int(total), gpu_memory_free=int(free),
                    cudnn=torch.backends.cudnn.version())
         ctx.compute_mode = res["compute_mode"] = _compute_mode(dev)
     try:
-        fp = hardware.machine_fingerprint(dev)
+        fp = machine_fingerprint(dev)
     except Exception as e:  # NVML trouble must not cost the card's name: torch gave it above
         fp = {"gpu_name": res.get("gpu_name"), "cpu_model": platform.processor(), "error": f"{type(e).__name__}: {e}"}
     res["fingerprint"] = fp
-    res["machine"] = hardware.describe_machine(fp) if "error" not in fp else fp["error"]
-    if ctx.cuda:
-        ctx.card = fp.get("gpu_name") or ctx.card
-        res["pcie"] = {k: fp.get(k) for k in ("pcie_gen", "pcie_width", "pcie_max_gen", "pcie_max_width")}
-        res["gpu_driver"] = fp.get("gpu_driver")
-    else:
+    res["machine"] = describe_machine(fp) if "error" not in fp else fp["error"]
+    if not ctx.cuda:
         ctx.card = f"cpu ({fp.get('cpu_model')})"
-    res["card"] = ctx.card
-    return res
+        return Outcome(res | {"card": ctx.card}, f"torch {res['torch']} on the CPU, {res['threads']} threads; "
+                                                 f"{res['machine']}")
+    ctx.card = res["card"] = fp.get("gpu_name") or ctx.card
+    pcie = res["pcie"] = {k: fp.get(k) for k in ("pcie_gen", "pcie_width", "pcie_max_gen", "pcie_max_width")}
+    res["gpu_driver"] = fp.get("gpu_driver")
+    link = (f", PCIe gen{pcie['pcie_gen']} x{pcie['pcie_width']} (max gen{pcie['pcie_max_gen']} "
+            f"x{pcie['pcie_max_width']})" if pcie["pcie_gen"] is not None else ", PCIe link unknown (no NVML)")
+    return Outcome(res, f"torch {res['torch']} CUDA {res['torch_cuda']}, driver {res['gpu_driver']}{link}")
 
 
 def _package_version(name: str) -> str | None:
@@ -615,11 +550,10 @@ def _compute_mode(dev: torch.device) -> str | None:
             pynvml.nvmlShutdown()
     except pynvml.NVMLError as e:
         return f"unknown ({e})"
-    names = {0: "default", 1: "exclusive thread", 2: "prohibited", 3: "exclusive process"}
-    return names.get(int(mode), str(mode))
+    return {0: "default", 1: "exclusive thread", 2: "prohibited", 3: "exclusive process"}.get(int(mode), str(mode))
 
 
-def section_gpu_tests(ctx: Context) -> dict[str, Any]:
+def section_gpu_tests(ctx: Context) -> Outcome:
     s = ctx.settings
     later = sum(s.need_s[n] for n in SECTIONS[SECTIONS.index("gpu_tests") + 1:])
     timeout = min(s.pytest_timeout_s, ctx.time_left() - min(later, 0.5 * ctx.time_left()))
@@ -637,18 +571,16 @@ def section_gpu_tests(ctx: Context) -> dict[str, Any]:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         t0 = time.perf_counter()
-        timed_out = False
         try:
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-            output, rc = proc.stdout + proc.stderr, proc.returncode
+            output, rc, timed_out = proc.stdout + proc.stderr, proc.returncode, False
         except subprocess.TimeoutExpired as e:
-            timed_out, rc = True, None
-            output = _text(e.stdout) + _text(e.stderr)
-        wall = time.perf_counter() - t0
+            output, rc, timed_out = _text(e.stdout) + _text(e.stderr), None, True
         if ctx.out_dir is not None:
             (ctx.out_dir / "gpu_tests.log").write_text(output)
         res: dict[str, Any] = {"command": " ".join(cmd[1:]), "returncode": rc, "timeout_s": round(timeout, 1),
-                               "timed_out": timed_out, "wall_s": wall, "output_tail": output[-3000:]}
+                               "timed_out": timed_out, "wall_s": time.perf_counter() - t0,
+                               "output_tail": output[-3000:]}
         if timed_out:
             raise RuntimeError(f"the GPU tests ran past their {timeout:.0f} s limit; output ends: {output[-400:]!r}")
         if not junit.is_file():
@@ -657,9 +589,11 @@ def section_gpu_tests(ctx: Context) -> dict[str, Any]:
     if res["tests"] == 0:
         raise RuntimeError(f"pytest collected no GPU tests (exit {rc}); output ends: {output[-600:]!r}")
     res["all_skipped"] = res["skipped"] == res["tests"]
-    if res["failures"] or res["errors"]:
-        res["_status"] = "failed"
-    return res
+    line = f"{res['passed']} passed, {res['failures']} failed, {res['errors']} errors, {res['skipped']} skipped"
+    line += f" ({res['skip_reason']})" if res["all_skipped"] else ""
+    line += ("; first: " + res["failing"][0]["test"].split("::")[-1]) if res["failing"] else ""
+    return Outcome(res, line, [f"FAILED {f['test']}: {f['message'][:200]}" for f in res["failing"][:5]],
+                   "failed" if res["failures"] or res["errors"] else "ok")
 
 
 def _text(x: bytes | str | None) -> str:
@@ -668,189 +602,157 @@ def _text(x: bytes | str | None) -> str:
     return x.decode(errors="replace") if isinstance(x, bytes) else x
 
 
-def section_h2d_bandwidth(ctx: Context) -> dict[str, Any]:
+def section_h2d_bandwidth(ctx: Context) -> Outcome:
     s, dev = ctx.settings, ctx.device
     n = s.copy_bytes
     dst = torch.empty(n, dtype=torch.uint8, device=dev)
     src, pinned = alloc_host(n, torch.uint8, pin=ctx.cuda)
     src.fill_(1)
     pinned_t = timed_copies(dst, src, s.copy_repeats, non_blocking=True)
-    layer_bytes = HostLayerStore(s.target, s.dtype, [], pin=False).layer_bytes
+    per_layer = layer_bytes(s.target, s.dtype)
     layer_t = None
-    if layer_bytes <= n:  # a slice of the pinned block is pinned memory too
-        layer_t = timed_copies(dst[:layer_bytes], src[:layer_bytes], s.copy_repeats, non_blocking=True)
+    if per_layer <= n:  # a slice of the pinned block is pinned memory too
+        layer_t = timed_copies(dst[:per_layer], src[:per_layer], s.copy_repeats, non_blocking=True)
     del src
     pageable = torch.empty(n, dtype=torch.uint8)
     pageable.fill_(1)  # fault the pages in before timing
     pageable_t = timed_copies(dst, pageable, max(2, s.copy_repeats // 2), non_blocking=False)
     del pageable, dst
-    gbps = [n / t for t in pinned_t]
+    rates = [n / t for t in pinned_t]
     res = {"bytes": n, "pinned": pinned, "kind": "host-to-device" if ctx.cuda else "memcpy (no GPU)",
-           "pinned_Bps": gbps, "pinned_best_Bps": max(gbps), "pinned_median_Bps": statistics.median(gbps),
-           "pageable_Bps": [n / t for t in pageable_t],
-           "pageable_best_Bps": max(n / t for t in pageable_t),
+           "pinned_Bps": rates, "pinned_best_Bps": max(rates), "pinned_median_Bps": statistics.median(rates),
+           "pageable_Bps": [n / t for t in pageable_t], "pageable_best_Bps": max(n / t for t in pageable_t),
            "layer_copy": None if layer_t is None else {
-               "bytes": layer_bytes, "median_Bps": statistics.median(layer_bytes / t for t in layer_t),
-               "best_Bps": max(layer_bytes / t for t in layer_t)}}
+               "bytes": per_layer, "median_Bps": statistics.median(per_layer / t for t in layer_t),
+               "best_Bps": max(per_layer / t for t in layer_t)}}
     if not pinned and ctx.cuda:
         res["note"] = "pinned host memory was refused: the 'pinned' figures are pageable copies"
-    ctx.bandwidth["pinned_best"] = res["pinned_best_Bps"]
-    ctx.bandwidth["pinned_median"] = res["pinned_median_Bps"]
-    return res
+    ctx.bandwidth["pinned_best"], ctx.bandwidth["pinned_median"] = res["pinned_best_Bps"], res["pinned_median_Bps"]
+    kind = "pinned" if pinned else "pageable" if ctx.cuda else "memcpy"
+    return Outcome(res, f"{kind} {_gb(res['pinned_best_Bps'])} GB/s best, {_gb(res['pinned_median_Bps'])} median "
+                        f"({n / 2**30:.2g} GiB); pageable {_gb(res['pageable_best_Bps'])} GB/s")
 
 
-def section_sweep_efficiency(ctx: Context) -> dict[str, Any]:
-    s, dev = ctx.settings, ctx.device
+def section_sweep_efficiency(ctx: Context) -> Outcome:
+    s = ctx.settings
     plan = ctx.plan_layers()
     rss0 = psutil.Process().memory_info().rss
-    host = ctx.get_host_model()
-    res: dict[str, Any] = {"model": s.target_name, "n_layers": host.args.n_layers, "layer_plan": plan,
-                           "dtype": _dtype_name(s.dtype), "pinned": host.store.pinned, "host_fill_s": host.host_fill_s,
-                           "build_s": host.build_s, "store_bytes": host.nbytes,
-                           "rss_growth_bytes": psutil.Process().memory_info().rss - rss0,
-                           "pinned_allocator": pinned_host_stats() if ctx.cuda else None}
     bw, bw_source = ctx.bandwidth_for("pinned_best")
-    res["bandwidth_Bps"], res["bandwidth_source"] = bw, bw_source
     rows: list[dict[str, Any]] = []
-    reference = None
-    bitwise = True
-    notes = []
+    reference, bitwise, notes = None, True, []
+    res: dict[str, Any] = {"model": s.target_name, "layer_plan": plan, "dtype": _dtype_name(s.dtype),
+                           "bandwidth_Bps": bw, "bandwidth_source": bw_source}
     for resident, slots in s.sweep_configs:
         if rows and ctx.time_left() < 3 * rows[-1]["sweep_s"] * (s.sweep_repeats + 1) * len(s.sweep_tokens) + 5:
             notes.append(f"out of time: stopped before resident={resident}, K={slots}")
             break
-        model = host.streamed(resident, slots)
+        model = ctx.streamed(resident, slots)
         layers: StreamedLayers = model.layers  # type: ignore[assignment]
+        if not rows:
+            res.update(n_layers=model.args.n_layers, pinned=layers.store.pinned, build_s=ctx.build_s,
+                       store_bytes=layers.store.nbytes, rss_growth_bytes=psutil.Process().memory_info().rss - rss0,
+                       pinned_allocator=pinned_host_stats() if ctx.cuda else None)
         for n in s.sweep_tokens:
-            batch = host.batch(n)
-            sweep_s, stats = time_forwards(model, batch, host.cache, s.sweep_repeats)
+            sweep_s, stats = time_forwards(model, ctx.batch(n), ctx.cache, s.sweep_repeats)
             st = summarise_stats(stats)
             moved = st.get("bytes", layers.bytes_per_sweep)
-            row = {"resident": resident, "slots": slots, "tokens": n, "streamed_layers": len(layers.streamed),
-                   "streamed_bytes": moved, "sweep_s": sweep_s,
-                   "efficiency": sweep_efficiency(moved, bw, sweep_s) if moved else None,
-                   "effective_Bps": moved / sweep_s, "engine_stats": st}
-            row["meets_target"] = row["efficiency"] is not None and row["efficiency"] >= EFFICIENCY_TARGET
-            rows.append(row)
+            eff = sweep_efficiency(moved, bw, sweep_s) if moved else None
+            rows.append({"resident": resident, "slots": slots, "tokens": n, "streamed_layers": len(layers.streamed),
+                         "streamed_bytes": moved, "sweep_s": sweep_s, "efficiency": eff,
+                         "effective_Bps": moved / sweep_s, "engine_stats": st,
+                         "meets_target": eff is not None and eff >= EFFICIENCY_TARGET})
         # One plain decoding token as the engine pays it: the host waits after every forward.
-        token_s, _ = time_forwards(model, host.batch(1), host.cache, s.sweep_repeats, back_to_back=False)
+        token_s, _ = time_forwards(model, ctx.batch(1), ctx.cache, s.sweep_repeats, back_to_back=False)
         rows[-len(s.sweep_tokens)]["synced_token_s"] = token_s
-        logits = model.forward(host.batch(1), host.cache)[0, 0].float().cpu()
+        logits = model.forward(ctx.batch(1), ctx.cache)[0, 0].float().cpu()
         if reference is None:
             reference = logits
-            ctx.ours["token_s"] = token_s
-            ctx.ours["config"] = {"resident": resident, "slots": slots}
-            ctx.ours["prompt_logits"] = host.prompt_logits(model, ctx.prompt())
+            ctx.ours.update(token_s=token_s, config={"resident": resident, "slots": slots},
+                            prompt_logits=ctx.prompt_logits(model))
         else:
             bitwise = bitwise and torch.equal(logits.view(torch.int32), reference.view(torch.int32))  # NaN-proof
         del model, layers
-        release(dev)
     effs = [r["efficiency"] for r in rows if r["efficiency"] is not None]
-    res.update(rows=rows, notes=notes, target=EFFICIENCY_TARGET,
-               best_efficiency=max(effs) if effs else None, worst_efficiency=min(effs) if effs else None,
-               meets_target=bool(effs) and max(effs) >= EFFICIENCY_TARGET,
-               bitwise_equal_across_configs=bitwise, logits_finite=bool(torch.isfinite(reference).all())
-               if reference is not None else None)
-    if not bitwise:
-        res["_status"] = "failed"
-    return res
+    res.update(rows=rows, notes=notes, target=EFFICIENCY_TARGET, best_efficiency=max(effs, default=None),
+               worst_efficiency=min(effs, default=None), meets_target=bool(effs) and max(effs) >= EFFICIENCY_TARGET,
+               bitwise_equal_across_configs=bitwise,
+               logits_finite=None if reference is None else bool(torch.isfinite(reference).all()))
+    first = [r for r in rows if (r["resident"], r["slots"]) == s.sweep_configs[0]]
+    table = Table(f"sweeps of {s.target_name} x {res['n_layers']} layers, {res['dtype']}, against {_gb(bw)} GB/s "
+                  f"({bw_source})",
+                  [Column("resident", "R"), Column("slots", "K"), Column("tokens", "tokens"),
+                   Column("sweep_s", "sweep ms", report.ms), Column("effective_Bps", "GB/s", _gb),
+                   Column("efficiency", "efficiency", ".3f"), Column("wait_s", "copy wait ms", report.ms)],
+                  [r | {"wait_s": r["engine_stats"].get("wait_s")} for r in rows])
+    return Outcome(res, f"{res['n_layers']} layers; R={first[0]['resident']} K={first[0]['slots']}: "
+                        + ", ".join(f"{x['tokens']} tok {x['efficiency']:.2f}" for x in first)
+                        + f"; best {res['best_efficiency']:.2f} (target {EFFICIENCY_TARGET}); bitwise across configs "
+                          f"{bitwise}", [report.to_text(table)], "ok" if bitwise else "failed")
 
 
-def section_verify_scaling(ctx: Context) -> dict[str, Any]:
+def section_verify_scaling(ctx: Context) -> Outcome:
     s = ctx.settings
-    host = ctx.get_host_model()
-    model = host.streamed(0, 2)
+    model = ctx.streamed(0, 2)
     points: list[dict[str, Any]] = []
     notes = []
     for n in s.verify_grid:
-        if points:
-            guess = points[-1]["seconds"] * (s.verify_repeats + 1) * 1.5 + 2
-            if ctx.time_left() < guess:
-                notes.append(f"out of time: stopped before n = {n}")
-                break
-        seconds, stats = time_forwards(model, host.batch(n), host.cache, s.verify_repeats)
+        if points and ctx.time_left() < points[-1]["seconds"] * (s.verify_repeats + 1) * 1.5 + 2:
+            notes.append(f"out of time: stopped before n = {n}")
+            break
+        seconds, stats = time_forwards(model, ctx.batch(n), ctx.cache, s.verify_repeats)
         points.append({"n": n, "seconds": seconds, "engine_stats": summarise_stats(stats)})
     del model
-    t1 = points[0]["seconds"]
     for p in points:
-        p["ratio"] = p["seconds"] / t1
-    return {"model": s.target_name, "n_layers": host.args.n_layers, "resident": 0, "slots": 2, "prefix": s.prefix,
-            "tree": "best-first under DEFAULT_ACCEPTANCE, depth <= 16", "points": points,
-            "grid": [p["n"] for p in points], "ratios": [p["ratio"] for p in points], "notes": notes}
+        p["ratio"] = p["seconds"] / points[0]["seconds"]
+    picks = {p["n"]: p for p in points if p["n"] in (16, 256, 1024)} | {points[-1]["n"]: points[-1]}
+    return Outcome({"model": s.target_name, "n_layers": ctx.model.args.n_layers, "resident": 0, "slots": 2,
+                    "prefix": s.prefix, "tree": "best-first under DEFAULT_ACCEPTANCE, depth <= 16", "points": points,
+                    "grid": [p["n"] for p in points], "ratios": [p["ratio"] for p in points], "notes": notes},
+                   "T(n)/T(1): " + ", ".join(f"n={n} {p['ratio']:.2f}" for n, p in picks.items())
+                   + f"; T(1) {points[0]['seconds']:.3g} s",
+                   ["T_verify(n)/T(1): " + " ".join(f"{p['n']}:{p['ratio']:.2f}" for p in points)])
 
 
-def section_draft_levels(ctx: Context) -> dict[str, Any]:
+def section_draft_levels(ctx: Context) -> Outcome:
     s = ctx.settings
     out: dict[str, Any] = {"drafts": {}, "notes": [], "prefix": s.draft_prefix}
     # The planner's draft first: the planner section needs its curve.
-    order = [s.plan_draft_name] + [n for n in s.drafts if n != s.plan_draft_name]
-    for name in order:
+    for name in [s.plan_draft_name] + [n for n in s.drafts if n != s.plan_draft_name]:
         if out["drafts"] and ctx.time_left() < (0.5 if s.small else 10):
             out["notes"].append(f"out of time: {name} not timed")
             continue
         args, grid = s.drafts[name], list(s.draft_grids[name])
         t0 = time.perf_counter()
-        secs = hardware.draft_level_curve(args, s.dtype, ctx.device, grid, prefix=s.draft_prefix, effort=s.effort,
-                                          seed=s.seed)
+        secs = prof.draft_level_curve(args, s.dtype, ctx.device, grid, prefix=s.draft_prefix, effort=s.effort,
+                                      seed=s.seed)
         ctx.draft_curves[name] = (grid, secs)
         out["drafts"][name] = {"params": args.n_params(), "grid": grid, "seconds": secs,
                                "ms_per_level": {str(w): t * 1e3 for w, t in zip(grid, secs)},
                                "wall_s": time.perf_counter() - t0}
         release(ctx.device)
-    return out
+    d = out["drafts"].items()
+    return Outcome(out, "; ".join(f"{n} {report.ms(x['seconds'][0])}..{report.ms(x['seconds'][-1])} ms "
+                                  f"(w 1..{x['grid'][-1]})" for n, x in d),
+                   [f"draft {n} ms/level: " + " ".join(f"{w}:{report.ms(t)}" for w, t in zip(x["grid"], x["seconds"]))
+                    for n, x in d])
 
 
-def build_hf_llama(args: ModelArgs, source: RandomSource):
-    """transformers' LlamaForCausalLM with exactly the weights of a HostModel, pageable in host RAM.
-
-    Built on the meta device and filled tensor by tensor, so neither a float32 copy nor a random init is ever made.
-    """
-    from accelerate import init_empty_weights
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    assert args.rope_scaling is None and args.model_type == "llama", "plain Llama shapes only"
-    # rope_theta is spelled differently across transformers versions; only pass it when it is not the default.
-    rope = {} if args.rope_theta == 10000.0 else {"rope_theta": args.rope_theta}
-    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.intermediate_size,
-                         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
-                         num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
-                         max_position_embeddings=args.max_position_embeddings, rms_norm_eps=args.rms_norm_eps,
-                         tie_word_embeddings=args.tie_word_embeddings, **rope)
-    with init_empty_weights(include_buffers=False):
-        model = LlamaForCausalLM(config)
-    layer, g = source.layer, source.globals_
-    tops = {"model.embed_tokens.weight": g.embed, "model.norm.weight": g.norm, "lm_head.weight": g.lm_head}
-    for name, param in list(model.named_parameters()):
-        if name.startswith("model.layers."):
-            rest = name.split(".", 3)[3]
-            value = layer[rest].clone()  # every layer its own memory, as a loaded checkpoint has
-        else:
-            value = tops[name]
-        assert value.shape == param.shape, (name, value.shape, param.shape)
-        owner, leaf = name.rsplit(".", 1)
-        model.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
-    return model.eval()
-
-
-def section_accelerate_baseline(ctx: Context) -> dict[str, Any]:
+def section_accelerate_baseline(ctx: Context) -> Outcome:
     s, dev = ctx.settings, ctx.device
     try:
         from accelerate import cpu_offload
     except ImportError as e:
         raise SectionSkipped(f"accelerate is not installed here ({e})") from None
-    args = ctx.target_args()
+    ctx.drop_model()  # our pinned store goes before accelerate's pageable copy of the same weights comes
     t0 = time.perf_counter()
-    # Our pinned store goes before accelerate's pageable copy comes; its random draw is reused, not redrawn.
-    source = ctx.drop_host_model(keep_source=True) or RandomSource.draw(args, s.dtype, s.seed)
-    model = build_hf_llama(args, source)
-    del source
+    model = h.hf_model(ctx.weights(), s.dtype)
     build_s = time.perf_counter() - t0
     cpu_offload(model, execution_device=dev)
     prompt = torch.tensor([ctx.prompt()], device=dev)
-    res: dict[str, Any] = {"model": s.target_name, "n_layers": args.n_layers, "dtype": _dtype_name(s.dtype),
+    res: dict[str, Any] = {"model": s.target_name, "n_layers": model.config.num_hidden_layers,
+                           "dtype": _dtype_name(s.dtype), "build_s": build_s, "notes": [],
                            "how": "accelerate.cpu_offload(model, execution_device): weights in pageable host RAM, "
-                                  "copied module by module before each forward",
-                           "build_s": build_s, "notes": []}
+                                  "copied module by module before each forward"}
     times: list[float] = []
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # newer transformers rename past_key_values
@@ -860,92 +762,98 @@ def section_accelerate_baseline(ctx: Context) -> dict[str, Any]:
         sync(dev)
         res["prefill_s"] = time.perf_counter() - t0
         logits = out.logits[0, -1].float().cpu()
-        past = out.past_key_values
         nxt = out.logits[:, -1:].argmax(-1)
         for i in range(s.hf_tokens + 1):  # the first decoded token is a warm-up
-            last = times[-1] if times else res["prefill_s"]
-            if i >= 2 and ctx.time_left() < 1.3 * last + 2:
+            if i >= 2 and ctx.time_left() < 1.3 * times[-1] + 2:
                 res["notes"].append(f"out of time after {len(times)} timed tokens")
                 break
             t0 = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
             sync(dev)
             dt = time.perf_counter() - t0
+            nxt = out.logits[:, -1:].argmax(-1)
             if i == 0:
                 res["warmup_token_s"] = dt
             else:
                 times.append(dt)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    del out, past, model
+    del out, model
     release(dev)
-    res["token_s"] = times
-    res["s_per_token"] = statistics.median(times) if times else res.get("warmup_token_s")
     ours = ctx.ours.get("token_s")
-    res["ours_s_per_token"] = ours
-    res["ours_config"] = ctx.ours.get("config")
-    res["ours_note"] = ("ours: one synchronised 1-token forward of the same model streamed through the runtime "
-                        "(sweep_efficiency, first config), i.e. plain decoding without a draft")
+    res.update(token_s=times, s_per_token=statistics.median(times) if times else res.get("warmup_token_s"),
+               ours_s_per_token=ours, ours_config=ctx.ours.get("config"),
+               ours_note="ours: one synchronised 1-token forward of the same model streamed through the runtime "
+                         "(sweep_efficiency, first config), i.e. plain decoding without a draft")
     res["speedup"] = res["s_per_token"] / ours if ours and res["s_per_token"] else None
     mine = ctx.ours.get("prompt_logits")
     if mine is not None:
-        diff = (logits - mine).abs()
-        res["logits_vs_ours"] = {"max_abs_diff": float(diff.max()), "scale": float(mine.abs().max()),
-                                 "argmax_equal": int(logits.argmax()) == int(mine.argmax())}
-    return res
+        res["logits_vs_ours"] = {"max_abs_diff": float((logits - mine).abs().max()),
+                                 "scale": float(mine.abs().max()), "argmax_equal": int(logits.argmax()) == int(mine.argmax())}
+    line = f"accelerate {res['s_per_token']:.3g} s/token"
+    line += f" vs ours {ours:.3g} s/token plain ({res['speedup']:.1f}x)" if ours else ""
+    return Outcome(res, line + f", {res['n_layers']} layers")
 
 
-def section_planner_predictions(ctx: Context) -> dict[str, Any]:
+def section_planner_predictions(ctx: Context) -> Outcome:
     s, dev = ctx.settings, ctx.device
     T, dtype, grid = s.plan_target, s.dtype, list(s.plan_grid)
-    D = s.drafts[s.plan_draft_name]
     t0 = time.perf_counter()
-    layer_s = hardware.layer_time_curve(T, dtype, dev, grid, prefix=s.plan_prefix, effort=s.effort, seed=s.seed)
+    layer_s = prof.layer_time_curve(T, dtype, dev, grid, prefix=s.plan_prefix, effort=s.effort, seed=s.seed)
     release(dev)
-    head_s = hardware.head_time_curve(T, dtype, dev, grid, effort=s.effort, seed=s.seed)
+    head_s = prof.head_time_curve(T, dtype, dev, grid, effort=s.effort, seed=s.seed)
     release(dev)
-    host_s = hardware.host_time_curve(T, dev, grid, prefix=s.plan_prefix, effort=s.effort, seed=s.seed)
+    host_s = prof.host_time_curve(T, dev, grid, prefix=s.plan_prefix, effort=s.effort, seed=s.seed)
     if s.plan_draft_name in ctx.draft_curves:
         dgrid, dsecs = ctx.draft_curves[s.plan_draft_name]
         draft_source = "draft_levels section"
     else:
         dgrid = [w for w in grid if w <= max(s.draft_grids[s.plan_draft_name])]
-        dsecs = hardware.draft_level_curve(D, dtype, dev, dgrid, prefix=s.draft_prefix, effort=s.effort, seed=s.seed)
+        dsecs = prof.draft_level_curve(s.drafts[s.plan_draft_name], dtype, dev, dgrid, prefix=s.draft_prefix,
+                                       effort=s.effort, seed=s.seed)
         draft_source = "measured here"
         release(dev)
-    curves_s = time.perf_counter() - t0
-    p = ctx.acceptance["p"]
-    table = best_trees(p, s.plan_max_tree, s.plan_max_depth)
-    here_bw, bw_source = ctx.bandwidth_for("pinned_median")
-    here_budget = _card_budget(ctx)
-    cards = [{"name": f"this card ({ctx.card})", "bandwidth_Bps": here_bw, "bandwidth_source": bw_source,
-              "budget_bytes": here_budget}]
-    proj_budget = int(BUDGET_FRACTION * PROJECTED_CARD["memory_bytes"]) if not s.small else _small_budget(s, 1)
-    cards.append({"name": PROJECTED_CARD["name"], "bandwidth_Bps": PROJECTED_CARD["bandwidth_Bps"],
-                  "bandwidth_source": "assumed (PCIe 4.0 x16, pinned)", "budget_bytes": proj_budget})
     curves = {"layer": opt.Curve(tuple(grid), opt.suffix_min(layer_s)), "head": opt.Curve(tuple(grid), opt.suffix_min(head_s)),
               "host": opt.Curve(tuple(grid), opt.suffix_min(host_s)),
               "draft_level": opt.Curve(tuple(dgrid), opt.suffix_min(dsecs))}
+    p = ctx.acceptance["p"]
+    here_bw, bw_source = ctx.bandwidth_for("pinned_median")
+    if s.small or not ctx.cuda:
+        here_budget = _small_budget(s, 3)
+    else:
+        here_budget = int(BUDGET_FRACTION * (ctx.gpu_free_at_start or torch.cuda.mem_get_info(dev)[0]))
+    cards = [{"name": f"this card ({ctx.card})", "bandwidth_Bps": here_bw, "bandwidth_source": bw_source,
+              "budget_bytes": here_budget},
+             {"name": PROJECTED_CARD["name"], "bandwidth_Bps": PROJECTED_CARD["bandwidth_Bps"],
+              "bandwidth_source": "assumed (PCIe 4.0 x16, pinned)",
+              "budget_bytes": _small_budget(s, 1) if s.small else int(BUDGET_FRACTION * PROJECTED_CARD["memory_bytes"])}]
     for card in cards:
         try:
-            card.update(_predict(s, curves, p, table, card["bandwidth_Bps"], card["budget_bytes"], ctx.cuda))
+            card.update(predict(s, curves, p, card["bandwidth_Bps"], card["budget_bytes"], ctx.cuda))
         except ResourceError as e:
             card["error"] = str(e)
-    return {"target": s.plan_target_name, "draft": s.plan_draft_name, "dtype": _dtype_name(dtype),
-            "acceptance": {"p": list(p), "source": ctx.acceptance["source"], "note": ctx.acceptance["note"]},
-            "curves": {"grid": grid, "layer_s": layer_s, "head_s": head_s, "host_s": host_s,
-                       "draft_grid": list(dgrid), "draft_level_s": list(dsecs), "draft_source": draft_source,
-                       "measured_on": ctx.card, "wall_s": curves_s},
-            "cards": cards,
-            "assumptions": "every card computes like this one (the curves are this card's); cards differ in copy "
-                           "bandwidth and memory only. Batch 1, the runtime's residency rule, the DP's trees."}
-
-
-def _card_budget(ctx: Context) -> int:
-    s = ctx.settings
-    if s.small or not ctx.cuda:
-        return _small_budget(s, 3)
-    free = ctx.gpu_free_at_start or torch.cuda.mem_get_info(ctx.device)[0]
-    return int(BUDGET_FRACTION * free)
+    parts, lines = [], [f"planner {s.plan_target_name} + {s.plan_draft_name} ({_dtype_name(dtype)}), acceptance "
+                        f"{ctx.acceptance['source']}: p = [{', '.join(f'{x:.3g}' for x in p[:6])}, ...]"]
+    for c in cards:
+        label = "here" if c["name"].startswith("this card") else "24GB@25GB/s"
+        if "error" in c:
+            parts.append(f"{label}: does not fit")
+            lines.append(f"  {c['name']}: {c['error'][:160]}")
+            continue
+        b = c["best"]
+        parts.append(f"{label} {c['s_per_token']:.3g} s/token ({b['n']} nodes, {c['tokens_per_step']:.2f} tok/step, "
+                     f"{c['resident_layers']} resident)")
+        lines.append(f"  {c['name']}: {_gb(c['bandwidth_Bps'])} GB/s, {c['resident_layers']}/{c['n_layers']} "
+                     f"resident: tree {b['n']} nodes depth {b['depth']}, {b['tokens_per_step']:.2f} tokens/step, "
+                     f"step {b['step_s']:.3g} s -> {c['s_per_token']:.3g} s/token (plain {c['plain_s_per_token']:.3g}, "
+                     f"x{c['speedup_vs_plain']:.1f})")
+    res = {"target": s.plan_target_name, "draft": s.plan_draft_name, "dtype": _dtype_name(dtype),
+           "acceptance": {"p": list(p), "source": ctx.acceptance["source"], "note": ctx.acceptance["note"]},
+           "curves": {"grid": grid, "layer_s": layer_s, "head_s": head_s, "host_s": host_s, "draft_grid": list(dgrid),
+                      "draft_level_s": list(dsecs), "draft_source": draft_source, "measured_on": ctx.card,
+                      "wall_s": time.perf_counter() - t0},
+           "cards": cards,
+           "assumptions": "every card computes like this one (the curves are this card's); cards differ in copy "
+                          "bandwidth and memory only. Batch 1, the runtime's residency rule, the DP's trees."}
+    return Outcome(res, f"{s.plan_target_name}: " + "; ".join(parts) + f"; p={ctx.acceptance['source']}", lines)
 
 
 def _small_budget(s: Settings, layers: int) -> int:
@@ -953,89 +861,88 @@ def _small_budget(s: Settings, layers: int) -> int:
     fixed = fixed_device_bytes(s.plan_target, s.dtype, draft_args=s.drafts[s.plan_draft_name], batch=1,
                                max_seq_len=s.plan_max_seq_len, tree_size=s.plan_max_tree, max_chunk=2048, slots=2,
                                on_cuda=False)
-    return sum(fixed.values()) + layers * opt.layer_bytes(s.plan_target, s.dtype)
+    return sum(fixed.values()) + layers * layer_bytes(s.plan_target, s.dtype)
 
 
-def _predict(s: Settings, curves: dict[str, opt.Curve], p: Sequence[float], table, bandwidth: float,
-             budget: int, cuda: bool) -> dict[str, Any]:
-    T, D, dtype = s.plan_target, s.drafts[s.plan_draft_name], s.dtype
+def predict(s: Settings, curves: dict[str, opt.Curve], p: Sequence[float], bandwidth: float, budget: int,
+            cuda: bool) -> dict[str, Any]:
+    """The planner's pick for the plan target on a card with this copy bandwidth and memory budget, over the time
+    model of these curves; if a context window of plan_max_seq_len does not fit beside the draft, 2048 is tried."""
+    T = s.plan_target
+    tm = opt.TimeModel(layer=curves["layer"], head=curves["head"], host=curves["host"],
+                       draft_level=curves["draft_level"], n_layers=T.n_layers, resident=0,
+                       layer_bytes=layer_bytes(T, s.dtype), bandwidth=bandwidth, overlap=cuda)
     notes = []
-    residency = None
     for seq_len in dict.fromkeys((s.plan_max_seq_len, min(s.plan_max_seq_len, 2048))):
         try:
-            residency = opt.residency(T, dtype, torch.device("cuda" if cuda else "cpu"), draft=D,
-                                      budget_bytes=budget, batch=1, max_seq_len=seq_len,
-                                      max_tree=s.plan_max_tree, slots=2, offload=True)
+            choice, tm = h.search_card(p, tm, (s.plan_target_name, T), (s.plan_draft_name, s.drafts[s.plan_draft_name]),
+                                       s.dtype, cuda=cuda, budget=budget, max_seq_len=seq_len,
+                                       max_tree=s.plan_max_tree, max_depth=s.plan_max_depth)
             break
         except ResourceError as e:
             notes.append(f"max_seq_len {seq_len}: {e}")
-    if residency is None:
+    else:
         raise ResourceError("; ".join(notes))
-    tm = opt.TimeModel(layer=curves["layer"], head=curves["head"], host=curves["host"],
-                       draft_level=curves["draft_level"], n_layers=T.n_layers, resident=len(residency.resident),
-                       layer_bytes=opt.layer_bytes(T, dtype), bandwidth=bandwidth, overlap=cuda)
-    best = opt.optimize(p, tm, max_tree=s.plan_max_tree, max_depth=s.plan_max_depth, table=table, top=5)
-    plain = opt.evaluate([-1], 1.0, tm)
-    b = best.best.row()
-    return {"max_seq_len": seq_len, "resident_layers": len(residency.resident), "n_layers": T.n_layers,
-            "stream_s": tm.stream_s, "best": b, "plain_s_per_token": plain.s_per_token,
-            "s_per_token": b["s_per_token"], "tokens_per_step": b["tokens_per_step"],
-            "speedup_vs_plain": plain.s_per_token / b["s_per_token"],
-            "top": [c.row() for c in best.ranked], "notes": notes}
+    best, plain = choice.optimum.best.row(), opt.evaluate([-1], 1.0, tm)
+    return {"max_seq_len": seq_len, "resident_layers": len(choice.residency.resident), "n_layers": T.n_layers,
+            "stream_s": tm.stream_s, "best": best, "plain_s_per_token": plain.s_per_token,
+            "s_per_token": best["s_per_token"], "tokens_per_step": best["tokens_per_step"],
+            "speedup_vs_plain": plain.s_per_token / best["s_per_token"],
+            "top": [c.row() for c in choice.optimum.ranked], "notes": notes}
 
 
-def section_batch_throughput(ctx: Context) -> dict[str, Any]:
+def section_batch_throughput(ctx: Context) -> Outcome:
     s, dev = ctx.settings, ctx.device
-    ctx.drop_host_model()
+    ctx.drop_model()
     T = s.batch_target
-    need = T.n_layers * HostLayerStore(T, s.dtype, [], pin=False).layer_bytes + s.ram_headroom
+    need = T.n_layers * layer_bytes(T, s.dtype) + s.ram_headroom
     if need > ctx.host_ram()[0]:
         raise SectionSkipped(f"not enough host RAM for the batch model ({need / 2**30:.1f} GiB needed)")
-    host = HostModel(T, s.dtype, dev, s.seed + 10, 1, 0)
-    target = host.streamed(0, 2)
-    # The draft: the target's first layers, resident, sharing its embeddings and head (a truncated copy).
+    # The draft: the target's first layers, resident (same seed, so the same weights: a truncated copy).
+    target = streamed_model(RandomWeights(T, s.seed + 10, distinct_layers=False), dev, s.dtype, 0, 2)
     dargs = T.replace(n_layers=s.batch_draft_layers)
-    dlayers = [views(host.store.buffers[i].to(dev, copy=True), host.store.layout) for i in range(dargs.n_layers)]
-    draft = Transformer(dargs, host.globals, ResidentLayers(dlayers), dev)
-    p = ctx.acceptance["p"]
-    tree = Tree(best_tree(p, s.batch_tree_nodes, 8)[1])  # the DP: any p, sorted or not
+    draft = build_model(RandomWeights(dargs, s.seed + 10, distinct_layers=False), dev, s.dtype,
+                        Residency(False, tuple(range(dargs.n_layers)), 0, None))
+    tree = best_tree(ctx.acceptance["p"], s.batch_tree_nodes, 8)[1]  # the DP: any p, sorted or not
     max_len = 8 + s.batch_new_tokens + len(tree) + 2
     g = torch.Generator().manual_seed(s.seed + 11)
     prompts = [torch.randint(0, T.vocab_size, (8,), generator=g).tolist() for _ in range(max(s.batch_sizes))]
-    warm = Engine(target, draft, None, max_seq_len=max_len, batch_size=1, tree=tree, name="batch")
-    warm.generate([prompts[0]], max_new_tokens=2, temperature=0, ignore_eos=True)
-    del warm
-    rows = []
-    notes = []
+    Engine(target, draft, None, max_seq_len=max_len, trees=tree, name="batch").generate(
+        [prompts[0]], max_new_tokens=2, temperature=0, ignore_eos=True)  # warm-up
+    rows, notes, sweeps = [], [], []
     for B in s.batch_sizes:
         if rows and ctx.time_left() < 2.5 * rows[-1]["seconds"] + 2:
             notes.append(f"out of time: stopped before B = {B}")
             break
-        engine = Engine(target, draft, None, max_seq_len=max_len, batch_size=B, tree=tree, name="batch")
-        before = len(target.layers.history)
+        engine = Engine(target, draft, None, max_seq_len=max_len, batch_size=B, trees=tree, name="batch")
         sync(dev)
         t0 = time.perf_counter()
         results = engine.generate(prompts[:B], max_new_tokens=s.batch_new_tokens, temperature=0, ignore_eos=True)
         sync(dev)
-        seconds = time.perf_counter() - t0
-        sweeps = len(target.layers.history) - before
+        seconds, call = time.perf_counter() - t0, results.stats
         tokens = sum(len(r.token_ids) for r in results)
-        times = engine.decoder.times
+        sweeps += call.sweeps
         rows.append({"batch": B, "seconds": seconds, "new_tokens": tokens, "tokens_per_s": tokens / seconds,
-                     "sweeps": sweeps, "sweeps_per_token": sweeps / tokens,
+                     "sweeps": len(call.sweeps), "sweeps_per_token": len(call.sweeps) / tokens,
                      "tokens_per_step": statistics.mean(r.stats.tokens_per_step for r in results),
-                     "draft_s": times.draft_s, "verify_s": times.verify_s, "other_s": times.other_s})
+                     "draft_s": call.draft_s, "verify_s": call.sweep_s, "other_s": call.host_s})
         del engine, results
-    stats = summarise_stats(target.layers.resolve_stats())
-    del target, draft, host
+    del target, draft
     release(dev)
     spt = [r["sweeps_per_token"] for r in rows]
-    return {"target": s.batch_target_name, "draft_layers": s.batch_draft_layers, "tree_nodes": len(tree),
-            "new_tokens_per_sequence": s.batch_new_tokens, "greedy": True, "rows": rows, "sweep_stats": stats,
-            "sweeps_per_token_falls": all(b < a for a, b in zip(spt, spt[1:])), "notes": notes}
+    res = {"target": s.batch_target_name, "draft_layers": s.batch_draft_layers, "tree_nodes": len(tree),
+           "new_tokens_per_sequence": s.batch_new_tokens, "greedy": True, "rows": rows,
+           "sweep_stats": summarise_stats(sweeps), "sweeps_per_token_falls": all(b < a for a, b in zip(spt, spt[1:])),
+           "notes": notes}
+    table = Table("batches", [Column("batch", "B"), Column("tokens_per_s", "tokens/s", ".3g"),
+                              Column("sweeps_per_token", "sweeps/token", ".3f"),
+                              Column("tokens_per_step", "tokens/step", ".2f")], rows)
+    return Outcome(res, "tokens/s " + ", ".join(f"B{x['batch']} {x['tokens_per_s']:.3g}" for x in rows)
+                   + f"; sweeps/token {spt[0]:.2f} -> {spt[-1]:.3f} (falls: {res['sweeps_per_token_falls']})",
+                   [report.to_text(table)])
 
 
-SECTION_FUNCS: dict[str, Callable[[Context], dict[str, Any]]] = {
+SECTION_FUNCS: dict[str, Callable[[Context], Outcome]] = {
     "environment": section_environment, "gpu_tests": section_gpu_tests, "h2d_bandwidth": section_h2d_bandwidth,
     "sweep_efficiency": section_sweep_efficiency, "verify_scaling": section_verify_scaling,
     "draft_levels": section_draft_levels, "accelerate_baseline": section_accelerate_baseline,
@@ -1052,6 +959,7 @@ def run_section(ctx: Context, name: str, selected: bool) -> None:
                              "result": None, "reason": None, "error": None, "traceback": None}
     ctx.report["sections"][name] = entry
     need = ctx.settings.need_s[name]
+    headline = None
     if not selected:
         entry["reason"] = "not selected (--sections)"
     elif need > 0 and ctx.time_left() < need:  # need 0: always runs (the environment names the card)
@@ -1060,9 +968,9 @@ def run_section(ctx: Context, name: str, selected: bool) -> None:
         _log(f"{name} ...")
         t0 = time.perf_counter()
         try:
-            result = SECTION_FUNCS[name](ctx)
-            entry["status"] = result.pop("_status", "ok")
-            entry["result"] = result
+            out = SECTION_FUNCS[name](ctx)
+            entry["status"], entry["result"], headline = out.status, out.result, out.headline
+            ctx.details += out.details
         except SectionSkipped as e:
             entry["reason"] = str(e)
         except Exception as e:  # recorded, and the next section runs
@@ -1076,187 +984,28 @@ def run_section(ctx: Context, name: str, selected: bool) -> None:
             except RuntimeError as e:  # a broken CUDA context: later sections will say so themselves
                 entry.setdefault("notes", []).append(f"release failed: {e}")
         _log(f"{name}: {entry['status']} in {entry['seconds']:.1f} s"
-             + (f" ({entry['error'] or entry['reason']})" if entry["status"] != "ok" else ""))
-    ctx.report["summary"][name] = headline(name, entry)
+             + (f" ({entry['error'] or entry['reason']})" if entry["status"] not in ("ok", "failed") else ""))
+    ctx.report["summary"][name] = headline or entry["error"] or f"skipped: {entry['reason']}"
     write_report(ctx)
 
 
 def write_report(ctx: Context) -> None:
-    ctx.report["elapsed_s"] = ctx.elapsed()
-    ctx.report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    ctx.report["card"] = ctx.card
-    text = json.dumps(jsonable(ctx.report), indent=1) + "\n"
+    ctx.report.update(elapsed_s=ctx.elapsed(), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), card=ctx.card)
     for path in ctx.out_paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_json(path, jsonable(ctx.report))
 
 
 def _log(msg: str) -> None:
     print(f"[{time.perf_counter() - _T_START:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-# --- the printed summary
-
-
-def headline(name: str, entry: dict[str, Any]) -> str:
-    if entry["status"] == "skipped":
-        return f"skipped: {entry['reason']}"
-    if entry["status"] == "error":
-        return entry["error"] or "error"
-    r = entry["result"] or {}
-    try:
-        return _HEADLINES[name](r)
-    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as e:
-        return f"(no headline: {type(e).__name__})"
-
-
-def _h_env(r: dict) -> str:
-    if r.get("torch_cuda") is None or "gpu_name" not in r:
-        return f"torch {r['torch']} on the CPU, {r['threads']} threads; {r['machine']}"
-    pcie = r.get("pcie") or {}
-    link = (f", PCIe gen{pcie.get('pcie_gen')} x{pcie.get('pcie_width')} (max gen{pcie.get('pcie_max_gen')} "
-            f"x{pcie.get('pcie_max_width')})" if pcie.get("pcie_gen") is not None else ", PCIe link unknown (no NVML)")
-    return f"torch {r['torch']} CUDA {r['torch_cuda']}, driver {r.get('gpu_driver')}{link}"
-
-
-def _h_tests(r: dict) -> str:
-    text = f"{r['passed']} passed, {r['failures']} failed, {r['errors']} errors, {r['skipped']} skipped"
-    if r.get("all_skipped"):
-        text += f" ({r.get('skip_reason')})"
-    if r["failing"]:
-        text += "; first: " + r["failing"][0]["test"].split("::")[-1]
-    return text
-
-
-def _h_bw(r: dict) -> str:
-    kind = "pinned" if r["pinned"] else "pageable" if r["kind"] == "host-to-device" else "memcpy"
-    return (f"{kind} {_gb(r['pinned_best_Bps'])} GB/s best, {_gb(r['pinned_median_Bps'])} median "
-            f"({r['bytes'] / 2**30:.2g} GiB); pageable {_gb(r['pageable_best_Bps'])} GB/s")
-
-
-def _h_sweep(r: dict) -> str:
-    first = [x for x in r["rows"] if (x["resident"], x["slots"]) == (r["rows"][0]["resident"], r["rows"][0]["slots"])]
-    effs = ", ".join(f"{x['tokens']} tok {x['efficiency']:.2f}" for x in first)
-    return (f"{r['n_layers']} layers; R={first[0]['resident']} K={first[0]['slots']}: {effs}; best "
-            f"{r['best_efficiency']:.2f} (target {EFFICIENCY_TARGET}); bitwise across configs "
-            f"{r['bitwise_equal_across_configs']}")
-
-
-def _h_verify(r: dict) -> str:
-    pts = r["points"]
-    picks = [p for p in pts if p["n"] in (16, 256, 1024)] + [pts[-1]]
-    seen, parts = set(), []
-    for p in picks:
-        if p["n"] not in seen:
-            seen.add(p["n"])
-            parts.append(f"n={p['n']} {p['ratio']:.2f}")
-    return "T(n)/T(1): " + ", ".join(parts) + f"; T(1) {pts[0]['seconds']:.3g} s"
-
-
-def _h_draft(r: dict) -> str:
-    parts = []
-    for name, d in r["drafts"].items():
-        parts.append(f"{name} {_ms(d['seconds'][0])}..{_ms(d['seconds'][-1])} ms (w 1..{d['grid'][-1]})")
-    return "; ".join(parts)
-
-
-def _h_acc(r: dict) -> str:
-    ours = r.get("ours_s_per_token")
-    text = f"accelerate {r['s_per_token']:.3g} s/token"
-    if ours:
-        text += f" vs ours {ours:.3g} s/token plain ({r['speedup']:.1f}x)"
-    return text + f", {r['n_layers']} layers"
-
-
-def _h_plan(r: dict) -> str:
-    parts = []
-    for c in r["cards"]:
-        label = "here" if c["name"].startswith("this card") else "24GB@25GB/s"
-        if "error" in c:
-            parts.append(f"{label}: does not fit")
-        else:
-            parts.append(f"{label} {c['s_per_token']:.3g} s/token ({c['best']['n']} nodes, "
-                         f"{c['tokens_per_step']:.2f} tok/step, {c['resident_layers']} resident)")
-    return f"{r['target']}: " + "; ".join(parts) + f"; p={r['acceptance']['source']}"
-
-
-def _h_batch(r: dict) -> str:
-    rows = r["rows"]
-    tps = ", ".join(f"B{x['batch']} {x['tokens_per_s']:.3g}" for x in rows)
-    return (f"tokens/s {tps}; sweeps/token {rows[0]['sweeps_per_token']:.2f} -> {rows[-1]['sweeps_per_token']:.3f}"
-            f" (falls: {r['sweeps_per_token_falls']})")
-
-
-_HEADLINES: dict[str, Callable[[dict], str]] = {
-    "environment": _h_env, "gpu_tests": _h_tests, "h2d_bandwidth": _h_bw, "sweep_efficiency": _h_sweep,
-    "verify_scaling": _h_verify, "draft_levels": _h_draft, "accelerate_baseline": _h_acc,
-    "planner_predictions": _h_plan, "batch_throughput": _h_batch,
-}
-
-
-def detail_lines(report: dict[str, Any]) -> list[str]:
-    """A few rows of numbers per section, printed before the summary table."""
-    secs = report["sections"]
-    lines: list[str] = []
-
-    def ok(name: str) -> dict | None:
-        e = secs.get(name) or {}
-        return e.get("result") if e.get("status") in ("ok", "failed") else None
-
-    r = ok("sweep_efficiency")
-    if r:
-        lines.append(f"sweeps of {r['model']} x {r['n_layers']} layers, {r['dtype']}, against "
-                     f"{_gb(r['bandwidth_Bps'])} GB/s ({r['bandwidth_source']}):")
-        lines.append("   R  K  tokens  sweep ms  GB/s  efficiency  copy wait ms")
-        for x in r["rows"]:
-            st = x["engine_stats"]
-            lines.append(f"  {x['resident']:2d} {x['slots']:2d} {x['tokens']:7d} {_ms(x['sweep_s']):>9} "
-                         f"{_gb(x['effective_Bps']):>5} {x['efficiency'] or 0:11.3f} {_ms(st.get('wait_s')):>13}")
-    r = ok("verify_scaling")
-    if r:
-        lines.append("T_verify(n)/T(1): " + " ".join(f"{p['n']}:{p['ratio']:.2f}" for p in r["points"]))
-    r = ok("draft_levels")
-    if r:
-        for name, d in r["drafts"].items():
-            lines.append(f"draft {name} ms/level: " + " ".join(f"{w}:{_ms(t)}" for w, t in zip(d["grid"], d["seconds"])))
-    r = ok("planner_predictions")
-    if r:
-        lines.append(f"planner {r['target']} + {r['draft']} ({r['dtype']}), acceptance {r['acceptance']['source']}: "
-                     f"p = [{', '.join(f'{x:.3g}' for x in r['acceptance']['p'][:6])}, ...]")
-        for c in r["cards"]:
-            if "error" in c:
-                lines.append(f"  {c['name']}: {c['error'][:160]}")
-                continue
-            b = c["best"]
-            lines.append(f"  {c['name']}: {_gb(c['bandwidth_Bps'])} GB/s, {c['resident_layers']}/{c['n_layers']} "
-                         f"resident: tree {b['n']} nodes depth {b['depth']}, {b['tokens_per_step']:.2f} tokens/step, "
-                         f"step {b['step_s']:.3g} s -> {c['s_per_token']:.3g} s/token (plain "
-                         f"{c['plain_s_per_token']:.3g}, x{c['speedup_vs_plain']:.1f})")
-    r = ok("batch_throughput")
-    if r:
-        lines.append("batch  B  tokens/s  sweeps/token  tokens/step")
-        for x in r["rows"]:
-            lines.append(f"      {x['batch']:3d} {x['tokens_per_s']:9.3g} {x['sweeps_per_token']:13.3f} "
-                         f"{x['tokens_per_step']:12.2f}")
-    r = ok("gpu_tests")
-    if r:
-        for f in r["failing"][:5]:
-            lines.append(f"FAILED {f['test']}: {f['message'][:200]}")
-    return lines
-
-
-def summary_table(report: dict[str, Any]) -> str:
-    head = (f"device_check {report['mode']} | {report['card']} | {report['created']} | "
-            f"{report['elapsed_s']:.0f} s of {report['budget_s']:.0f} s")
-    width = max(len(n) for n in SECTIONS)
-    rows = [head, f"{'section':<{width}}  {'status':<7}  {'time':>6}  result"]
-    for name in SECTIONS:
-        e = report["sections"].get(name, {})
-        rows.append(f"{name:<{width}}  {e.get('status', '-'):<7}  {e.get('seconds', 0):5.1f}s  "
-                    f"{report['summary'].get(name, '')[:220]}")
-    return "\n".join(rows)
+def summary_table(report_: dict[str, Any]) -> Table:
+    rows = [{"section": name, "status": e.get("status"), "seconds": e.get("seconds", 0.0),
+             "result": report_["summary"].get(name, "")[:220]} for name, e in report_["sections"].items()]
+    return Table(f"device_check {report_['mode']} | {report_['card']} | {report_['created']} | "
+                 f"{report_['elapsed_s']:.0f} s of {report_['budget_s']:.0f} s",
+                 [Column("section", "section"), Column("status", "status", left=True),
+                  Column("seconds", "time", lambda x: f"{x:.1f}s"), Column("result", "result", left=True)], rows)
 
 
 # --- command line
@@ -1267,7 +1016,7 @@ def acceptance_from(spec: str | None) -> dict[str, Any]:
 
     if spec is None or spec == "default":
         return {"p": list(DEFAULT_ACCEPTANCE), "source": "default",
-                "note": "an assumption shaped like Sequoia's Llama-2 measurements (planner.tree_search)"}
+                "note": "an assumption shaped like Sequoia's Llama-2 measurements (offload_runtime.spec.tree_search)"}
     if Path(spec).is_file():
         result = read_acceptance(spec)
         return {"p": list(result.p), "source": f"file {spec}",
@@ -1282,7 +1031,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda; cpu with --small)")
     p.add_argument("--budget-s", type=float, default=None, help="wall-time budget in seconds (default 450; 60 small)")
     p.add_argument("--output", default=None, help="JSON report path (default ./device_check.json; $OUT/ as well)")
-    p.add_argument("--sections", default=None, help=f"comma list of sections to run (default all: {','.join(SECTIONS)})")
+    p.add_argument("--sections", type=h.csv(str), default=None,
+                   help=f"comma list of sections to run (default all: {','.join(SECTIONS)})")
     p.add_argument("--acceptance", default=None,
                    help="acceptance vector for the planner: 0.7,0.1,..., a planner acceptance file, or 'default'")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"), help="weights dtype (default float16)")
@@ -1292,12 +1042,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --small)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.sections is not None:
-        chosen = [x.strip() for x in args.sections.split(",") if x.strip()]
-        unknown = [x for x in chosen if x not in SECTIONS]
-        if unknown:
-            p.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
-        args.sections = set(chosen)
+    unknown = [x for x in args.sections or () if x not in SECTIONS]
+    if unknown:
+        p.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     try:
         args.acceptance = acceptance_from(args.acceptance)
     except UsageError as e:
@@ -1323,15 +1070,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads or 1)
     budget = args.budget_s if args.budget_s is not None else settings.default_budget_s
     out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
-    paths = []
-    if args.output is not None or out_dir is None:
-        paths.append(Path(args.output or "device_check.json").resolve())
-    if out_dir is not None:
-        paths.append(out_dir / "device_check.json")
+    paths = [Path(args.output or "device_check.json").resolve()] if args.output is not None or out_dir is None else []
+    paths += [out_dir / "device_check.json"] if out_dir is not None else []
     ctx = Context(settings=settings, device=device, budget_s=budget, acceptance=args.acceptance,
                   host_ram_override=None if args.host_ram_gib is None else int(args.host_ram_gib * 2**30),
-                  out_paths=paths, out_dir=out_dir)
-    ctx.card = "cpu" if device.type == "cpu" else "unknown"
+                  out_paths=paths, out_dir=out_dir, card="cpu" if device.type == "cpu" else "unknown")
     ctx.report = {"kind": "device_check", "version": REPORT_VERSION,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished": None,
                   "mode": "small" if args.small else "full", "card": ctx.card, "device": str(device),
@@ -1339,11 +1082,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "settings": settings.describe(), "sections": {}, "summary": {}}
     for name in SECTIONS:
         run_section(ctx, name, args.sections is None or name in args.sections)
+    ctx.drop_model()
     write_report(ctx)
     sys.stderr.flush()
-    print("\n".join(detail_lines(ctx.report)))
+    print("\n".join(ctx.details))
     print(f"report: {', '.join(str(p) for p in paths)}")
-    print(summary_table(ctx.report), flush=True)
+    print(report.to_text(summary_table(ctx.report)), flush=True)
     return 0
 
 

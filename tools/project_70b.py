@@ -2,24 +2,23 @@
 
 Nothing here is measured: copy bandwidth, compute and the draft's level time are stated assumptions, and so is
 the acceptance vector. BENCHMARKS.md labels the result as a projection; tools/device_check.py replaces the
-assumed compute and draft curves with ones measured on a lent GPU.
+assumed compute and draft curves with ones measured on a lent GPU (and picks the plan the same way).
 
-    python tools/project_70b.py [--bandwidth-gbps 25] [--memory-gib 24] [--acceptance 0.8,0.1,...]
+    python tools/project_70b.py [--bandwidth-gbps 25] [--memory-gib 22] [--acceptance 0.8,0.1,...]
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+import harness as h
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from offload_runtime.config import ModelArgs  # noqa: E402
-from planner import optimizer as opt  # noqa: E402
-from planner.acceptance import parse_vector  # noqa: E402
-from planner.tree_search import DEFAULT_ACCEPTANCE, best_trees  # noqa: E402
+from offload_runtime.model.config import ModelArgs
+from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE
+from offload_runtime.weights.layout import layer_bytes
+from planner import optimizer as opt
+from planner.acceptance import parse_vector
 
 GRID = (1, 2048)
 
@@ -27,29 +26,26 @@ GRID = (1, 2048)
 def roofline_layer(args: ModelArgs, tflops: float, mem_gbps: float) -> opt.Curve:
     """One decoder layer for n tokens: max(weights read from device memory, 2 x params x n FLOPs)."""
     params = args.layer_numel()
-    seconds = [max(2 * params / (mem_gbps * 1e9), 2 * params * n / (tflops * 1e12)) for n in GRID]
-    return opt.Curve(GRID, tuple(seconds))
+    return opt.Curve(GRID, tuple(max(2 * params / (mem_gbps * 1e9), 2 * params * n / (tflops * 1e12)) for n in GRID))
 
 
 def project(bandwidth_gbps: float, memory_gib: float, tflops: float, mem_gbps: float, p, max_tree: int = 1024,
             max_depth: int = 20) -> dict:
     target, draft = ModelArgs.from_name("llama-2-70b"), ModelArgs.from_name("llama-2-7b")
     dtype = torch.float16
-    residency = opt.residency(target, dtype, torch.device("cuda"), draft=draft, budget_bytes=int(memory_gib * 2**30),
-                              batch=1, max_seq_len=2048, max_tree=max_tree, slots=2, offload=True)
     draft_layer = roofline_layer(draft, tflops, mem_gbps)
     # A draft level: its whole model once (memory-bound at these widths) plus its head, per level.
     level = opt.Curve(GRID, tuple(draft.n_layers * float(draft_layer(n)) + 2 * draft.vocab_size * draft.dim /
                                   (mem_gbps * 1e9) for n in GRID))
-    zero = opt.Curve.constant(0.0)
-    tm = opt.TimeModel(layer=roofline_layer(target, tflops, mem_gbps), head=zero, host=opt.Curve.constant(5e-3),
-                       draft_level=level, n_layers=target.n_layers, resident=len(residency.resident),
-                       layer_bytes=opt.layer_bytes(target, dtype), bandwidth=bandwidth_gbps * 1e9, overlap=True)
-    best = opt.optimize(p, tm, max_tree=max_tree, max_depth=max_depth, table=best_trees(p, max_tree, max_depth)).best
-    plain = opt.evaluate([-1], 1.0, tm)
-    return {"resident_layers": len(residency.resident), "stream_s": tm.stream_s, "n": best.n, "depth": best.depth,
-            "tokens_per_step": best.tokens_per_step, "s_per_token": best.row()["s_per_token"],
-            "plain_s_per_token": plain.row()["s_per_token"]}
+    tm = opt.TimeModel(layer=roofline_layer(target, tflops, mem_gbps), head=opt.Curve.constant(0.0),
+                       host=opt.Curve.constant(5e-3), draft_level=level, n_layers=target.n_layers, resident=0,
+                       layer_bytes=layer_bytes(target, dtype), bandwidth=bandwidth_gbps * 1e9, overlap=True)
+    choice, tm = h.search_card(p, tm, ("llama-2-70b", target), ("llama-2-7b", draft), dtype, cuda=True,
+                               budget=int(memory_gib * 2**30), max_seq_len=2048, max_tree=max_tree, max_depth=max_depth)
+    best = choice.optimum.best
+    return {"resident_layers": len(choice.residency.resident), "stream_s": tm.stream_s, "n": best.n,
+            "depth": best.depth, "tokens_per_step": best.tokens_per_step, "s_per_token": best.s_per_token,
+            "plain_s_per_token": opt.evaluate([-1], 1.0, tm).s_per_token}
 
 
 def main(argv: list[str] | None = None) -> int:

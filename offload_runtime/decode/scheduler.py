@@ -19,6 +19,7 @@ class Scheduler:
         self.rows: list[Request | None] = [None] * batch_size
         self.waiting: deque[Request] = deque()
         self._last_owner: list[Request | None] = [None] * batch_size  # whose K/V each cache row holds
+        self.sweeps = 0  # target sweeps run so far: one per step with a live row, however many rows share it
 
     @property
     def idle(self) -> bool:
@@ -49,6 +50,7 @@ class Scheduler:
         finished = [r for r in self.rows if r is not None and r.done]  # cancelled between steps
         if any(r is not None and not r.done for r in self.rows):
             self.decoder.step(self.rows)
+            self.sweeps += 1
         finished += [r for r in self.rows if r is not None and r.done and r not in finished]
         for b, r in enumerate(self.rows):
             if r is not None and r.done:

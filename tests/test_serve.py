@@ -7,16 +7,11 @@ A few tests run the app in-process on the tiny pair, where they need to reach in
 from __future__ import annotations
 
 import logging
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -24,69 +19,33 @@ import openai
 import pytest
 import uvicorn
 
+from helpers import load_tool
 from offload_runtime import Engine
 from offload_runtime.errors import UsageError
 from offload_runtime.serve.__main__ import bind, exposure_warning, main as serve_main
 from offload_runtime.serve.app import ServeSettings, create_app
+from offload_runtime.serve.launch import ServerProcess, launched
 
 KEY = "test-key-7f3a"
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 MAX_BODY = 65536
 
 
-@dataclass
-class RunningServer:
-    url: str
-    log: Path
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=10).json()
-
-    def log_text(self) -> str:
-        return self.log.read_text()
-
-    def wait(self, condition, what: str, timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            h = self.health()
-            if condition(h):
-                return h
-            time.sleep(0.05)
-        raise AssertionError(f"{what} did not happen within {timeout} s: {self.health()}")
-
-
-@contextmanager
-def serve_subprocess(workdir: Path, *args: str, timeout: float = 120.0) -> Iterator[RunningServer]:
-    """`python -m offload_runtime.serve --port 0 ARGS`, up until the block ends (terminated, then killed)."""
-    log = workdir / "serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "offload_runtime.serve", "--port", "0", *args],
-                                stdout=out, stderr=subprocess.STDOUT, env=ENV)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            text = log.read_text()
-            found = re.search(r"serving \S+ on (http://\S+)/v1", text)
-            if found and "Application startup complete" in text:
-                break
-            assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{text}"
-            assert time.monotonic() < deadline, f"the server did not start within {timeout} s:\n{text}"
-            time.sleep(0.1)
-        yield RunningServer(found.group(1), log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+def wait_for(server: ServerProcess, condition, what: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = server.health()
+        if condition(h):
+            return h
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen within {timeout} s: {server.health()}")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[RunningServer]:
-    with serve_subprocess(tmp_path_factory.mktemp("serve"), "--model", "demo", "--device", "cpu", "--dtype", "float64",
-                          "--plan", "none", "--api-key", KEY, "--batch-size", "8", "--max-queue", "2",
-                          "--max-request-bytes", str(MAX_BODY)) as s:
+def server(tmp_path_factory) -> Iterator[ServerProcess]:
+    args = ["--model", "demo", "--device", "cpu", "--dtype", "float64", "--plan", "none", "--api-key", KEY,
+            "--batch-size", "8", "--max-queue", "2", "--max-request-bytes", str(MAX_BODY)]
+    with launched(args, tmp_path_factory.mktemp("serve") / "serve.log", env=ENV) as s:
         yield s
 
 
@@ -96,7 +55,7 @@ def engine() -> Engine:
     return Engine.from_pretrained("demo", device="cpu", dtype="float64", plan=None, quiet=True)
 
 
-def client(server: RunningServer, key: str = KEY) -> openai.OpenAI:
+def client(server: ServerProcess, key: str = KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
 
 
@@ -199,7 +158,7 @@ def test_eight_concurrent_streaming_clients_share_sweeps_and_each_gets_its_reply
     assert after["running"] == 0 and after["waiting"] == 0
 
 
-def _open_stream(http: httpx.Client, server: RunningServer, i: int) -> httpx.Response:
+def _open_stream(http: httpx.Client, server: ServerProcess, i: int) -> httpx.Response:
     """A long streamed request whose response has begun (so it was admitted)."""
     body = {"model": "demo", "messages": ask(i), "max_tokens": 1000, "temperature": 0, "stream": True,
             "ignore_eos": True}
@@ -223,7 +182,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
                     break
         request_id = re.search(r'"id": "(chatcmpl-\w+)"', content[0]).group(1)
         response.close()
-    h = server.wait(lambda h: h["running"] == 0 and h["requests"]["cancelled"] > before["requests"]["cancelled"],
+    h = wait_for(server, lambda h: h["running"] == 0 and h["requests"]["cancelled"] > before["requests"]["cancelled"],
                     "the row freed")
     assert h["waiting"] == 0
     line = next(l for l in server.log_text().splitlines() if request_id in l and "tokens/s" in l)
@@ -240,7 +199,7 @@ def test_beyond_the_queue_requests_get_429_with_retry_after(server):
     with httpx.Client(timeout=60) as http:
         streams = [_open_stream(http, server, i) for i in range(capacity)]
         try:
-            server.wait(lambda h: h["running"] == before["batch_size"] and h["waiting"] == before["max_queue"],
+            wait_for(server, lambda h: h["running"] == before["batch_size"] and h["waiting"] == before["max_queue"],
                         "a full batch and a full queue")
             with pytest.raises(openai.RateLimitError) as e:
                 client(server).chat.completions.create(model="demo", messages=ask(0), max_tokens=4)
@@ -249,7 +208,7 @@ def test_beyond_the_queue_requests_get_429_with_retry_after(server):
         finally:
             for s in streams:
                 s.close()
-    h = server.wait(lambda h: h["running"] == 0 and h["waiting"] == 0, "every row and queue place freed")
+    h = wait_for(server, lambda h: h["running"] == 0 and h["waiting"] == 0, "every row and queue place freed")
     assert h["requests"]["rejected"] == before["requests"]["rejected"] + 1
     assert h["requests"]["cancelled"] == before["requests"]["cancelled"] + capacity
 
@@ -458,3 +417,20 @@ def test_bad_flags_and_a_taken_port_are_one_line_errors_before_loading():
             serve_main(["--port", str(taken.getsockname()[1]), "--model", "/nonexistent/never/loaded"])
     finally:
         taken.close()
+
+
+# --- the load benchmark
+
+
+def test_the_load_benchmark_loses_no_request_and_its_clients_share_sweeps(tmp_path):
+    bench = load_tool("bench_serve")
+    levels = bench.main(["--small", "--no-write", "--workdir", str(tmp_path)])
+    assert [lv.clients for lv in levels] == [1, 4]
+    for lv in levels:
+        assert (lv.completed, lv.errors, lv.lost) == (lv.sent, 0, 0)
+        assert lv.tokens == lv.sent * 8  # ignore_eos: every request its full length
+        assert all(0 < o.ttft_s <= o.wall_s for o in lv.outcomes)
+        assert lv.ttft(50) <= lv.ttft(99)
+    one, four = levels
+    assert four.sweeps_per_token < one.sweeps_per_token  # four rows verified in the same sweeps
+    assert bench.table_rows(levels)[1][2] == "4/0/0"

@@ -195,14 +195,16 @@ class EngineWorker:
             log.info("%s reply: %r", job.id, text)
 
     def _end(self, job: Job, update: Update, count: str) -> None:
-        """The job's last update, its statistics line, and the running totals."""
-        self._deliver(job, update)
+        """The job's last update, its statistics line, and the running totals (published first, so a client
+        that has its reply never reads totals without it)."""
         req, s = job.request, job.request.stats
         wall = time.perf_counter() - job.arrived
         self._counts[count] += 1
         self._counts["completion_tokens"] += len(req.generated)
         if count == "finished":
             self._mean_s = wall if self._counts["finished"] == 1 else 0.8 * self._mean_s + 0.2 * wall
+        self._publish()
+        self._deliver(job, update)
         first = f"{job.first_text_s:.2f} s" if job.first_text_s is not None else "-"
         log.info("%s %s (%s): %d prompt + %d new tokens in %.2f s, %.1f tokens/s, %.2f tokens/step over %d "
                  "steps, first text after %s", job.id, count, req.finish_reason, req.n_prompt, len(req.generated),

@@ -39,6 +39,7 @@ if sys.path[:1] != [str(REPO)]:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
@@ -260,16 +261,27 @@ def to_text(levels: Sequence[Level]) -> str:
                      for r in cells)
 
 
-def to_markdown(levels: Sequence[Level], models: Sequence[ServedModel], settings: str, command: str,
-                threads: int) -> str:
+def machine_line(threads: int, load: Sequence[float]) -> str:
     import transformers
 
-    lines = [f"## Server load, {time.strftime('%Y-%m-%d %H:%M')}", "",
-             f"Machine: {platform.processor() or platform.machine()}, {threads} torch thread(s) for the server of "
-             f"{os.cpu_count()} logical CPUs; torch {torch.__version__}, transformers {transformers.__version__}, "
-             f"Python {platform.python_version()}", "", f"Command: `{command}`", "",
+    from offload_runtime.api.machine import machine_fingerprint
+
+    fp = machine_fingerprint("cpu")
+    return (f"{fp['cpu_model']}, {threads} torch thread(s) for the server of {fp['cpu_count']} logical CPUs, "
+            f"{fp['ram_total_gib']} GiB RAM; load average {' -> '.join(f'{x:.1f}' for x in load)} (start -> end: "
+            f"the machine is shared); torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def to_markdown(levels: Sequence[Level], models: Sequence[ServedModel], settings: str, command: str,
+                machine: str) -> str:
+    lines = [f"## Server load, {time.strftime('%Y-%m-%d %H:%M')}", "", f"Machine: {machine}", "",
+             f"Command: `{command}`", "",
              f"- {settings}", *(f"- {m.label}: {m.about}" for m in models),
-             "- ratios (vs 1 client) are the figures to quote; absolute CPU times are noise", "",
+             "- ratios (vs 1 client) are the figures to quote; absolute CPU times are noise",
+             "- a sweep is one target forward over every running row's tree: on the CPU its compute grows with the "
+             "rows, so per-client tokens/s falls as clients join; offloaded on a GPU a sweep costs about one copy of "
+             "the weights whatever the rows, and sweeps/token is the figure that carries over", "",
              "| " + " | ".join(HEADERS) + " |", "|:---|" + "---:|" * (len(HEADERS) - 1)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(levels)]
     errors = sorted({e for lv in levels for e in lv.notes})
@@ -297,18 +309,20 @@ def main(argv: Sequence[str] | None = None) -> list[Level]:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    load = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         workdir = Path(a.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         models = served_models(a.small, workdir)
         results = [lv for m in models for lv in bench_model(m, levels, requests, tokens, a.threads, workdir, log)]
+    load.append(os.getloadavg()[0])
     print(to_text(results))
     if not a.no_write:
         settings = (f"each client sends {requests} streamed chat request(s) back to back, greedy, {tokens} tokens "
                     f"each (ignore_eos); server batch {max(levels)}, queue {max(levels)}, float32, default tree")
         command = "python tools/bench_serve.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])
                                                    if (argv if argv is not None else sys.argv[1:]) else "")
-        text = to_markdown(results, models, settings, command, a.threads)
+        text = to_markdown(results, models, settings, command, machine_line(a.threads, load))
         with open(BENCHMARKS_MD, "a") as f:
             f.write("\n" + text)
     return results

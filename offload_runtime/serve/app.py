@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -31,7 +31,7 @@ from ..api.text import watch
 from ..decode.request import Request as EngineRequest
 from ..errors import ContextLengthError, OffloadError, UsageError
 from .protocol import ApiError, CompletionSpec, ReplyHead, bad, error_body, parse_request, usage_body
-from .worker import EngineWorker, Job, Update
+from .worker import EngineWorker, Job, Update, WorkerStatus
 
 log = logging.getLogger("offload_runtime.serve")
 CLIENT_GONE = 499  # nginx's status for "the client closed the connection"; no client ever reads it
@@ -49,7 +49,7 @@ class ServeSettings:
 class Reply:
     """The event loop's end of one job: its updates in order. `done` once the last one has arrived."""
 
-    def __init__(self, on_final: Any):
+    def __init__(self, on_final: Callable[[], None]):
         self.updates: asyncio.Queue[Update] = asyncio.Queue()
         self.done = False
         self._on_final = on_final
@@ -201,17 +201,16 @@ class Server:
     # --- status
 
     def health(self) -> JSONResponse:
-        st = self.worker.status if self.worker else None
         alive = self.worker is not None and self.worker.alive
-        running = st.running if st else 0
+        st = self.worker.status if self.worker is not None else WorkerStatus(alive=False)
         body = {"status": "ok" if alive else "unavailable", "model": self.settings.model_name,
                 "speculative": self.engine.draft is not None, "offloaded": self.engine.offloaded,
-                "batch_size": self.engine.batch_size, "running": running,
-                "waiting": max(0, self.in_flight - running), "max_queue": self.settings.max_queue,
-                "max_seq_len": self.engine.max_seq_len,
-                "sweeps": st.sweeps if st else 0, "completion_tokens": st.completion_tokens if st else 0,
-                "requests": {"finished": st.finished if st else 0, "cancelled": st.cancelled if st else 0,
-                             "failed": st.failed if st else 0, "rejected": self.rejected}}
+                "batch_size": self.engine.batch_size, "running": st.running,
+                "waiting": max(0, self.in_flight - st.running), "max_queue": self.settings.max_queue,
+                "max_seq_len": self.engine.max_seq_len, "sweeps": st.sweeps,
+                "completion_tokens": st.completion_tokens,
+                "requests": {"finished": st.finished, "cancelled": st.cancelled, "failed": st.failed,
+                             "rejected": self.rejected}}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     def model_card(self) -> dict[str, Any]:

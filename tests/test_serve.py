@@ -25,6 +25,7 @@ from offload_runtime.errors import UsageError
 from offload_runtime.serve.__main__ import bind, exposure_warning, main as serve_main
 from offload_runtime.serve.app import ServeSettings, create_app
 from offload_runtime.serve.launch import ServerProcess, launched
+from offload_runtime.serve.protocol import ApiError, parse_request
 
 KEY = "test-key-7f3a"
 ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -298,6 +299,28 @@ def test_a_stats_line_per_request_and_no_prompt_in_the_log(server):
     assert re.search(r"finished \(length\): \d+ prompt \+ 6 new tokens in [\d.]+ s, [\d.]+ tokens/s, "
                      r"[\d.]+ tokens/step over \d+ steps", line), line
     assert marker not in server.log_text()
+
+
+def test_request_checks_name_the_field_and_accept_neutral_values():
+    msgs = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "Ok."}]},
+            {"role": "user", "content": "Hi"}]
+    spec = parse_request({"messages": msgs, "frequency_penalty": 0.0, "n": 1, "max_completion_tokens": 9,
+                          "max_tokens": 9, "stop": "x", "stream": True, "stream_options": {"include_usage": True}},
+                         "chat", "m")
+    assert spec.messages[0] == {"role": "system", "content": "Be brief.\nOk."}
+    assert (spec.max_tokens, spec.stop, spec.stream, spec.include_usage) == (9, ("x",), True, True)
+    for body, param in [({"n": True}, "n"), ({"presence_penalty": 0.5}, "presence_penalty"),
+                        ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens"),
+                        ({"stream_options": {"include_usage": True}}, "stream_options"),
+                        ({"stream": "yes"}, "stream"), ({"seed": -1}, "seed"), ({"stop": [3]}, "stop"),
+                        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+                        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages[0].tool_calls")]:
+        with pytest.raises(ApiError) as e:
+            parse_request({"messages": msgs, **body}, "chat", "m")
+        assert e.value.status == 400 and e.value.param == param, (body, e.value.message)
+    assert parse_request({"prompt": [[5, 6]]}, "text", "m").prompt == [5, 6]
+    with pytest.raises(ApiError, match="unrecognized"):
+        parse_request({"prompt": "a", "max_completion_tokens": 3}, "text", "m")  # a chat field
 
 
 # --- in-process: the app over an engine this test can reach into

@@ -145,8 +145,7 @@ class Server:
                          int(time.time()), self.settings.model_name)
         job, reply = await self.admit(spec, head.id, arrived)
         if spec.stream:
-            return StreamingResponse(self._chunks(job, reply, head, spec), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return EventStream(self._chunks(reply, head, spec), lambda: self._forget(job, reply))
         return await self._whole(request, job, reply, head)
 
     def _forget(self, job: Job, reply: Reply) -> None:
@@ -176,27 +175,24 @@ class Server:
             gone.cancel()
             self._forget(job, reply)
 
-    async def _chunks(self, job: Job, reply: Reply, head: ReplyHead, spec: CompletionSpec) -> AsyncIterator[str]:
+    async def _chunks(self, reply: Reply, head: ReplyHead, spec: CompletionSpec) -> AsyncIterator[str]:
         usage = spec.include_usage
-        try:
-            if head.kind == "chat":
-                yield sse(head.chunk(role=True, text="", include_usage=usage))
-            while True:
-                u = await reply.updates.get()
-                if u.text:
-                    yield sse(head.chunk(text=u.text, include_usage=usage))
-                if u.failure is not None:
-                    yield sse(error_body(u.failure.message, "server_error"))
-                    break
-                if u.outcome is not None:
-                    o = u.outcome
-                    yield sse(head.chunk(finish_reason=o.finish_reason, include_usage=usage))
-                    if usage:
-                        yield sse(head.chunk(final_usage=True, usage=usage_body(o.prompt_tokens, o.completion_tokens)))
-                    break
-            yield "data: [DONE]\n\n"
-        finally:  # also when the client disconnects: Starlette cancels this generator
-            self._forget(job, reply)
+        if head.kind == "chat":
+            yield sse(head.chunk(role=True, text="", include_usage=usage))
+        while True:
+            u = await reply.updates.get()
+            if u.text:
+                yield sse(head.chunk(text=u.text, include_usage=usage))
+            if u.failure is not None:
+                yield sse(error_body(u.failure.message, "server_error"))
+                break
+            if u.outcome is not None:
+                o = u.outcome
+                yield sse(head.chunk(finish_reason=o.finish_reason, include_usage=usage))
+                if usage:
+                    yield sse(head.chunk(final_usage=True, usage=usage_body(o.prompt_tokens, o.completion_tokens)))
+                break
+        yield "data: [DONE]\n\n"
 
     # --- status
 
@@ -216,6 +212,22 @@ class Server:
     def model_card(self) -> dict[str, Any]:
         return {"id": self.settings.model_name, "object": "model", "created": self.created,
                 "owned_by": "offload-runtime", "max_model_len": self.engine.max_seq_len}
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that call `on_close` however the response ends: finished, the client gone (Starlette
+    cancels the stream, or sending fails), or never started."""
+
+    def __init__(self, chunks: AsyncIterator[str], on_close: Callable[[], None]):
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 def sse(obj: Any) -> str:

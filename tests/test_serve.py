@@ -447,13 +447,15 @@ def test_bad_flags_and_a_taken_port_are_one_line_errors_before_loading():
 
 def test_the_load_benchmark_loses_no_request_and_its_clients_share_sweeps(tmp_path):
     bench = load_tool("bench_serve")
-    levels = bench.main(["--small", "--no-write", "--workdir", str(tmp_path)])
-    assert [lv.clients for lv in levels] == [1, 4]
-    for lv in levels:
-        assert (lv.completed, lv.errors, lv.lost) == (lv.sent, 0, 0)
+    out = bench.run(["--small", "--no-write", "--workdir", str(tmp_path)])
+    assert [lv.clients for lv in out.levels] == [1, 4]
+    for lv in out.levels:
+        assert (lv.completed, lv.errors, lv.lost) == (lv.sent, 0, 0) and lv.sent == lv.clients
         assert lv.tokens == lv.sent * 8  # ignore_eos: every request its full length
         assert all(0 < o.ttft_s <= o.wall_s for o in lv.outcomes)
         assert lv.ttft(50) <= lv.ttft(99)
-    one, four = levels
+    one, four = out.levels
     assert four.sweeps_per_token < one.sweeps_per_token  # four rows verified in the same sweeps
-    assert bench.table_rows(levels)[1][2] == "4/0/0"
+    row = out.table.row(model="small", clients=4)
+    assert (row["completed"], row["lost"], row["sweeps_per_token"]) == (4, 0, four.sweeps_per_token)
+    assert out.command == f"python tools/bench_serve.py --small --no-write --workdir {tmp_path}"

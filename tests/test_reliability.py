@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -134,29 +135,71 @@ def test_each_bad_record_is_reported_and_the_job_goes_on(strict_target, tiny_pai
     assert sorted(map(str, (r["id"] for r in read_jsonl(out)))) == ["7", "good-1", "good-2"]
 
 
-def test_a_record_that_fails_while_decoding_costs_only_itself(tiny_pair, tmp_path):
-    """A record whose decoding raises mid-batch (NaN logits from one corrupt embedding row) is reported with its
-    id; the records sharing its sweeps, and the one that takes its cache row next, come out as on a sound model."""
+@dataclass
+class Poisoned:
+    """A checkpoint with one corrupt embedding row (NaN), prompts that never meet it, and what they give."""
+
+    model: Path
+    token: int  # the corrupt row
+    prompts: list[list[int]]
+    expected: list[str]  # their texts (greedy, 8 tokens) on the sound model
+
+    @property
+    def bad_prompt(self) -> list[int]:
+        return [self.token] + [9] * 29  # long: its NaN K/V reach far into its cache row
+
+
+@pytest.fixture(scope="module")
+def poisoned(tiny_pair, tmp_path_factory) -> Poisoned:
     target, draft = tiny_pair
-    prompts = [[5 + i] * (2 + 3 * (i % 4)) for i in range(8)]  # lengths differ, so short rows meet masked slots
+    # Long rows next to short ones: a short row's attention spans the long rows' context, so it meets masked
+    # slots of its own row that an earlier occupant wrote (and a zero weight times NaN is NaN).
+    prompts = [[5 + i] * (2 if i in (3, 5, 7) else 20) for i in range(8)]
     ref = Engine.from_pretrained(target, draft=str(draft), dtype="float64", device="cpu")
     results = ref.generate(prompts, max_new_tokens=8, temperature=0)
-    expected = [r.text for r in results]
-    poison = min(set(range(10, 128)) - {t for p in prompts for t in p} - {t for r in results for t in r.token_ids})
-    broken = with_nan(target, tmp_path / "broken", "model.embed_tokens.weight", row=poison)
-    rows = [{"id": i, "prompt": p} for i, p in enumerate(prompts)]
-    rows.insert(2, {"id": "bad", "prompt": [poison] + [9] * 12})  # long: its NaN K/V reach far into its row
+    token = min(set(range(10, 128)) - {t for p in prompts for t in p} - {t for r in results for t in r.token_ids})
+    model = with_nan(target, tmp_path_factory.mktemp("poisoned") / "target", "model.embed_tokens.weight", row=token)
+    return Poisoned(model, token, prompts, [r.text for r in results])
+
+
+def test_a_record_that_fails_while_decoding_costs_only_itself(poisoned, tiny_pair, tmp_path):
+    """A record whose decoding raises mid-batch (NaN logits from a corrupt embedding row) is reported with its
+    id; the records sharing its sweeps, and those that take its cache row next, come out as on a sound model."""
+    rows = [{"id": i, "prompt": p} for i, p in enumerate(poisoned.prompts)]
+    rows.insert(2, {"id": "bad", "prompt": poisoned.bad_prompt})
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
-    proc = run_cli(BATCH, "--model", broken, "--draft", draft, "--dtype", "float64", "--input", inp, "--output", out,
-                   "--max-new-tokens", "8", "--temperature", "0", "--batch-size", "4", "--device", "cpu")
+    proc = run_cli(BATCH, "--model", poisoned.model, "--draft", tiny_pair[1], "--dtype", "float64", "--input", inp,
+                   "--output", out, "--max-new-tokens", "8", "--temperature", "0", "--batch-size", "4",
+                   "--device", "cpu")
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     failed = [line for line in stderr_lines(proc) if line.startswith(f"{inp}:3: id \"bad\" failed: ")]
     assert len(failed) == 1 and NAN_MESSAGE in failed[0] and "a rerun retries it" in failed[0], proc.stderr
     assert "1 of 9 records failed" in proc.stderr
-    got = {r["id"]: r["text"] for r in read_jsonl(out)}
-    assert got == dict(enumerate(expected))
+    assert {r["id"]: r["text"] for r in read_jsonl(out)} == dict(enumerate(poisoned.expected))
+
+
+def test_a_failed_row_leaves_nothing_behind(poisoned, tiny_pair):
+    """After the corrupt request fails, nothing fails again: the next request in its cache row does not meet
+    its NaN K/V (which the retry of every step alone would otherwise hide, at a sweep per row per step)."""
+    engine = Engine.from_pretrained(poisoned.model, draft=str(tiny_pair[1]), dtype="float64", device="cpu",
+                                    batch_size=4)
+    prompts = poisoned.prompts[:2] + [poisoned.bad_prompt] + poisoned.prompts[2:]
+    requests = [engine.request(p, max_new_tokens=8, temperature=0) for p in prompts]
+    step, raised = engine.decoder.step, []
+
+    def counting_step(rows):
+        try:
+            return step(rows)
+        except Exception as e:
+            raised.append(e)
+            raise
+    engine.decoder.step = counting_step
+    results = dict(engine.run(requests))
+    assert isinstance(results[2].error, ModelOutputError)
+    assert [results[i].text for i in range(len(prompts)) if i != 2] == poisoned.expected
+    assert len(raised) == 2  # the shared step, then the corrupt row alone; never again
 
 
 def test_a_request_that_raises_ends_alone_and_a_transient_failure_ends_none(tiny_pair, monkeypatch):

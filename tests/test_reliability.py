@@ -35,6 +35,9 @@ from offload_runtime.weights import checkpoint as checkpoint_module
 from offload_runtime.weights.checkpoint import Checkpoint
 
 BATCH, CHAT = "offload_runtime.batch", "offload_runtime.chat"
+# The decoding-side checks also run on CUDA (copy stream and events, device-side argmax), where a GPU is lent.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                   reason="needs CUDA")])]
 NAN_MESSAGE = "the model produced NaN logits; the checkpoint may be corrupt"
 # As strict as published templates (Llama 2's raises on roles it does not know); a message "boom" stands in
 # for a bug: the template then fails with an error that is no OffloadError.
@@ -180,10 +183,11 @@ def test_a_record_that_fails_while_decoding_costs_only_itself(poisoned, tiny_pai
     assert {r["id"]: r["text"] for r in read_jsonl(out)} == dict(enumerate(poisoned.expected))
 
 
-def test_a_failed_row_leaves_nothing_behind(poisoned, tiny_pair):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_failed_row_leaves_nothing_behind(poisoned, tiny_pair, device):
     """After the corrupt request fails, nothing fails again: the next request in its cache row does not meet
     its NaN K/V (which the retry of every step alone would otherwise hide, at a sweep per row per step)."""
-    engine = Engine.from_pretrained(poisoned.model, draft=str(tiny_pair[1]), dtype="float64", device="cpu",
+    engine = Engine.from_pretrained(poisoned.model, draft=str(tiny_pair[1]), dtype="float64", device=device,
                                     batch_size=4)
     prompts = poisoned.prompts[:2] + [poisoned.bad_prompt] + poisoned.prompts[2:]
     requests = [engine.request(p, max_new_tokens=8, temperature=0) for p in prompts]
@@ -202,7 +206,8 @@ def test_a_failed_row_leaves_nothing_behind(poisoned, tiny_pair):
     assert len(raised) == 2  # the shared step, then the corrupt row alone; never again
 
 
-def test_a_request_that_raises_ends_alone_and_a_transient_failure_ends_none(tiny_pair, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_request_that_raises_ends_alone_and_a_transient_failure_ends_none(tiny_pair, monkeypatch, device):
     """The API below the batch job: a request whose own step raises (a stop check, here) ends with
     finish_reason "error" and the others run on; a step that fails once (a streamed sweep, here) is rerun row by
     row and every request comes out exactly as without the failure."""
@@ -210,7 +215,7 @@ def test_a_request_that_raises_ends_alone_and_a_transient_failure_ends_none(tiny
 
     target, draft = tiny_pair
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20, 21]]
-    engine = Engine.from_pretrained(target, draft=str(draft), dtype="float64", device="cpu", batch_size=3,
+    engine = Engine.from_pretrained(target, draft=str(draft), dtype="float64", device=device, batch_size=3,
                                     offload=True, resident_layers=1)
     expected = [r.token_ids for r in engine.generate(prompts, max_new_tokens=10, temperature=0, ignore_eos=True)]
 
@@ -465,11 +470,12 @@ def test_chat_survives_nan_logits(nan_target):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("temperature", [0, 0.8])
-def test_nan_logits_are_named_greedy_or_sampled(nan_target, tiny_pair, temperature):
+def test_nan_logits_are_named_greedy_or_sampled(nan_target, tiny_pair, temperature, device):
     # Greedy verification reads argmaxes only: a NaN row used to become a token without a word.
     for draft in (False, str(tiny_pair[1])):
-        engine = Engine.from_pretrained(nan_target, draft=draft, dtype="float32", device="cpu")
+        engine = Engine.from_pretrained(nan_target, draft=draft, dtype="float32", device=device)
         with pytest.raises(ModelOutputError, match=NAN_MESSAGE):
             engine.generate("the cat", max_new_tokens=3, temperature=temperature)
 

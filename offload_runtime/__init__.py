@@ -12,8 +12,18 @@ Layers, each depending only on the ones below it:
     model/    ModelArgs, the Transformer forward over weights handed in, the KV cache, Tree, forward inputs
 The command lines (chat.py, batch.py, cli.py) sit on top; the planner package uses this one, never the reverse.
 """
-from .api.engine import Engine, GenerationResult
+from typing import Any
+
 from .errors import OffloadError
 
 __all__ = ["Engine", "GenerationResult", "OffloadError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Engine loads torch (seconds): a command line that stops at a bad flag or a busy output must not wait for it.
+    if name in ("Engine", "GenerationResult"):
+        from .api import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,11 +6,13 @@ Ctrl-D quits. With stdin not a terminal, each input line is one message and repl
 """
 from __future__ import annotations
 
+import io
 import signal
 import sys
+import traceback
 
-from .cli import (ArgumentParser, add_model_args, add_sampling_args, format_model_list, load_engine, run_main,
-                  sampling_kwargs)
+from .cli import (ArgumentParser, add_model_args, add_sampling_args, describe_error, format_model_list,
+                  load_engine, run_main, sampling_kwargs)
 from .errors import OffloadError
 
 HELP = """commands:
@@ -62,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_model_list(list_models()))
         return 0
     engine = load_engine(args)
+    # Bytes that are not UTF-8 become lone surrogates instead of ending the session inside input(); the
+    # text layer refuses them with a message, and the next line is read as usual.
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     dim, reset = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
     session = engine.session()
@@ -113,19 +119,37 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(f"unknown command {cmd}; /help lists them")
             continue
+        said = False
         try:
             for piece in session.send(message, **sampling_kwargs(args)):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        except OffloadError as e:  # this turn failed; the session and its history stay
-            print(f"error: {e}", file=sys.stderr)
-            status = status if interactive else max(status, e.exit_code)
+                said = True
+        except Exception as e:  # noqa: BLE001 - this turn failed; the session and its history stay
+            if said:
+                print()
+            print(turn_error(e, args.debug), file=sys.stderr)
+            status = status if interactive else max(status, getattr(e, "exit_code", 1))
             continue
         print()
         if session.interrupted:
             print(f"{dim}(stopped){reset}")
+        elif session.request.finish_reason == "context":
+            longer = engine.max_seq_len < engine.target.args.max_position_embeddings
+            print(f"{dim}(the {engine.max_seq_len}-token context window is full; /reset starts a new "
+                  f"conversation{', a larger --max-seq-len allows a longer one' if longer else ''}){reset}")
         stats = engine.last_stats[0]
         print(f"{dim}[{stats_line(engine, stats)}]{reset}", file=sys.stdout if interactive else sys.stderr)
+
+
+def turn_error(e: Exception, debug: bool) -> str:
+    """The one line a failed turn prints (a traceback before it with --debug, for errors that are bugs)."""
+    if isinstance(e, OffloadError):
+        return f"error: {describe_error(e)}"
+    if debug:
+        traceback.print_exc()
+    return (f"error: {describe_error(e)} (this message was not answered; the session goes on; --debug shows the "
+            f"traceback, please report it)")
 
 
 def entry() -> None:

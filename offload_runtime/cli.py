@@ -65,15 +65,22 @@ def format_model_list(rows: Sequence["ModelListing"]) -> str:
                                    "inputs; embeddings, lm_head and norms fp16). GB = 10^9 bytes."])
 
 
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """Bad sampling flags are usage errors: reported before minutes of loading."""
+    from .api.options import check_given
+
+    check_given(args.temperature, args.top_p, args.max_new_tokens, args.seed)
+
+
+def describe_error(e: Exception) -> str:
+    """One line for an error: a user error's own message; anything else (a bug) with its type."""
+    return str(e) if isinstance(e, OffloadError) else f"{type(e).__name__}: {e}"
+
+
 def load_engine(args: argparse.Namespace, batch_size: int = 1, device: str | None = None):
     from .api.engine import Engine
-    from .api.options import check_sampling
 
-    # Bad sampling values are usage errors: report them before minutes of loading.
-    if args.temperature is not None or args.top_p is not None or args.max_new_tokens is not None:
-        check_sampling(1.0 if args.temperature is None else args.temperature,
-                       1.0 if args.top_p is None else args.top_p,
-                       1 if args.max_new_tokens is None else args.max_new_tokens)
+    check_sampling_args(args)
     draft: str | bool | None = False if args.no_draft else args.draft
     plan = None if args.plan == "none" else args.plan
     return Engine.from_pretrained(args.model, draft=draft, device=device or args.device, dtype=args.dtype,

@@ -36,3 +36,11 @@ class ResourceError(OffloadError, MemoryError):
 
 class ContextLengthError(OffloadError, ValueError):
     """A prompt or conversation longer than the context window."""
+
+
+class ModelOutputError(OffloadError):
+    """A model whose forward produced something no distribution can come from (NaN logits)."""
+
+
+class BusyError(OffloadError):
+    """A file another running job holds (a batch job's output)."""

@@ -42,7 +42,12 @@ def available_host_memory() -> int:
     """
     available = psutil.virtual_memory().available
     cap = os.environ.get("OFFLOAD_RUNTIME_MAX_HOST_MEMORY")
-    return min(available, parse_bytes(cap)) if cap else available
+    if not cap:
+        return available
+    try:
+        return min(available, parse_bytes(cap))
+    except UsageError as e:
+        raise UsageError(f"OFFLOAD_RUNTIME_MAX_HOST_MEMORY={cap!r}: {e}; or unset it") from None
 
 
 def check_host_memory(need: int, what: str) -> None:

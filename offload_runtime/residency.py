@@ -73,6 +73,12 @@ def choose_residency(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
         return Residency(False, tuple(range(args.n_layers)), 0, budget)
     budget = DeviceBudget(budget_bytes if budget_bytes is not None else 0, fixed, per_layer)
     if budget_bytes is not None and budget.fixed_bytes > budget_bytes:
+        if device.type != "cuda":  # the budget only simulates a device's memory here: the CPU holds it all
+            raise ResourceError(
+                f"the --gpu-memory budget {fmt_bytes(budget_bytes)} is too small to stream this model on the CPU: "
+                f"it needs {fmt_bytes(budget.fixed_bytes)} besides the layers ({budget.describe()}); on the CPU "
+                f"leave --gpu-memory out (every layer stays in RAM), or raise it"
+            )
         raise ResourceError(
             f"not enough GPU memory to stream this model: it needs {fmt_bytes(budget.fixed_bytes)} besides the "
             f"layers ({budget.describe()}) but the budget is {fmt_bytes(budget_bytes)}; lower max_seq_len or "

@@ -106,6 +106,7 @@ class StreamedLayers:
             compute = torch.cuda.current_stream(self.device)
             start = torch.cuda.Event(enable_timing=True)
             start.record(compute)
+        self._skip_abandoned(compute if self.cuda else None)
         for i in range(self.n_layers):
             if i in self.resident:
                 yield i, self.resident[i]
@@ -138,6 +139,16 @@ class StreamedLayers:
             stats.wall_s = time.perf_counter() - t_start
             stats.wait_s = wait_s
         self.history.append(stats)
+
+    def _skip_abandoned(self, compute: "torch.cuda.Stream | None") -> None:
+        """A forward that raised left its sweep part-way through the cycle of loads: pass over that sweep's
+        remaining loads (each slot freed and refilled as if computed), so this sweep starts at its first layer."""
+        while self.streamed and self._t % len(self.streamed):
+            t = self._t
+            if compute is not None:
+                self.slot_free[t % self.K].record(compute)
+            self._t += 1
+            self._issue(t + self.K)
 
     def _resolve(self, block: bool) -> None:
         """Turn recorded CUDA events into seconds, oldest sweep first; without `block`, only finished sweeps."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -178,3 +180,37 @@ def load_tool(name: str):
     sys.modules[name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
+
+
+# --- command lines, driven as users drive them
+
+CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(module: str, *args: Any, stdin: str | bytes = "", env: dict[str, str] | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess:
+    """`python -m module args` with `stdin` piped in; stdout and stderr come back as text."""
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], input=data, capture_output=True,
+                          timeout=timeout, env={**CLI_ENV, **(env or {})})
+    proc.stdout, proc.stderr = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    return proc
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int, pattern: str) -> str:
+    """Assert the command failed with `code` and one error line (its last) holding `pattern`; returns that line."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and pattern in lines[-1], proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return lines[-1]
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    """One JSON value per line (a str row is written as it is, e.g. a malformed line)."""
+    path.write_text("".join((json.dumps(r) if not isinstance(r, str) else r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list[Any]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]

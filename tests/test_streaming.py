@@ -91,6 +91,9 @@ def test_budget_decides_offload_and_resident_layers(deep):
                          slots=2)
     assert not r.offload
     with pytest.raises(ResourceError, match="not enough GPU memory"):
+        choose_residency(args, torch.float32, torch.device("cuda"), offload=True, budget_bytes=1000 + layer,
+                         fixed=fixed, slots=2)
+    with pytest.raises(ResourceError, match="too small to stream this model on the CPU"):  # no GPU to speak of
         choose_residency(args, torch.float32, torch.device("cpu"), offload=True, budget_bytes=1000 + layer,
                          fixed=fixed, slots=2)
     assert spread(80, 4) == (10, 30, 50, 70) and spread(5, 0) == ()

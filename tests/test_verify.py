@@ -276,9 +276,9 @@ def test_only_visited_rows_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     read: list[int] = []
     real_row = verify_module._row
 
-    def counting_row(probs: torch.Tensor, node: int) -> torch.Tensor:
+    def counting_row(probs: torch.Tensor, node: int, *model: str) -> torch.Tensor:
         read.append(node)
-        return real_row(probs, node)
+        return real_row(probs, node, *model)
 
     monkeypatch.setattr(verify_module, "_row", counting_row)
     for method in ("sequoia", "specinfer", "topk"):

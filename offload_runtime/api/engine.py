@@ -42,8 +42,9 @@ class GenerationResult:
     text: str | None  # None when the checkpoint has no tokenizer
     token_ids: list[int]  # the new tokens only
     prompt_token_ids: list[int]
-    finish_reason: str  # "eos" | "length" | "stop" | "context" | "interrupted" | "cancelled"
+    finish_reason: str  # "eos" | "length" | "stop" | "context" | "interrupted" | "cancelled" | "error"
     stats: SequenceStats = field(repr=False)
+    error: Exception | None = None  # what ended it when finish_reason is "error" (the other rows went on)
 
 
 @dataclass
@@ -208,7 +209,7 @@ class Engine:
             cuts = [text.find(s) for s in stream.stop if s in text]
             text = text[: min(cuts)] if cuts else text
         return GenerationResult(text, list(req.generated), list(req.tokens[: req.n_prompt]),
-                                req.finish_reason or "interrupted", req.stats)
+                                req.finish_reason or "interrupted", req.stats, req.error)
 
     def begin_call(self) -> CallMark:
         """Where the decoder's running totals stand before a call (see finish_call)."""
@@ -227,7 +228,10 @@ class Engine:
         return call
 
     def run(self, requests: Sequence[Request]) -> Iterator[tuple[int, GenerationResult]]:
-        """Decode requests up to batch_size at a time; yields (index, result) as each one finishes."""
+        """Decode requests up to batch_size at a time; yields (index, result) as each one finishes.
+
+        A request whose decoding raised is yielded with finish_reason "error" and the exception in `error`;
+        the others run on (decode/scheduler.py)."""
         index = {id(r): i for i, r in enumerate(requests)}
         mark = self.begin_call()
         for finished in self.scheduler.run(list(requests)):
@@ -257,6 +261,9 @@ class Engine:
         results: list[GenerationResult | None] = [None] * len(requests)
         for i, result in self.run(requests):
             results[i] = result
+        failed = next((r.error for r in results if r.error is not None), None)
+        if failed is not None:
+            raise failed
         out = Generations(results)
         out.stats = self.last_call
         return out

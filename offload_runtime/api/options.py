@@ -63,10 +63,30 @@ def check_seed(seed: Any) -> int:
     return seed
 
 
+def check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
 def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
-    """Every sampling setting at once (what the command lines check before loading a model)."""
+    """Every sampling setting at once."""
     check_warp(temperature, top_p)
     check_max_new_tokens(max_new_tokens)
+
+
+def check_given(temperature: Any = None, top_p: Any = None, max_new_tokens: Any = None, seed: Any = None,
+                ignore_eos: Any = None) -> None:
+    """The settings a caller gave, each checked as a request checks it; None: not given (a default serves).
+    What the command lines and batch records check before a model loads."""
+    if temperature is not None or top_p is not None:
+        check_warp(1.0 if temperature is None else temperature, 1.0 if top_p is None else top_p)
+    if max_new_tokens is not None:
+        check_max_new_tokens(max_new_tokens)
+    if seed is not None:
+        check_seed(seed)
+    if ignore_eos is not None:
+        check_flag("ignore_eos", ignore_eos)
 
 
 @dataclass(frozen=True)
@@ -112,5 +132,6 @@ class GenerationDefaults:
         top_p = self.top_p if top_p is None else top_p
         max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         check_sampling(temperature, top_p, max_new_tokens)
+        check_flag("ignore_eos", ignore_eos)
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else check_seed(seed)
         return SamplingParams(float(temperature), float(top_p), int(max_new_tokens), bool(ignore_eos), int(seed))

@@ -27,6 +27,7 @@ import torch
 
 from ..errors import MissingFileError, OffloadError
 from ..model.tree import Tree
+from ..spec.sampling import MAX_TEMPERATURE
 from ..weights.checkpoint import find_local_dir
 from . import registry
 from .home import short_hash, store_dir, write_json
@@ -197,17 +198,47 @@ class Plan:
             Tree(plan.tree)  # a valid parent array
             for k in ("tokens_per_step", "s_per_token", "tokens_per_s"):
                 float(plan.predicted[k])
-            for name, kind in (("machine", dict), ("resident_layers", list), ("acceptance", dict),
-                               ("figures", dict), ("predicted", dict)):
-                if not isinstance(getattr(plan, name), kind):
-                    raise TypeError(f"{name} is not a {kind.__name__}")
-            float(plan.temperature), float(plan.top_p), int(plan.batch_size), int(plan.max_seq_len)
+            _check_kinds(plan)
         except KeyError as e:
             raise PlanError(f"{where} is not a complete plan (no {e.args[0]!r}); rebuild it with "
                             f"`python -m planner plan`") from None
         except (TypeError, ValueError) as e:
             raise PlanError(f"{where} is not a valid plan ({e}); rebuild it with `python -m planner plan`") from None
         return plan
+
+
+def _check_kinds(plan: Plan) -> None:
+    """Every field the runtime reads holds a value of its kind (TypeError / ValueError naming it otherwise): a plan
+    file is read on every start, so a bad one must be refused here, not crash the engine later."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    def whole(v: Any, lowest: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lowest
+
+    kinds: list[tuple[str, Any, bool]] = [
+        ("temperature", plan.temperature, number(plan.temperature) and 0 <= plan.temperature <= MAX_TEMPERATURE),
+        ("top_p", plan.top_p, number(plan.top_p) and 0 < plan.top_p <= 1),
+        ("batch_size", plan.batch_size, whole(plan.batch_size, 1)),
+        ("max_seq_len", plan.max_seq_len, whole(plan.max_seq_len, 1)),
+        ("n_layers", plan.n_layers, whole(plan.n_layers, 1)),
+        ("slots", plan.slots, whole(plan.slots, 1)),
+        ("offload", plan.offload, isinstance(plan.offload, bool)),
+        ("gpu_memory", plan.gpu_memory, plan.gpu_memory is None or whole(plan.gpu_memory, 0)),
+        ("resident_layers", plan.resident_layers,
+         isinstance(plan.resident_layers, list) and all(whole(i, 0) for i in plan.resident_layers)),
+        ("created", plan.created, isinstance(plan.created, str)),
+        ("device", plan.device, isinstance(plan.device, str)),
+        ("dtype", plan.dtype, isinstance(plan.dtype, str)),
+    ]
+    kinds += [(name, getattr(plan, name), isinstance(getattr(plan, name), dict))
+              for name in ("machine", "acceptance", "figures", "predicted")]
+    for role, ref in (("target", plan.target), ("draft", plan.draft)):
+        kinds += [(f"{role}.{k}", getattr(ref, k), isinstance(getattr(ref, k), str))
+                  for k in ("name", "identity", "fingerprint")]
+    for name, value, ok in kinds:
+        if not ok:
+            raise ValueError(f"{name} is {value!r}"[:120])
 
 
 def _round(x: float) -> float:
@@ -252,9 +283,12 @@ def read_plan(path: str | os.PathLike) -> Plan:
         raise PlanError(f"plan file {path} not found; make one with `python -m planner plan`") from None
     except OSError as e:
         raise PlanError(f"cannot read plan file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise PlanError(f"plan file {path} is not text; delete it and rebuild with `python -m planner plan`") \
+            from None
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except json.JSONDecodeError:
         raise PlanError(f"plan file {path} is not valid JSON; delete it and rebuild with `python -m planner plan`") \
             from None
     plan = Plan.from_dict(data, where=f"plan file {path}")
@@ -351,8 +385,11 @@ def _batch_rank(batch_size: int | None):
     return lambda p: (p.batch_size == batch_size, p.batch_size == 1, p.created)
 
 
-def _skipped(problems: list[str]) -> str:
-    return "" if not problems else f" (skipped {len(problems)} unreadable plan file(s): {problems[0]})"
+def _skipped(problems: list[str], named: int = 3) -> str:
+    if not problems:
+        return ""
+    more = f"; and {len(problems) - named} more" if len(problems) > named else ""
+    return f" (skipped {len(problems)} unreadable plan file(s): {'; '.join(problems[:named])}{more})"
 
 
 def find_plans(target: str | os.PathLike, draft: str | os.PathLike, device: str | torch.device,

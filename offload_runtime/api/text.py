@@ -34,10 +34,48 @@ def load_tokenizer(path: str | os.PathLike):
 def normalise_stop(stop: Sequence[str] | str | None) -> tuple[str, ...]:
     if stop is None:
         return ()
-    stop = (stop,) if isinstance(stop, str) else tuple(stop)
-    if not all(isinstance(s, str) for s in stop):
-        raise UsageError(f"stop must be a string or a list of strings, got {list(stop)!r}")
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise UsageError(f"stop must be a string or a list of strings, got {stop!r}"[:200])
+    for s in stop:
+        check_text(s, "a stop string")
     return tuple(s for s in stop if s)
+
+
+def check_prompt(prompt: Any) -> str | list[int]:
+    """A prompt's form: text, or a non-empty list of token ids (the vocabulary is checked when it is encoded)."""
+    if isinstance(prompt, str):
+        return check_text(prompt, "the prompt")
+    if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                        for t in prompt):
+        raise UsageError(f"a prompt is a string or a list of token ids (integers), got {type(prompt).__name__}"
+                         + (f" {prompt!r}"[:80] if not isinstance(prompt, (list, tuple)) else " of other values"))
+    if not prompt:
+        raise UsageError("the prompt is empty")
+    return list(prompt)
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """Chat messages' form: a non-empty list of {'role': str, 'content': str} (the template judges the roles)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise UsageError("chat messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UsageError("each chat message must be an object with a string 'role' and a string 'content'")
+        check_text(m["content"], f"the content of a {m['role']!r} message")
+    return list(messages)
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` as given, when a tokenizer can take it: lone surrogates (what undecodable input bytes become
+    under Python's surrogateescape) cannot be encoded, and tokenizers fail on them with unrelated errors."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{what} is not valid text: character {e.start} is a lone surrogate {text[e.start]!r} "
+                         f"(undecodable bytes, e.g. input that is not UTF-8); fix the encoding") from None
+    return text
 
 
 class TextStream:
@@ -118,15 +156,12 @@ class TextCodec:
             raise UsageError(f"{self.name} ships no tokenizer, so {what}")
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        prompt = check_prompt(prompt)
         if isinstance(prompt, str):
             self._need_tokenizer("prompts must be lists of token ids")
             ids = list(self.tokenizer(prompt).input_ids)
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                       for t in prompt):
-            ids = list(prompt)
         else:
-            raise UsageError(f"a prompt is a string or a list of token ids (integers), got {type(prompt).__name__}"
-                             + (f" {prompt!r}"[:80] if not isinstance(prompt, (list, tuple)) else " of other values"))
+            ids = prompt
         if not ids:
             raise UsageError("the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
@@ -136,12 +171,10 @@ class TextCodec:
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> list[int]:
         self._need_tokenizer("it cannot format chat messages")
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise UsageError("each chat message must be a dict with 'role' and 'content'")
+        messages = check_messages(messages)
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+            text = self._render(messages)
             ids = list(tok(text, add_special_tokens=False).input_ids)
             bos = tok.bos_token_id
             if bos is not None and tok.bos_token and not text.startswith(tok.bos_token) and self._adds_bos():
@@ -150,6 +183,16 @@ class TextCodec:
         # No template: a plain transcript ending where the assistant speaks.
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return self.encode(text)
+
+    def _render(self, messages: Sequence[dict[str, str]]) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        except (TemplateError, ValueError, TypeError) as e:  # the template's own checks (roles, order) raise these
+            roles = ", ".join(repr(m["role"]) for m in messages)
+            raise UsageError(f"{self.name}'s chat template rejects these messages (roles {roles}): {e}"[:400]) \
+                from None
 
     def _adds_bos(self) -> bool:
         probe = self.tokenizer("a").input_ids
@@ -226,6 +269,9 @@ class ChatSession:
                 eng.scheduler.cancel(req, "interrupted")
                 break
         eng.finish_call([req], mark)
+        if req.error is not None:
+            self.request = None  # the next turn starts its caches over
+            raise req.error
 
     def send(self, content: str, role: str = "user", **kwargs: Any) -> Iterator[str]:
         """Add a message, stream the assistant's reply, and add the reply to the conversation."""

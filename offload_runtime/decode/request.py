@@ -80,7 +80,8 @@ class Request:
     n_prompt: int = 0
     target_cached: int = 0
     draft_cached: int = 0
-    finish_reason: str | None = None  # "eos" | "length" | "context" | "stop" | "cancelled"
+    finish_reason: str | None = None  # "eos" | "length" | "context" | "stop" | "cancelled" | "error"
+    error: Exception | None = None  # why decoding this request failed (finish_reason "error")
     stats: SequenceStats = field(default_factory=SequenceStats)
 
     def __post_init__(self) -> None:
@@ -96,6 +97,11 @@ class Request:
     def generated(self) -> list[int]:
         return self.tokens[self.n_prompt:]
 
+    def fail(self, error: Exception) -> None:
+        """End the request because decoding it raised `error`; its cached K/V is not to be trusted."""
+        self.finish_reason, self.error = "error", error
+        self.target_cached = self.draft_cached = 0
+
     def reset_tokens(self, tokens: list[int]) -> None:
         """Replace the token list (a new chat turn), keeping the longest cached prefix that still matches."""
         common = 0
@@ -108,5 +114,5 @@ class Request:
         self.draft_cached = min(self.draft_cached, limit)
         self.tokens = list(tokens)
         self.n_prompt = len(tokens)
-        self.finish_reason = None
+        self.finish_reason, self.error = None, None
         self.stats = SequenceStats(prompt_tokens=len(tokens))

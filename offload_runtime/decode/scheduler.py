@@ -2,6 +2,13 @@
 
 A request that comes back to the row it last used (a chat session's next turn) keeps its cached K/V there;
 one that moves to another row (or whose row was used by someone else meanwhile) starts its caches over.
+
+A step that raises does not take every row down with it: each live row then runs that step again alone, and
+only a row that also fails alone ends, with the error kept on its request (finish_reason "error"). Nothing
+else changes: a row's state is committed (to its own cache row and request) only after the shared forwards
+have run, so a failed step leaves every row either committed or as it was; the rerun redraws the tree of a
+row that was not committed, and a request's tokens (greedy) or their distribution (sampled) do not depend
+on the tree or on which rows share a sweep.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ class Scheduler:
         self.rows: list[Request | None] = [None] * batch_size
         self.waiting: deque[Request] = deque()
         self._last_owner: list[Request | None] = [None] * batch_size  # whose K/V each cache row holds
-        self.sweeps = 0  # target sweeps run so far: one per step with a live row, however many rows share it
+        self.sweeps = 0  # target sweeps run to the end so far, however many rows share each
 
     @property
     def idle(self) -> bool:
@@ -48,14 +55,41 @@ class Scheduler:
         """One decoding step over the rows (after filling free ones); returns the requests that finished."""
         self._fill_rows()
         finished = [r for r in self.rows if r is not None and r.done]  # cancelled between steps
-        if any(r is not None and not r.done for r in self.rows):
-            self.decoder.step(self.rows)
-            self.sweeps += 1
+        live = [r for r in self.rows if r is not None and not r.done]
+        if live:
+            self._step_isolated(live)
         finished += [r for r in self.rows if r is not None and r.done and r not in finished]
         for b, r in enumerate(self.rows):
             if r is not None and r.done:
                 self.rows[b] = None
         return finished
+
+    def _step_isolated(self, live: list[Request]) -> None:
+        try:
+            self.decoder.step(self.rows)
+            self.sweeps += 1
+            return
+        except Exception as e:  # noqa: BLE001 - whatever one row raised, the others must go on
+            if len(live) == 1:
+                self._fail(live[0], e)
+                return
+        for req in live:
+            if req.done:  # finished in the failed step, before the row that raised
+                continue
+            alone: list[Request | None] = [None] * self.batch_size
+            alone[req.row] = req
+            try:
+                self.decoder.step(alone)
+                self.sweeps += 1
+            except Exception as e:  # noqa: BLE001
+                self._fail(req, e)
+
+    def _fail(self, req: Request, error: Exception) -> None:
+        req.fail(error)
+        for cache in (self.decoder.target_cache, self.decoder.draft_cache):
+            if cache is not None:
+                cache.clear(req.row)
+        self._last_owner[req.row] = None
 
     def cancel(self, request: Request, reason: str = "cancelled") -> None:
         """Stop a request now: it leaves its row (or the queue) and keeps the tokens it has."""

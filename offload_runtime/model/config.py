@@ -135,7 +135,8 @@ class ModelArgs:
     # --- construction
 
     @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+    def from_hf_config(cls, cfg: dict[str, Any], where: str = "config.json") -> "ModelArgs":
+        _check_fields(cfg, where)
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -201,7 +202,7 @@ class ModelArgs:
             cfg = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON ({e}); re-download the checkpoint") from None
-        return cls.from_hf_config(cfg)
+        return cls.from_hf_config(cfg, where=str(path))
 
     @classmethod
     def from_name(cls, name: str) -> "ModelArgs":
@@ -260,6 +261,44 @@ def _windows_from_config(cfg: dict[str, Any], model_type: str, n_layers: int) ->
     full = tuple(i for i, t in enumerate(types) if t == "full_attention")
     # No layer slides (Qwen2.5's max_window_layers exceeds its depth): plain full attention.
     return (None, ()) if len(full) == n_layers else (window, full)
+
+
+# The fields from_hf_config reads, by the kind of value each must hold (a missing required one is reported there).
+_WHOLE_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "intermediate_size",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+_NUMBER_FIELDS = ("rms_norm_eps", "rope_theta")
+_FLAG_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window")
+_DICT_FIELDS = ("rope_scaling", "rope_parameters")
+
+
+def _check_fields(cfg: Any, where: str) -> None:
+    """Every field the runtime reads holds a value of its kind, so a bad one is named (with its file) here
+    rather than failing as a bare TypeError / ValueError deep inside the model's construction."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where} holds a JSON {type(cfg).__name__}, not an object; re-download the checkpoint")
+
+    def bad(key: str, kind: str) -> ConfigError:
+        return ConfigError(f"{where}: {key} must be {kind}, got {cfg[key]!r}"[:300] + "; fix config.json")
+
+    for key in _WHOLE_FIELDS:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise bad(key, "a whole number >= 1")
+    for key in _NUMBER_FIELDS:
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
+            raise bad(key, "a number > 0")
+    for key in _FLAG_FIELDS:
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            raise bad(key, "true or false")
+    for key in _DICT_FIELDS:
+        if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+            raise bad(key, "an object")
+    for key in ("bos_token_id", "eos_token_id"):
+        v = cfg.get(key)
+        ids = v if isinstance(v, list) and key == "eos_token_id" else [v]
+        if v is not None and not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise bad(key, "a token id" + (" or a list of them" if key == "eos_token_id" else ""))
 
 
 def _rope_from_config(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

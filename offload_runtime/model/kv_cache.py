@@ -33,6 +33,11 @@ class KVCache:
     def nbytes(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    def clear(self, row: int) -> None:
+        """Zero a row. What a failed request left there (NaN K/V, say) must not reach the row's next user: its
+        masked-out positions still meet these values, and a zero attention weight times NaN is NaN."""
+        self.kv[:, :, row].zero_()
+
     def keep(self, row: int, start: int, indices: Sequence[int]) -> int:
         """Move the K/V written at slots start + indices (increasing) to slots start.. ; returns the new length."""
         m = len(indices)

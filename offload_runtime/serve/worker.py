@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from ..api.text import TextStream
 from ..decode.request import Request
+from ..errors import OffloadError, UsageError
 
 log = logging.getLogger("offload_runtime.serve")
 
@@ -185,6 +186,14 @@ class EngineWorker:
 
     def _finish(self, job: Job) -> None:
         req = job.request
+        if req.error is not None:  # decoding this request failed alone (the scheduler kept the others going)
+            e = req.error
+            user = isinstance(e, OffloadError)
+            message = str(e) if user else f"the engine failed on this request: {type(e).__name__}: {e}"
+            if not user:
+                log.error("%s failed: %s: %s", job.id, type(e).__name__, e)
+            self._end(job, Update(failure=Failure(400 if isinstance(e, UsageError) else 500, message)), "failed")
+            return
         job.text.finish()
         text = job.text.result()
         outcome = Outcome(FINISH[req.finish_reason], req.n_prompt, len(req.generated))

@@ -40,6 +40,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..errors import ModelOutputError
 from ..model.tree import Tree
 
 __all__ = ["VerifyResult", "verify_greedy", "verify_sequoia", "verify_specinfer", "verify_topk"]
@@ -77,10 +78,24 @@ def _check_probs(name: str, probs: Tensor, n: int, vocab: int | None = None) -> 
     return probs.shape[1]
 
 
-def _row(probs: Tensor, node: int) -> Tensor:
-    """Row `node` as a normalised CPU float64 distribution (the only place rows are read)."""
+NAN_MESSAGE = ("the {model} produced NaN logits; the checkpoint may be corrupt (re-download it; with float16, "
+               "try --dtype bfloat16 or float32, whose range does not overflow)")
+
+
+def nan_error(model: str = "model") -> ModelOutputError:
+    return ModelOutputError(NAN_MESSAGE.format(model=model))
+
+
+def _row(probs: Tensor, node: int, model: str = "model") -> Tensor:
+    """Row `node` as a normalised CPU float64 distribution (the only place rows are read).
+
+    A NaN anywhere in the logits (a corrupt checkpoint, a float16 overflow) makes the warped row NaN, so its sum,
+    which is read here anyway, is where it shows: a user error, not a broken invariant.
+    """
     row = probs[node].to(device="cpu", dtype=torch.float64)
     total = float(row.sum())
+    if total != total:
+        raise nan_error(model)
     assert total > 0 and total < float("inf"), f"row {node} is not a distribution (sum {total})"
     return row / total
 
@@ -139,7 +154,7 @@ def _walk(
         children = tree.children[node]
         P = _row(target_probs, node)
         # Q is read only where there are children: the drafter need not fill Q at leaves.
-        Q = _row(draft_probs, node) if children and not point_mass else None
+        Q = _row(draft_probs, node, "draft model") if children and not point_mass else None
         accepted = None
         for child in children:
             x = token_of[child]
@@ -180,6 +195,16 @@ def _walk(
             return VerifyResult(path=path, bonus_token=_inverse_cdf(P, uniforms[0]))
         path.append(accepted)
         node = accepted
+
+
+def _argmax(row: Tensor) -> int:
+    """The row's argmax (ties -> lowest index), read with its value in one transfer: torch's argmax ranks NaN
+    above every number, so a NaN row would otherwise become a token silently."""
+    value, index = torch.max(row, dim=-1)
+    value, index = torch.stack((value.to(torch.float64), index.to(torch.float64))).tolist()
+    if value != value:
+        raise nan_error()
+    return int(index)
 
 
 # --- public verifiers
@@ -253,7 +278,7 @@ def verify_greedy(
     node = 0
     while True:
         row = target_probs[node]
-        best = int(row.argmax()) if row.dim() == 1 else int(row)
+        best = _argmax(row) if row.dim() == 1 else int(row)
         matching = [c for c in tree.children[node] if token_of[c] == best]
         if not matching:
             return VerifyResult(path=path, bonus_token=best)

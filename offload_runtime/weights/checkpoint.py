@@ -10,9 +10,10 @@ import json
 import math
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -88,7 +89,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
 
 
 def _from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     cached = _cached_snapshot(repo_id)
@@ -99,8 +100,29 @@ def _from_hub(repo_id: str) -> Path:
             f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download it on a "
             f"connected machine with `huggingface-cli download {repo_id}` (or unset HF_HUB_OFFLINE)"
         )
+    # snapshot_download asks the hub for the repo's revision with no timeout at all (huggingface_hub 0.2x-2.x),
+    # so a network that accepts connections but never answers would hang here without a word. Ask first, with
+    # the hub's own metadata timeout (HF_HUB_ETAG_TIMEOUT, 10 s by default); file downloads then go by
+    # HF_HUB_DOWNLOAD_TIMEOUT, which the library applies itself.
+    wait = constants.HF_HUB_ETAG_TIMEOUT
+    print(f"{repo_id} is not in the Hugging Face cache: asking {constants.ENDPOINT} for it (up to {wait:g} s; "
+          f"HF_HUB_OFFLINE=1 never contacts the hub)", file=sys.stderr, flush=True)
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        revision = HfApi().model_info(repo_id, timeout=wait).sha
+    except HfHubHTTPError as e:  # it answered: no such repo, gated, or the hub's own failure
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise MissingFileError(
+            f"the Hugging Face hub refused {repo_id} ({type(e).__name__}: {first}); check the name, and "
+            f"`huggingface-cli login` for gated models, or pass a local directory"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a timeout or a network error, whose class depends on the HTTP library
+        raise MissingFileError(
+            f"the Hugging Face hub at {constants.ENDPOINT} could not be reached or did not answer within {wait:g} s "
+            f"({type(e).__name__}); download {repo_id} beforehand (`huggingface-cli download {repo_id}`) and run "
+            f"with HF_HUB_OFFLINE=1, or pass a local directory (HF_HUB_ETAG_TIMEOUT sets the wait)"
+        ) from None
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         raise MissingFileError(
             f"could not get {repo_id} from the Hugging Face hub ({type(e).__name__}); check the name, your "
@@ -128,10 +150,17 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{file} has a corrupt safetensors header; re-download it") from None
     base = 8 + n
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file} has a safetensors header that is not a JSON object; the file is corrupt, "
+                              f"re-download it")
     infos: dict[str, TensorInfo] = {}
     for name, meta in header.items():
         if name == "__metadata__":
             continue
+        problem = _header_entry_problem(meta)
+        if problem:
+            raise CheckpointError(f"tensor {name} in {file}: its header entry {problem}; the file is corrupt, "
+                                  f"re-download it")
         dtype = SAFETENSORS_DTYPES.get(meta.get("dtype"))
         if dtype is None:
             raise CheckpointError(
@@ -148,6 +177,24 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
             )
         infos[name] = TensorInfo(name, file, dtype, shape, base + start, nbytes)
     return infos
+
+
+def _header_entry_problem(meta: Any) -> str | None:
+    """What is wrong with one tensor's header entry ({dtype, shape, data_offsets}); None when nothing is."""
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not isinstance(meta, dict):
+        return "is not an object"
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in meta:
+            return f"lacks {key!r}"
+    if not isinstance(meta["shape"], list) or not all(whole(d) for d in meta["shape"]):
+        return f"has shape {meta['shape']!r}, not a list of sizes"
+    offsets = meta["data_offsets"]
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(whole(o) for o in offsets):
+        return f"has data_offsets {offsets!r}, not [begin, end]"
+    return None
 
 
 # --- a checkpoint
@@ -167,9 +214,17 @@ class Checkpoint:
         if index_file.is_file():
             try:
                 weight_map: dict[str, str] = json.loads(index_file.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                 raise CheckpointError(f"{index_file} is corrupt (no weight_map); re-download it") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index_file} is corrupt (its weight_map is not tensor -> file names); "
+                                      f"re-download it")
             shard_names = sorted(set(weight_map.values()))
+            # Names are checked before any is opened: a shard lives inside the checkpoint directory.
+            outside = [s for s in shard_names if not s or Path(s).is_absolute() or ".." in Path(s).parts]
+            if outside:
+                raise CheckpointError(f"{index_file} names shard {outside[0]!r}, which lies outside "
+                                      f"{self.path}; the index is corrupt or not from this checkpoint")
             missing = [s for s in shard_names if not (self.path / s).is_file()]
             if missing:
                 raise MissingFileError(

@@ -14,6 +14,7 @@ is recognised as stale and never used silently.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -129,6 +130,9 @@ class Plan:
     predicted: dict[str, float]  # tokens_per_step, step_s, draft_s, verify_s, host_s, s_per_token, tokens_per_s
     candidates: list[dict[str, Any]] = field(default_factory=list)
     search: dict[str, Any] = field(default_factory=dict)
+    # Host budget and disk tier the plan was made for: host_memory, prefetch, read_threads, host_layers,
+    # disk_layers, disk_Bps (empty: every streamed layer in host RAM).
+    storage: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     version: int = PLAN_VERSION
     path: Path | None = field(default=None, compare=False)  # where it was read from / written to
@@ -190,7 +194,9 @@ class Plan:
             raise PlanError(f"{where} has plan format version {data.get('version')}, this runtime reads "
                             f"{PLAN_VERSION}; rebuild it with `python -m planner plan`")
         try:
-            fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "path"}
+            optional = {f.name for f in dataclasses.fields(cls)
+                        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+            fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "path" and (k in data or k not in optional)}
             fields["target"] = ModelRef(**data["target"])
             fields["draft"] = ModelRef(**data["draft"])
             plan = cls(**fields)

@@ -169,14 +169,17 @@ class Plan:
 
     def summary(self) -> str:
         pr = self.predicted
+        disk = len(self.storage.get("disk_layers") or [])
         return (f"{self.n} nodes, depth {self.depth}, {len(self.resident_layers)}/{self.n_layers} resident layers"
+                f"{f', {disk} read from disk' if disk else ''}"
                 f"{f', batch {self.batch_size}' if self.batch_size != 1 else ''}, predicted "
                 f"{pr['s_per_token']:.3g} s/token ({pr['tokens_per_step']:.2f} tokens/step, "
                 f"{pr['tokens_per_s']:.3g} tokens/s)")
 
     def rebuild_command(self) -> str:
         return plan_command(self.target.name, self.draft.name, self.device, self.temperature, self.top_p,
-                            self.batch_size, dtype=self.dtype, gpu_memory=self.gpu_memory)
+                            self.batch_size, dtype=self.dtype, gpu_memory=self.gpu_memory,
+                            host_memory=self.storage.get("host_memory"))
 
     # --- JSON
 
@@ -222,7 +225,7 @@ def _round(x: float) -> float:
 
 def plan_command(target: str, draft: str, device: str | None = None, temperature: float | None = None,
                  top_p: float | None = None, batch_size: int | None = None, *, dtype: str | None = None,
-                 gpu_memory: int | None = None) -> str:
+                 gpu_memory: int | None = None, host_memory: int | None = None) -> str:
     cmd = f"python -m planner plan --model {target} --draft {draft}"
     if device is not None:
         cmd += f" --device {device}"
@@ -236,6 +239,8 @@ def plan_command(target: str, draft: str, device: str | None = None, temperature
         cmd += f" --batch-size {batch_size}"
     if gpu_memory is not None:
         cmd += f" --gpu-memory {gpu_memory}"
+    if host_memory is not None:
+        cmd += f" --host-memory {host_memory}"
     return cmd
 
 

@@ -280,28 +280,36 @@ def _check_space(directory: Path, need: int, total: int) -> None:
             f"with room")
 
 
-def write_layer(files: LayerFiles, source: WeightSource, i: int, raw: torch.Tensor) -> None:
-    """Read layer i from `source` into the aligned buffer `raw` and write it as layer i's file (durably)."""
-    layout = files.layout
-    fill_layer(source, i, layout, buffer_over_bytes(layout, raw))
-    final = files.path(i)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+def write_file(path: Path, raw: torch.Tensor) -> None:
+    """Write the aligned buffer `raw` (page-aligned, a multiple of ALIGN long) as `path`, with direct I/O where the
+    filesystem takes it (GBs of layers would only push other memory out of the page cache), durably: under a
+    temporary name first, so `path` is always whole. OSErrors are the caller's to word."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd, direct = open_io(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, direct=True)
+        fd, _ = open_io(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, direct=True)
         try:
             view, done = _byteview(raw), 0
             while done < len(view):
                 done += os.pwritev(fd, [view[done:]], done)
         finally:
             os.close(fd)
-        _commit(tmp, final)
-    except OSError as e:
+        _commit(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_layer(files: LayerFiles, source: WeightSource, i: int, raw: torch.Tensor) -> None:
+    """Read layer i from `source` into the aligned buffer `raw` and write it as layer i's file."""
+    fill_layer(source, i, files.layout, buffer_over_bytes(files.layout, raw))
+    try:
+        write_file(files.path(i), raw)
+    except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ResourceError(f"the disk under {files.directory} filled up while writing the layer store; free "
                                 f"space or pass --offload-dir (offload_dir=) on a larger disk (the layers written "
                                 f"so far are kept: the next run resumes)") from None
-        raise StoreError(f"cannot write {tmp} ({e.strerror or e}); {_fix(files.directory)}") from None
+        raise StoreError(f"cannot write {files.path(i)} ({e.strerror or e}); {_fix(files.directory)}") from None
 
 
 def open_store(directory: str | os.PathLike, key: StoreKey, layout: LayerLayout, n_layers: int,

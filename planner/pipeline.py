@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -162,8 +163,6 @@ def ensure_disk_profile(req: PlanRequest, pair: Pair, *, force: bool) -> tuple[d
     path = store_dir("profiles") / f"disk-{fp['id'][:12]}-{short_hash(str(directory.resolve()), 12)}.json"
     if not force and path.is_file():
         try:
-            import json
-
             profile = json.loads(path.read_text())
             if profile.get("kind") == "disk-profile" and profile.get("machine") == fp["id"]:
                 req.log(f"using disk profile {path} (made {profile.get('created', '?')})")

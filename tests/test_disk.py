@@ -425,3 +425,43 @@ def test_processes_share_one_host_copy(deep, tmp_path):
     for r in results:
         assert r["tokens"] == want and r["host"] == 6
         assert r["shared"] >= 6 * per_file and r["private"] == 0, r
+
+
+def test_pinning_fails_safe_without_cuda(deep, tmp_path):
+    """Asked to page-lock (as on CUDA) where the driver cannot: one warning each, pageable memory, same bytes."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine can pin")
+    args = ModelArgs.from_file(deep)
+    ckpt = Checkpoint(deep)
+    layout = layer_layout(args, torch.float32)
+    files = disk.open_store(tmp_path / "s", disk.StoreKey("k", "f", "m"), layout, 6, ckpt, explicit=True)
+    host = HostLayerStore(args, torch.float32, [0, 1], pin=True)
+    with pytest.warns(RuntimeWarning, match="shared mapping .* refused"):
+        disk.map_host_layers(host, files)
+    assert not host.pinned and torch.equal(host.buffers[1].view(torch.uint8),
+                                           torch.frombuffer(bytearray(files.path(1).read_bytes()), dtype=torch.uint8)
+                                           [: layout.nbytes])
+    with pytest.warns(RuntimeWarning, match="staging buffers was refused"):
+        reader = disk.DiskReader(files, [2, 3, 4], depth=2, threads=2, pin=True)
+    assert not reader.pinned and reader.wait(0).layer == 2
+    reader.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("slots", [2, 3])
+@pytest.mark.parametrize("host_layers", [0, 2])
+def test_disk_tier_equals_resident_bitwise_on_cuda(deep, direct_root, slots, host_layers):
+    """On CUDA: staging buffers and the shared mapping page-locked (read-only registration), copies on the copy
+    stream ordered by events, reads refilling a buffer only after its copy's event: the same bits as resident."""
+    per_file = disk.padded_bytes(layer_bytes(ModelArgs.from_file(deep), torch.float16))
+    base = Engine.from_pretrained(deep, device="cuda", dtype="float16", draft=False, offload=False)
+    engine = Engine.from_pretrained(deep, device="cuda", dtype="float16", draft=False, offload=True, slots=slots,
+                                    resident_layers=0, host_memory=(2 + host_layers) * per_file,
+                                    offload_dir=direct_root / "cuda16", quiet=True)
+    layers = engine.target.layers
+    assert len(engine.residency.disk) == 6 - host_layers and layers.disk.pinned
+    assert host_layers == 0 or layers.store.pinned
+    want = base.generate(IDS, max_new_tokens=12, temperature=0, ignore_eos=True)[0].token_ids
+    assert engine.generate(IDS, max_new_tokens=12, temperature=0, ignore_eos=True)[0].token_ids == want
+    sweeps = engine.sweep_stats()
+    assert all(s.disk_bytes == len(engine.residency.disk) * per_file and s.wall_s > 0 for s in sweeps)

@@ -5,14 +5,14 @@ A random Llama of a few GB (float32 safetensors written from RandomWeights), run
 (--host-memory) that holds a quarter of its decoder layers, staging ring included; the other layers are read from
 the disk store every sweep with direct I/O. Each method runs in its own process, started after dropping the page
 cache (where the machine permits: root writes /proc/sys/vm/drop_caches) and inside a memory cgroup capped at the
-budget plus the globals, the two slots and a fixed allowance for the interpreter (where cgroup v1's memory
-controller is writable), so the page cache cannot hold what the budget leaves out: as on a machine whose RAM is
-smaller than the model. Reported:
+budget plus what the method holds besides it (globals, the CPU's two slots, the draft) and a fixed allowance for
+the interpreter (where cgroup v1's memory controller is writable), so the page cache cannot hold what the budget
+leaves out: as on a machine whose RAM is smaller than the model. Reported:
 
   sweeps   disk bytes per sweep, sweep time, disk wait, the direct-I/O read bandwidth of the same store files
            measured in the same run (same reader threads, same chunks; before the first method and after the last),
            and sweep efficiency = (disk bytes / bandwidth) / sweep time (goal >= 0.85)
-  speed    plain decoding vs Sequoia (a static DP tree) tokens/s at that budget, against Accelerate's disk offload
+  speed    plain decoding vs Sequoia (static DP trees, --trees sizes) tokens/s at that budget, against Accelerate's disk offload
            (transformers device_map="auto", max_memory={"cpu": budget + globals}, offload_folder) on the same
            checkpoint and budget: peak RSS and bytes read from storage per token (/proc/self/io) beside each
 
@@ -62,7 +62,7 @@ class Settings:
     size_gb: float
     fraction: float  # of the decoder layers' bytes the host budget holds
     tokens: int
-    tree_size: int
+    trees: tuple[int, ...]  # Sequoia's tree sizes
     tree_depth: int
     read_threads: int
     prefetch: int
@@ -254,7 +254,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 "placement": {d: placed.count(d) for d in set(map(str, placed))}, "sweeps": []}
     from offload_runtime import Engine
 
-    sequoia = spec["method"] == "sequoia"
+    sequoia = spec["method"].startswith("sequoia")
     engine = Engine.from_pretrained(spec["target"], draft=spec["draft"] if sequoia else False, dtype="float32",
                                     device="cpu", offload=True, resident_layers=0, host_memory=spec["budget"],
                                     offload_dir=spec["store"], prefetch=spec["prefetch"],
@@ -284,11 +284,12 @@ def device_part(method: str, model: Model) -> int:
     if method == "accelerate":
         return globals_b
     slots = 2 * disk.padded_bytes(layer_bytes(args, torch.float32))
-    draft = ModelArgs.from_file(model.draft).n_params() * 4 if method == "sequoia" else 0
+    draft = ModelArgs.from_file(model.draft).n_params() * 4 if method.startswith("sequoia") else 0
     return globals_b + slots + draft
 
 
-def run_method(method: str, model: Model, cfg: Settings, tree: list[int], log) -> dict:
+def run_method(method: str, model: Model, cfg: Settings, log) -> dict:
+    tree = sequoia_tree(int(method.split("-")[1]), cfg.tree_depth) if method.startswith("sequoia") else [-1]
     cap = MemoryCap(model.budget + device_part(method, model) + ALLOWANCE) if cfg.cold else None
     spec = {"method": method, "target": str(model.target), "draft": str(model.draft), "store": str(model.store),
             "budget": model.budget, "accelerate_cpu": model.budget + model.args.global_numel() * 4,
@@ -339,15 +340,20 @@ def sweep_efficiency(sweeps: Sequence[dict], bandwidth: float) -> float:
 
 
 def sequoia_tree(size: int, depth: int) -> list[int]:
+    """Sequoia's DP tree of `size` nodes and depth at most `depth` under the default acceptance vector."""
     from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, best_trees
 
+    depth = min(depth, size - 1)
     return list(best_trees(DEFAULT_ACCEPTANCE, size, depth).tree(size, depth))
+
+
+def method_names(cfg: Settings) -> list[str]:
+    return [n for m in cfg.methods for n in ([f"sequoia-{t}" for t in cfg.trees] if m == "sequoia" else [m])]
 
 
 def bench(model: Model, cfg: Settings, log) -> BenchResult:
     args = model.args
     per_file = disk.padded_bytes(layer_bytes(args, torch.float32))
-    tree = sequoia_tree(cfg.tree_size, cfg.tree_depth)
     from offload_runtime.residency import split_host_disk
 
     host, on_disk, _ = split_host_disk(tuple(range(args.n_layers)), layer_bytes(args, torch.float32), model.budget,
@@ -355,7 +361,7 @@ def bench(model: Model, cfg: Settings, log) -> BenchResult:
     paths = [model.store / f"layer-{i:05d}.bin" for i in on_disk]
     bandwidth = [disk.measure_read_bandwidth(paths, cfg.read_threads)]
     log(f"direct-I/O read bandwidth of the store: {bandwidth[0].bytes_per_s / 1e9:.2f} GB/s")
-    runs = {m: run_method(m, model, cfg, tree, log) for m in cfg.methods}
+    runs = {m: run_method(m, model, cfg, log) for m in method_names(cfg)}
     bandwidth.append(disk.measure_read_bandwidth(paths, cfg.read_threads))
     cap_status = "; ".join(f"{m}: {r['cap']}" for m, r in runs.items())
     bw = max(b.bytes_per_s for b in bandwidth)  # the better of the two: efficiency errs low, not high
@@ -363,8 +369,8 @@ def bench(model: Model, cfg: Settings, log) -> BenchResult:
     disk_per_sweep = len(on_disk) * per_file
     return BenchResult(runs, bandwidth, efficiency, disk_per_sweep,
                        tables(model, cfg, runs, bandwidth, efficiency, disk_per_sweep, len(host), len(on_disk),
-                              tree, cap_status),
-                       runs[cfg.methods[0]]["cache"], cap_status)
+                              cap_status),
+                       next(iter(runs.values()))["cache"], cap_status)
 
 
 def _f(x: float, digits: int = 3) -> str:
@@ -373,7 +379,7 @@ def _f(x: float, digits: int = 3) -> str:
 
 
 def tables(model: Model, cfg: Settings, runs: dict, bandwidth: list, efficiency: dict, disk_per_sweep: int,
-           n_host: int, n_disk: int, tree: list[int], cap_status: str) -> list[Table]:
+           n_host: int, n_disk: int, cap_status: str) -> list[Table]:
     args = model.args
     layers_gb = args.n_layers * disk.padded_bytes(layer_bytes(args, torch.float32)) / 1e9
     bw = max(b.bytes_per_s for b in bandwidth)
@@ -418,13 +424,14 @@ def tables(model: Model, cfg: Settings, runs: dict, bandwidth: list, efficiency:
                "peak RSS GiB", "layers", "= plain"],
               speed_rows,
               [f"{cfg.tokens} new tokens after an 8-token prompt (after a 1-token warm-up run), greedy, "
-               f"end-of-sequence ignored; Sequoia: the DP "
-               f"tree of {len(tree)} nodes (depth {cfg.tree_depth}) under the default acceptance vector, draft = the "
-               f"target's first 2 layers and globals",
+               f"end-of-sequence ignored; sequoia-N: Sequoia's DP tree of N nodes (depth <= {cfg.tree_depth}) "
+               f"under the default acceptance vector; draft = the target's first 2 layers and globals; the layers' "
+               f"output projections are scaled by {cfg.damping:g} so that the random pair agrees at all (two random "
+               f"models agree on nothing); tokens/sweep counts the prompt's sweep too",
                f"Accelerate: transformers device_map='auto', max_memory={{'cpu': budget + globals}}, offload_folder "
                f"(it then reads the offloaded layers from the checkpoint's safetensors through memory maps); "
                f"'layers' = its device map entries",
-               f"page cache: {runs[cfg.methods[0]]['cache']}; memory: {cap_status}",
+               f"page cache: {next(iter(runs.values()))['cache']}; memory: {cap_status}",
                "disk GB read/token: bytes the process read from storage (/proc/self/io read_bytes) per new token"]),
     ]
 
@@ -460,9 +467,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--size-gb", type=float, default=3.0, help="decoder layers' size in GB (default 3)")
     p.add_argument("--fraction", type=float, default=0.25, help="host budget as a share of the layers (default 0.25)")
     p.add_argument("--tokens", type=int, default=None, help="new tokens per method (default 8; 2 with --small)")
-    p.add_argument("--damping", type=float, default=0.1,
-                   help="scale of the layers' output projections, so the draft agrees with the target (default 0.1)")
-    p.add_argument("--tree-size", type=int, default=32)
+    p.add_argument("--damping", type=float, default=0.0003,
+                   help="scale of the layers' output projections, so the draft agrees with the target (default 0.0003)")
+    p.add_argument("--trees", default="4,16", help="Sequoia's tree sizes, comma-separated (default 4,16)")
     p.add_argument("--tree-depth", type=int, default=8)
     p.add_argument("--read-threads", type=int, default=disk.DEFAULT_READ_THREADS)
     p.add_argument("--prefetch", type=int, default=disk.DEFAULT_PREFETCH)
@@ -480,6 +487,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not methods or any(m not in METHODS for m in methods):
         p.error(f"--methods takes a comma-separated list of {', '.join(METHODS)}")
     a.methods = methods
+    try:
+        a.trees = tuple(int(t) for t in a.trees.split(",") if t.strip())
+    except ValueError:
+        p.error("--trees takes comma-separated tree sizes")
+    if not a.trees or min(a.trees) < 2:
+        p.error("--trees takes sizes of at least 2 nodes")
     if not 0 < a.fraction < 1 or a.size_gb <= 0:
         p.error("--fraction must be between 0 and 1 and --size-gb positive")
     return a
@@ -494,7 +507,7 @@ def run(argv: Sequence[str] | None = None) -> BenchResult:
         print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
     cfg = Settings(size_gb=a.size_gb, fraction=a.fraction, tokens=a.tokens or (2 if a.small else 8),
-                   tree_size=min(a.tree_size, 8) if a.small else a.tree_size,
+                   trees=(4,) if a.small else a.trees,
                    tree_depth=min(a.tree_depth, 4) if a.small else a.tree_depth, read_threads=a.read_threads,
                    prefetch=a.prefetch, threads=a.threads, cold=not (a.no_cold or a.small), methods=a.methods,
                    damping=a.damping,

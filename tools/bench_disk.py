@@ -10,8 +10,9 @@ the interpreter (where cgroup v1's memory controller is writable), so the page c
 leaves out: as on a machine whose RAM is smaller than the model. Reported:
 
   sweeps   disk bytes per sweep, sweep time, disk wait, the direct-I/O read bandwidth of the same store files
-           measured in the same run (same reader threads, same chunks; before the first method and after the last),
-           and sweep efficiency = (disk bytes / bandwidth) / sweep time (goal >= 0.85)
+           measured in the same process right before and right after its timed run (same reader threads, same
+           chunks; a virtual disk's speed drifts), and sweep efficiency = (disk bytes / bandwidth) / sweep time,
+           with the higher of the two bandwidths (goal >= 0.85)
   speed    plain decoding vs Sequoia (static DP trees, --trees sizes) tokens/s at that budget, against Accelerate's disk offload
            (transformers device_map="auto", max_memory={"cpu": budget + globals}, offload_folder) on the same
            checkpoint and budget: peak RSS and bytes read from storage per token (/proc/self/io) beside each
@@ -26,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -34,24 +34,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-REPO = Path(__file__).resolve().parent.parent
-if sys.path[:1] != [str(REPO)]:
-    sys.path.insert(0, str(REPO))
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+import harness as h
+import report
+from report import Column, Table, sig, times
 
-import torch  # noqa: E402
+import torch
 
-from offload_runtime.model.config import ModelArgs  # noqa: E402
-from offload_runtime.weights import disk  # noqa: E402
-from offload_runtime.weights.layout import layer_bytes  # noqa: E402
+from offload_runtime.model.config import ModelArgs
+from offload_runtime.residency import split_host_disk
+from offload_runtime.weights import disk
+from offload_runtime.weights.layout import layer_bytes
 
-BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 ALLOWANCE = 640 * 2 ** 20  # interpreter, torch and transformers in each measured process
 METHODS = ("plain", "sequoia", "accelerate")
@@ -107,38 +104,19 @@ class Damped:
         return out.mul_(self.factor) if name.endswith(("o_proj.weight", "down_proj.weight")) else out
 
 
-def write_checkpoint(path: Path, args: ModelArgs, seed: int, damping: float, shard_bytes: int = 2 ** 30) -> Path:
-    """Random weights (weights/random.py, damped) saved as float32 safetensors shards with an index, as published
-    checkpoints are: what both our engine and transformers read. A draft written with the same seed and fewer
-    layers holds the target's globals and first layers."""
-    from safetensors.torch import save_file
-
+def write_checkpoint(path: Path, args: ModelArgs, seed: int, damping: float) -> Path:
+    """Damped random weights saved as a float32 transformers checkpoint (the harness's builder), what both our
+    engine and transformers read; reused when a run with --keep left the same one. A draft written with the same
+    seed and fewer layers holds the target's globals and first layers."""
     from offload_runtime.weights.random import RandomWeights
 
-    config = json.loads(json.dumps({**args.to_hf_config(), "architectures": ["LlamaForCausalLM"],
-                                     "torch_dtype": "float32", "bench_disk_damping": damping}))
-    if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()) == config:
-        return path  # kept from an earlier run (--keep)
-    path.mkdir(parents=True, exist_ok=True)
+    made = {"args": repr(args), "seed": seed, "damping": damping}
+    marker = path / "bench_disk.json"
+    if marker.is_file() and json.loads(marker.read_text()) == made:
+        return path
     # One layer of random draws, copied into every layer: fast to build, and a sweep still reads every layer.
-    source = Damped(RandomWeights(args, seed, distinct_layers=False), damping)
-    shapes = args.expected_tensors()
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = math.prod(shape) * 4
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    weight_map = {}
-    for k, names in enumerate(shards):
-        file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: source.read_into(n, torch.empty(shapes[n])) for n in names}, path / file, metadata={"format": "pt"})
-        weight_map.update({n: file for n in names})
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (path / "config.json").write_text(json.dumps(config, indent=1))
+    h.save_checkpoint(path, Damped(RandomWeights(args, seed, distinct_layers=False), damping))
+    marker.write_text(json.dumps(made))
     return path
 
 
@@ -155,7 +133,7 @@ def build(workdir: Path, cfg: Settings, log) -> Model:
                          f"(checkpoint, layer store, Accelerate's offload folder); pass a smaller --size-gb")
     log(f"writing a random Llama ({args.n_layers} layers, {layers_b / 1e9:.2f} GB of decoder layers) to {workdir}")
     target = write_checkpoint(workdir / "target", args, seed=1, damping=cfg.damping)
-    draft_args = ModelArgs(**{**asdict(args), "n_layers": 2})
+    draft_args = args.replace(n_layers=2)
     draft = write_checkpoint(workdir / "draft", draft_args, seed=1, damping=cfg.damping)
     store = workdir / "store"
     log("writing the layer store")
@@ -264,13 +242,20 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - t_load
     engine.generate(ids, max_new_tokens=1, temperature=0, ignore_eos=True)  # warm-up, as for Accelerate
     skip = len(engine.sweep_stats())
+    r = engine.residency
+    files = [engine.target.layers.disk.files.path(i) for i in r.disk]
+
+    def bandwidth() -> dict[str, Any]:
+        b = disk.measure_read_bandwidth(files, spec["read_threads"])
+        return {"bytes_per_s": b.bytes_per_s, "direct": b.direct}
     cold_start(spec)
+    before = bandwidth()
     read0, t0 = storage_read_bytes(), time.perf_counter()
     result = engine.generate(ids, max_new_tokens=n, temperature=0, ignore_eos=True)
     wall = time.perf_counter() - t0
-    r = engine.residency
+    read = storage_read_bytes() - read0
     return {"tokens": result[0].token_ids, "wall_s": wall, "load_s": load_s, "steps": result.stats.steps,
-            "read_bytes": storage_read_bytes() - read0, "peak_rss": peak_rss(),
+            "read_bytes": read, "peak_rss": peak_rss(), "bandwidth": [before, bandwidth()],
             "placement": {"host": len(r.host), "disk": len(r.disk)},
             "sweeps": [{"disk_bytes": s.disk_bytes, "wall_s": s.wall_s, "disk_wait_s": s.disk_wait_s}
                        for s in engine.sweep_stats()[skip:]]}
@@ -314,22 +299,18 @@ def run_method(method: str, model: Model, cfg: Settings, log) -> dict:
 
 
 @dataclass
-class Table:
-    title: str
-    headers: list[str]
-    rows: list[list[str]]
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
 class BenchResult:
     runs: dict[str, dict[str, Any]]
-    bandwidth: list[disk.ReadBandwidth]  # the store's disk-layer files, before the first method and after the last
+    bandwidth: dict[str, float]  # per method of ours: the higher direct-I/O bandwidth (bytes/s) around its run
     efficiency: dict[str, float]  # median over each method's sweeps after the first
     disk_bytes_per_sweep: int
     tables: list[Table]
     cache: str
     cap: str
+
+
+def best_bandwidth(run: dict[str, Any]) -> float:
+    return max(b["bytes_per_s"] for b in run["bandwidth"])
 
 
 def sweep_efficiency(sweeps: Sequence[dict], bandwidth: float) -> float:
@@ -354,18 +335,13 @@ def method_names(cfg: Settings) -> list[str]:
 def bench(model: Model, cfg: Settings, log) -> BenchResult:
     args = model.args
     per_file = disk.padded_bytes(layer_bytes(args, torch.float32))
-    from offload_runtime.residency import split_host_disk
-
     host, on_disk, _ = split_host_disk(tuple(range(args.n_layers)), layer_bytes(args, torch.float32), model.budget,
                                        cfg.prefetch)
-    paths = [model.store / f"layer-{i:05d}.bin" for i in on_disk]
-    bandwidth = [disk.measure_read_bandwidth(paths, cfg.read_threads)]
-    log(f"direct-I/O read bandwidth of the store: {bandwidth[0].bytes_per_s / 1e9:.2f} GB/s")
     runs = {m: run_method(m, model, cfg, log) for m in method_names(cfg)}
-    bandwidth.append(disk.measure_read_bandwidth(paths, cfg.read_threads))
     cap_status = "; ".join(f"{m}: {r['cap']}" for m, r in runs.items())
-    bw = max(b.bytes_per_s for b in bandwidth)  # the better of the two: efficiency errs low, not high
-    efficiency = {m: sweep_efficiency(r["sweeps"], bw) for m, r in runs.items() if r["sweeps"]}
+    # The better of the two around each run: efficiency errs low, not high.
+    bandwidth = {m: best_bandwidth(r) for m, r in runs.items() if r["sweeps"]}
+    efficiency = {m: sweep_efficiency(runs[m]["sweeps"], bandwidth[m]) for m in bandwidth}
     disk_per_sweep = len(on_disk) * per_file
     return BenchResult(runs, bandwidth, efficiency, disk_per_sweep,
                        tables(model, cfg, runs, bandwidth, efficiency, disk_per_sweep, len(host), len(on_disk),
@@ -373,97 +349,75 @@ def bench(model: Model, cfg: Settings, log) -> BenchResult:
                        next(iter(runs.values()))["cache"], cap_status)
 
 
-def _f(x: float, digits: int = 3) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else \
-        (f"{x:.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}")
-
-
 def tables(model: Model, cfg: Settings, runs: dict, bandwidth: list, efficiency: dict, disk_per_sweep: int,
            n_host: int, n_disk: int, cap_status: str) -> list[Table]:
     args = model.args
     layers_gb = args.n_layers * disk.padded_bytes(layer_bytes(args, torch.float32)) / 1e9
-    bw = max(b.bytes_per_s for b in bandwidth)
     sweep_rows = []
     for m, r in runs.items():
         later = r["sweeps"][1:]
         if not later:
             continue
-        sweep_rows.append([m, str(len(r["sweeps"])), _f(statistics.median(s["disk_bytes"] for s in later) / 1e9),
-                           _f(statistics.median(s["wall_s"] for s in later)),
-                           _f(statistics.median(s["disk_wait_s"] for s in later)), _f(bw / 1e9),
-                           f"{efficiency[m]:.2f}"])
-    plain = runs.get("plain")
-    base = runs.get("accelerate")
+        sweep_rows.append({"method": m, "sweeps": len(r["sweeps"]),
+                           "disk_gb": statistics.median(s["disk_bytes"] for s in later) / 1e9,
+                           "sweep_s": statistics.median(s["wall_s"] for s in later),
+                           "disk_wait_s": statistics.median(s["disk_wait_s"] for s in later),
+                           "bandwidth_gbps": bandwidth[m] / 1e9, "efficiency": efficiency[m],
+                           "bandwidths": ", ".join(f"{b['bytes_per_s'] / 1e9:.2f}" for b in r["bandwidth"]),
+                           "direct": all(b["direct"] for b in r["bandwidth"])})
+    plain, base = runs.get("plain"), runs.get("accelerate")
     speed_rows = []
     for m, r in runs.items():
         tps = cfg.tokens / r["wall_s"]
-        same = "-" if plain is None or m == "plain" else ("\u2713" if r["tokens"] == plain["tokens"] else "\u2717")
-        speed_rows.append([m, _f(tps), "-" if base is None else f"{tps / (cfg.tokens / base['wall_s']):.2f}x",
-                           _f(cfg.tokens / r["steps"]), _f(r["wall_s"] / cfg.tokens),
-                           _f(r["read_bytes"] / cfg.tokens / 1e9), _f(r["peak_rss"] / 2 ** 30),
-                           ", ".join(f"{k} {v}" for k, v in sorted(r["placement"].items())), same])
+        speed_rows.append({
+            "method": m, "tokens_per_s": tps, "vs_accelerate": None if base is None else tps * base["wall_s"] / cfg.tokens,
+            "tokens_per_sweep": cfg.tokens / r["steps"], "s_per_token": r["wall_s"] / cfg.tokens,
+            "read_gb_per_token": r["read_bytes"] / cfg.tokens / 1e9, "peak_rss_gib": r["peak_rss"] / 2 ** 30,
+            "layers": ", ".join(f"{k} {v}" for k, v in sorted(r["placement"].items())),
+            "same": None if plain is None or m == "plain" else (report.CHECK if r["tokens"] == plain["tokens"]
+                                                               else report.CROSS)})
     model_note = (f"random Llama: {args.n_layers} layers of dim {args.dim} (GQA {args.n_heads}/{args.n_kv_heads}, "
                   f"MLP {args.intermediate_size}, vocab {args.vocab_size}), float32: {layers_gb:.2f} GB of decoder "
                   f"layers + {args.global_numel() * 4 / 1e9:.2f} GB embeddings and head")
     budget_note = (f"--host-memory {model.budget / 2**30:.2f} GiB = {cfg.fraction:.0%} of the decoder layers: "
                    f"{cfg.prefetch} staging buffers + {n_host} host layers, {n_disk} layers read from disk every "
                    f"sweep with {cfg.read_threads} reader threads; 0 resident layers; {cfg.threads} torch threads")
-    bw_note = ("direct-I/O bandwidth of the same store files (disk layers only, same threads and chunks), "
-               "measured before the first method and after the last: "
-               + ", ".join(f"{b.bytes_per_s / 1e9:.2f} GB/s{'' if b.direct else ' (buffered)'}" for b in bandwidth)
-               + "; efficiency uses the higher")
+    bw_note = ("bandwidth: direct-I/O reads of the same store files (the disk layers, same threads and chunks) "
+               "in the method's own process right before and right after its timed run ('before, after' GB/s); "
+               "efficiency uses the higher")
     return [
         Table("Disk tier: sweeps at a host budget of a quarter of the layers",
-              ["method", "sweeps", "disk GB/sweep", "sweep s", "disk wait s", "bandwidth GB/s", "efficiency"],
+              [Column("method", "method", left=True), Column("sweeps", "sweeps"),
+               Column("disk_gb", "disk GB/sweep", sig), Column("sweep_s", "sweep s", sig),
+               Column("disk_wait_s", "disk wait s", sig), Column("bandwidths", "bandwidth GB/s before, after"),
+               Column("efficiency", "efficiency", ".2f")],
               sweep_rows,
               [model_note, budget_note, bw_note,
                "sweep figures: medians over the sweeps after the first (its first reads ran during the load); "
                "efficiency = (disk bytes / bandwidth) / sweep time"]),
         Table("Disk tier: tokens/s at that budget, against Accelerate's disk offload",
-              ["method", "tokens/s", "vs Accelerate", "tokens/sweep", "s/token", "disk GB read/token",
-               "peak RSS GiB", "layers", "= plain"],
+              [Column("method", "method", left=True), Column("tokens_per_s", "tokens/s", sig),
+               Column("vs_accelerate", "vs Accelerate", times), Column("tokens_per_sweep", "tokens/sweep", sig),
+               Column("s_per_token", "s/token", sig), Column("read_gb_per_token", "disk GB read/token", sig),
+               Column("peak_rss_gib", "peak RSS GiB", sig), Column("layers", "layers", left=True),
+               Column("same", "= plain")],
               speed_rows,
               [f"{cfg.tokens} new tokens after an 8-token prompt (after a 1-token warm-up run), greedy, "
                f"end-of-sequence ignored; sequoia-N: Sequoia's DP tree of N nodes (depth <= {cfg.tree_depth}) "
                f"under the default acceptance vector; draft = the target's first 2 layers and globals; the layers' "
                f"output projections are scaled by {cfg.damping:g} so that the random pair agrees at all (two random "
                f"models agree on nothing); tokens/sweep counts the prompt's sweep too",
-               f"Accelerate: transformers device_map='auto', max_memory={{'cpu': budget + globals}}, offload_folder "
-               f"(it then reads the offloaded layers from the checkpoint's safetensors through memory maps); "
-               f"'layers' = its device map entries",
+               "Accelerate: transformers device_map='auto', max_memory={'cpu': budget + globals}, offload_folder "
+               "(it then reads the offloaded layers from the checkpoint's safetensors through memory maps); "
+               "'layers' = its device map entries",
                f"page cache: {next(iter(runs.values()))['cache']}; memory: {cap_status}",
                "disk GB read/token: bytes the process read from storage (/proc/self/io read_bytes) per new token"]),
     ]
 
 
-def to_text(t: Table) -> str:
-    cells = [t.headers] + t.rows
-    widths = [max(len(r[i]) for r in cells) for i in range(len(t.headers))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join([f"== {t.title}", *lines, *(f"   {n}" for n in t.notes)])
-
-
-def to_markdown(t: Table) -> str:
-    lines = [f"### {t.title}", "", "| " + " | ".join(t.headers) + " |",
-             "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(t.headers))) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in t.rows]
-    return "\n".join(lines + [""] + [f"- {n}" for n in t.notes])
-
-
-def machine_description(threads: int) -> str:
-    import transformers
-
-    from offload_runtime.api.machine import machine_fingerprint
-
-    fp = machine_fingerprint("cpu")
-    return (f"{fp['cpu_model']}, {threads} torch thread(s) used of {fp['cpu_count']} logical CPUs, "
-            f"{fp['ram_total_gib']} GiB RAM; torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"Python {platform.python_version()}")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python tools/bench_disk.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gb", type=float, default=3.0, help="decoder layers' size in GB (default 3)")
     p.add_argument("--fraction", type=float, default=0.25, help="host budget as a share of the layers (default 0.25)")
     p.add_argument("--tokens", type=int, default=None, help="new tokens per method (default 8; 2 with --small)")
@@ -480,9 +434,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="where the GB-sized files go (default tools/_work)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and the store afterwards")
     p.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
-    p.add_argument("--output", type=Path, default=BENCHMARKS_MD)
+    p.add_argument("--output", type=Path, default=h.BENCHMARKS_MD, help="the Markdown file to append to")
     p.add_argument("--child", help=argparse.SUPPRESS)  # one method's run, in its own process (a JSON spec)
     a = p.parse_args(argv)
+    h.check_positive(p, a, ("tokens", "tree_depth", "read_threads", "prefetch", "threads"))
     methods = tuple(m for m in a.methods.split(",") if m)
     if not methods or any(m not in METHODS for m in methods):
         p.error(f"--methods takes a comma-separated list of {', '.join(METHODS)}")
@@ -501,11 +456,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(argv: Sequence[str] | None = None) -> BenchResult:
     """The whole benchmark; returns its figures (main prints and records them)."""
     a = parse_args(argv)
-    start = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - start:6.1f} s] {msg}", file=sys.stderr, flush=True)
-
+    log = h.Log()
     cfg = Settings(size_gb=a.size_gb, fraction=a.fraction, tokens=a.tokens or (2 if a.small else 8),
                    trees=(4,) if a.small else a.trees,
                    tree_depth=min(a.tree_depth, 4) if a.small else a.tree_depth, read_threads=a.read_threads,
@@ -513,7 +464,7 @@ def run(argv: Sequence[str] | None = None) -> BenchResult:
                    damping=a.damping,
                    small=a.small)
     workdir = Path(tempfile.mkdtemp(prefix="bench-disk-", dir=a.workdir)) if a.small else \
-        (a.workdir or REPO / "tools" / "_work" / "bench_disk")
+        (a.workdir or h.REPO / "tools" / "_work" / "bench_disk")
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         return bench(build(workdir, cfg, log), cfg, log)
@@ -526,20 +477,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse_args(argv)
     if a.child:
-        print(json.dumps(child({**json.loads(a.child)})))
+        print(json.dumps(child(json.loads(a.child))))
         return 0
+    load_start = os.getloadavg()[0]
     result = run(argv)
     for t in result.tables:
-        print(to_text(t) + "\n")
-    machine = machine_description(a.threads)
+        print(report.to_text(t), end="\n\n")
+    machine = (f"{h.machine_description(a.threads)}; load average {load_start:.1f} -> {os.getloadavg()[0]:.1f} "
+               f"(start -> end; the machine is shared)")
     command = shlex.join(["python", "tools/bench_disk.py", *argv])
     print(f"machine: {machine}\ncommand: {command}")
     if not a.no_write:
-        date = time.strftime("%Y-%m-%d %H:%M")
-        parts = [f"## Disk tier benchmark, {date}", "", f"Machine: {machine}", "", f"Command: `{command}`"]
-        parts += ["", *(to_markdown(t) + "\n" for t in result.tables)]
-        text = a.output.read_text() if a.output.is_file() else "# Benchmarks\n"
-        a.output.write_text(text.rstrip("\n") + "\n\n" + "\n".join(parts).rstrip("\n") + "\n")
+        report.append(a.output, report.section("Disk tier", machine=machine, command=f"`{command}`",
+                                               blocks=result.tables))
         print(f"appended to {a.output}")
     return 0
 

@@ -32,7 +32,6 @@ import hashlib
 import json
 import mmap
 import os
-import shutil
 import threading
 import time
 import warnings
@@ -75,11 +74,6 @@ def padded_bytes(nbytes: int) -> int:
 def layout_signature(layout: LayerLayout) -> str:
     """Changes whenever the bytes of a packed layer would (tensor slots, offsets, dtypes, weight format)."""
     return hashlib.sha256(repr(layout).encode()).hexdigest()[:16]
-
-
-def store_bytes(layout: LayerLayout, n_layers: int) -> int:
-    """Disk space a whole store takes."""
-    return n_layers * padded_bytes(layout.nbytes)
 
 
 def page_aligned(nbytes: int) -> torch.Tensor:
@@ -371,11 +365,6 @@ def map_host_layers(host: HostLayerStore, files: LayerFiles, progress: Callable[
         host.buffers[i] = buffer_over_bytes(files.layout, raw)
         if progress:
             progress(1)
-
-
-def remove_store(directory: str | os.PathLike) -> None:
-    """Delete a store directory (tools and tests clean up their GB-sized stores with this)."""
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- reading disk layers every sweep

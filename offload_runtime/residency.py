@@ -2,7 +2,7 @@
 budget and the host budget. Every layer has exactly one source."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,6 +32,13 @@ class Residency:
     @property
     def streamed(self) -> tuple[int, ...]:
         return tuple(sorted(self.host + self.disk))
+
+    def split(self, n_layers: int) -> "Residency":
+        """This residency with every layer's source named: one made without a host/disk split (host and disk
+        empty, as before the disk tier) streams every non-resident layer from host RAM."""
+        if not self.offload or self.host or self.disk:
+            return self
+        return replace(self, host=tuple(i for i in range(n_layers) if i not in self.resident))
 
 
 def split_host_disk(streamed: tuple[int, ...], layer_b: int, host_budget: int | None,

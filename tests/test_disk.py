@@ -464,3 +464,15 @@ def test_disk_tier_equals_resident_bitwise_on_cuda(deep, direct_root, slots, hos
     assert engine.generate(IDS, max_new_tokens=12, temperature=0, ignore_eos=True)[0].token_ids == want
     sweeps = engine.sweep_stats()
     assert all(s.disk_bytes == len(engine.residency.disk) * per_file and s.wall_s > 0 for s in sweeps)
+
+
+def test_a_residency_without_a_split_streams_from_host_ram(deep):
+    """Residency(offload, resident, slots, budget) as callers wrote it before the disk tier: every non-resident
+    layer comes from host RAM."""
+    from offload_runtime.residency import Residency
+    from offload_runtime.weights.loader import build_model
+
+    model = build_model(Checkpoint(deep), torch.device("cpu"), torch.float32, Residency(True, (1, 4), 2, None))
+    assert model.layers.store.layer_ids == [0, 2, 3, 5] and model.layers.disk is None
+    assert Residency(True, (1,), 2, None).split(3).host == (0, 2)
+    assert Residency(True, (1,), 2, None, host=(0,), disk=(2,), prefetch=1).split(3).host == (0,)

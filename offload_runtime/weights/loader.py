@@ -47,6 +47,7 @@ def build_model(source: WeightSource, device: torch.device, dtype: torch.dtype, 
     `disk_store` when there is one, so processes share them); read the disk layers from `disk_store` every sweep
     (`progress(1)` per layer)."""
     args = source.args
+    residency = residency.split(args.n_layers)
     store = None
     if residency.offload:
         assert sorted(residency.resident + residency.streamed) == list(range(args.n_layers)), \

@@ -170,8 +170,16 @@ class MemoryCap:
             self.close()
 
     def close(self) -> None:
+        """Remove the cgroup; the kernel may hold it a moment after its last process exited."""
+        for _ in range(50):
+            if self.path is None or not self.path.exists():
+                break
+            try:
+                self.path.rmdir()
+            except OSError:
+                time.sleep(0.1)
         if self.path is not None and self.path.exists():
-            self.path.rmdir()
+            print(f"warning: could not remove {self.path}; rmdir it by hand", file=sys.stderr)
         self.path = None
 
 

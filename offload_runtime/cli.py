@@ -31,6 +31,10 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "demo
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--dtype", default=None, help="float16, bfloat16, float32 or float64 (default: auto)")
     g.add_argument("--gpu-memory", default=None, help="device memory budget, e.g. 20GiB (default: free memory)")
+    g.add_argument("--host-memory", default=None,
+                   help="host RAM the streamed layers may take, e.g. 20GiB; the rest are read from disk every sweep")
+    g.add_argument("--offload-dir", default=None,
+                   help="directory for the disk layer store (default: under the runtime home)")
     o = g.add_mutually_exclusive_group()
     o.add_argument("--offload", action="store_true", default=None, help="stream the target's layers from RAM")
     o.add_argument("--no-offload", dest="offload", action="store_false", help="keep the whole target on the device")
@@ -85,6 +89,7 @@ def load_engine(args: argparse.Namespace, batch_size: int = 1, device: str | Non
     plan = None if args.plan == "none" else args.plan
     return Engine.from_pretrained(args.model, draft=draft, device=device or args.device, dtype=args.dtype,
                                   offload=args.offload, gpu_memory=args.gpu_memory, max_seq_len=args.max_seq_len,
+                                  host_memory=args.host_memory, offload_dir=args.offload_dir,
                                   batch_size=batch_size, plan=plan, progress=sys.stderr.isatty())
 
 

@@ -30,6 +30,10 @@ class MissingFileError(CheckpointError, FileNotFoundError):
     """A file the checkpoint needs (a shard, config.json) is not there."""
 
 
+class StoreError(OffloadError):
+    """A layer store on disk (--offload-dir) that cannot be written, read or used."""
+
+
 class ResourceError(OffloadError, MemoryError):
     """Not enough host RAM or device memory for what was asked."""
 

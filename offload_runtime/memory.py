@@ -56,7 +56,8 @@ def check_host_memory(need: int, what: str) -> None:
     if need > have:
         raise ResourceError(
             f"{what} needs {fmt_bytes(need)} of host RAM but only {fmt_bytes(have)} is available; close other "
-            f"programs, pick a 16-bit dtype, or give the GPU a larger --gpu-memory budget so more layers stay resident"
+            f"programs, pick a 16-bit dtype, give the GPU a larger --gpu-memory budget so more layers stay "
+            f"resident, or cap --host-memory below what is available to read the layers beyond it from disk"
         )
 
 

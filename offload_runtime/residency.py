@@ -1,14 +1,16 @@
-"""Which decoder layers stay on the device and which stream from host RAM, from the device budget."""
+"""Where each decoder layer lives: on the device (resident), in host RAM, or in the disk store, from the device
+budget and the host budget. Every layer has exactly one source."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import ResourceError
+from .errors import ResourceError, UsageError
 from .memory import DeviceBudget, activation_bytes, device_free_memory, fmt_bytes
 from .model.config import ModelArgs
 from .model.transformer import folds_groups
+from .weights.disk import DEFAULT_PREFETCH, padded_bytes
 from .weights.layout import layer_bytes
 
 
@@ -18,6 +20,50 @@ class Residency:
     resident: tuple[int, ...]  # decoder layers kept on the device
     slots: int
     budget: DeviceBudget | None
+    host: tuple[int, ...] = ()  # streamed layers held in host RAM
+    disk: tuple[int, ...] = ()  # streamed layers read from the disk store every sweep
+    prefetch: int = 0  # staging buffers the disk layers are read ahead into (0: no disk tier)
+
+    def __post_init__(self) -> None:
+        assert not set(self.resident) & set(self.host) and not set(self.host) & set(self.disk) \
+            and not set(self.resident) & set(self.disk), "a layer has one source"
+        assert (self.prefetch >= 1) == bool(self.disk), (self.prefetch, self.disk)
+
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        return tuple(sorted(self.host + self.disk))
+
+    def split(self, n_layers: int) -> "Residency":
+        """This residency with every layer's source named: one made without a host/disk split (host and disk
+        empty, as before the disk tier) streams every non-resident layer from host RAM."""
+        if not self.offload or self.host or self.disk:
+            return self
+        return replace(self, host=tuple(i for i in range(n_layers) if i not in self.resident))
+
+
+def split_host_disk(streamed: tuple[int, ...], layer_b: int, host_budget: int | None,
+                    prefetch: int = DEFAULT_PREFETCH) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(host layers, disk layers, staging buffers) of the streamed layers under a host budget.
+
+    All stay in RAM when they fit. Otherwise the budget holds the disk tier's `prefetch` staging buffers first
+    and as many layers as fit beside them; the disk layers are spread among the streamed ones, so compute on
+    host layers keeps the readers busy between disk layers.
+    """
+    if host_budget is None or len(streamed) * layer_b <= host_budget:
+        return tuple(streamed), (), 0
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+        raise UsageError(f"prefetch (staging buffers for disk layers) must be a whole number >= 1, got {prefetch!r}")
+    per_file = padded_bytes(layer_b)
+    ring = prefetch * per_file
+    if host_budget < ring:
+        raise ResourceError(
+            f"a host memory budget of {fmt_bytes(host_budget)} is too small for the {prefetch} staging buffers the "
+            f"disk layers are read through ({fmt_bytes(ring)}); give --host-memory (host_memory=) at least "
+            f"{fmt_bytes(ring)} (each {fmt_bytes(per_file)} more keeps one more layer in RAM)"
+            + (", or lower prefetch" if prefetch > 1 else ""))
+    n_disk = len(streamed) - (host_budget - ring) // per_file
+    disk = tuple(streamed[k] for k in spread(len(streamed), n_disk))
+    return tuple(i for i in streamed if i not in disk), disk, prefetch
 
 
 def spread(n_layers: int, count: int) -> tuple[int, ...]:
@@ -50,11 +96,14 @@ def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: Model
 
 def choose_residency(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, offload: bool | None,
                      budget_bytes: int | None, fixed: dict[str, int], slots: int,
-                     resident_layers: int | None = None) -> Residency:
-    """Decide whether to stream and how many layers stay resident.
+                     resident_layers: int | None = None, host_budget: int | None = None,
+                     prefetch: int = DEFAULT_PREFETCH) -> Residency:
+    """Decide whether to stream, how many layers stay resident, and which streamed layers the host budget keeps in
+    RAM (the rest are read from the disk store, split_host_disk).
 
     offload=None decides by itself: stream when the whole target does not fit the budget (the given
-    gpu_memory, else the device's free memory; on the CPU without a budget nothing streams).
+    gpu_memory, else the device's free memory; on the CPU without a budget nothing streams unless the decoder
+    layers exceed the host budget).
     """
     per_layer = layer_bytes(args, dtype)
     if budget_bytes is None and device.type == "cuda":
@@ -62,7 +111,8 @@ def choose_residency(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
     no_slots = {k: v for k, v in fixed.items() if k != "staging slots"}
     if offload is None:
         whole = sum(no_slots.values()) + args.n_layers * per_layer
-        offload = budget_bytes is not None and whole > budget_bytes
+        offload = (budget_bytes is not None and whole > budget_bytes) or \
+            (device.type == "cpu" and host_budget is not None and args.n_layers * per_layer > host_budget)
     if not offload:
         budget = DeviceBudget(budget_bytes or 0, no_slots, per_layer) if budget_bytes is not None else None
         if budget is not None and device.type == "cuda" and budget.layers_that_fit() < args.n_layers:
@@ -86,4 +136,7 @@ def choose_residency(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
         )
     if resident_layers is None:
         resident_layers = min(args.n_layers, budget.layers_that_fit()) if budget_bytes is not None else 0
-    return Residency(True, spread(args.n_layers, resident_layers), slots, budget)
+    resident = spread(args.n_layers, resident_layers)
+    host, disk, ring = split_host_disk(tuple(i for i in range(args.n_layers) if i not in resident), per_layer,
+                                       host_budget, prefetch)
+    return Residency(True, resident, slots, budget, host, disk, ring)

@@ -9,6 +9,12 @@ already copying while the host verifies and the draft grows the next tree.
 On CUDA: copies run on their own stream; "copy t done" and "slot free" are events; the host never waits inside
 a sweep and nothing moves device-to-host. On the CPU the same schedule runs with synchronous copies, so the slot
 logic is exercised by tests on machines without a GPU.
+
+Disk layers (weights/disk.py) take the same slot path from a staging buffer instead of a host buffer: their
+reads run ahead in reader threads (DiskReader), so a load whose bytes are not in yet is left pending and
+copied as soon as they are, at the latest just before the layer computes. The host waits for the disk only
+there (`disk_wait_s`), never at the end of a sweep: the next sweep's first disk layers keep reading while the
+draft grows the tree.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from typing import Iterator
 import torch
 
 from .model.transformer import LayerWeights
+from .weights.disk import DiskReader, DiskTier
 from .weights.store import HostLayerStore
 
 
@@ -28,6 +35,8 @@ class SweepStats:
     wall_s: float = 0.0
     wait_s: float = 0.0  # time the compute stream stood waiting for copies
     layers: int = 0
+    disk_bytes: int = 0  # read from the disk store for this sweep's layers
+    disk_wait_s: float = 0.0  # time the sweep stood waiting for disk reads
     _events: list = field(default_factory=list, repr=False)
 
     @property
@@ -36,19 +45,27 @@ class SweepStats:
 
 
 class StreamedLayers:
-    """A LayerSource whose non-resident layers arrive through K device slots."""
+    """A LayerSource whose non-resident layers arrive through K device slots, from host buffers (`store`) or from
+    the disk store's staging buffers (`disk`)."""
 
     def __init__(self, n_layers: int, resident: dict[int, dict[str, torch.Tensor]], store: HostLayerStore,
-                 device: torch.device, slots: int = 2):
+                 device: torch.device, slots: int = 2, disk: DiskTier | None = None):
         assert slots >= 1
         self.n_layers = n_layers
         self.resident = resident
         self.store = store
         self.device = torch.device(device)
         self.streamed = [i for i in range(n_layers) if i not in resident]
-        assert sorted(self.streamed) == sorted(store.layer_ids), "every layer must be resident or in the store"
+        disk_layers = list(disk.layers) if disk is not None else []
+        assert sorted(self.streamed) == sorted(store.layer_ids + disk_layers), \
+            "every layer must be resident, in the host store or on disk"
         self.K = min(slots, max(1, len(self.streamed)))
         self.cuda = self.device.type == "cuda"
+        self.disk: DiskReader | None = None
+        if disk_layers:
+            # With a slot per streamed layer, each is loaded once and stays: nothing to read after the first pass.
+            self.disk = DiskReader(disk.files, [i for i in self.streamed if i in disk_layers], depth=disk.prefetch,
+                                   threads=disk.threads, pin=self.cuda, repeat=self.K < len(self.streamed))
         self.slot_buffers = [torch.empty(store.layout.numel, dtype=store.dtype, device=self.device)
                              for _ in range(self.K if self.streamed else 0)]
         self.slot_views = [store.layout.views(b) for b in self.slot_buffers]
@@ -69,6 +86,9 @@ class StreamedLayers:
         self._resolved = 0  # history[:_resolved] holds seconds, no events
         self._current: SweepStats | None = None
         self._pending_copy_s = 0.0  # CPU: copy time spent ahead of the sweep that uses it
+        self._disk_issued = 0  # disk loads issued so far (DiskReader's load numbers)
+        self._staged: dict[int, int] = {}  # load t -> its disk load, while its bytes are not yet in the slot
+        self._disk_bytes: dict[int, int] = {}  # load t -> bytes read from disk for it
         if self.streamed:
             for t in range(self.K):
                 self._issue(t)
@@ -76,6 +96,10 @@ class StreamedLayers:
     @property
     def bytes_per_sweep(self) -> int:
         return len(self.streamed) * self.store.layer_bytes
+
+    @property
+    def disk_bytes_per_sweep(self) -> int:
+        return len(self.disk.layers) * self.disk.files.file_bytes if self.disk is not None else 0
 
     def _issue(self, t: int) -> None:
         assert t == self._issued
@@ -85,7 +109,15 @@ class StreamedLayers:
         if not self.slot_copied[slot]:
             return  # already there (as many slots as streamed layers): nothing to move
         self.slot_layer[slot] = layer
-        src, dst = self.store.buffers[layer], self.slot_buffers[slot]
+        if self.disk is not None and layer in self.disk.layers:
+            self._staged[t] = self._disk_issued
+            self._disk_issued += 1
+            self._fill_staged(block_until=None)
+            return
+        self._copy(slot, self.store.buffers[layer])
+
+    def _copy(self, slot: int, src: torch.Tensor) -> None:
+        dst = self.slot_buffers[slot]
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.slot_free[slot])
@@ -95,6 +127,27 @@ class StreamedLayers:
             t0 = time.perf_counter()
             dst.copy_(src)
             self._pending_copy_s += time.perf_counter() - t0
+
+    def _fill_staged(self, block_until: int | None) -> float:
+        """Copy pending disk loads whose bytes are in into their slots, oldest first; wait for the disk for loads up
+        to `block_until`. Returns the seconds waited."""
+        waited = 0.0
+        for t in sorted(self._staged):
+            d = self._staged[t]
+            if not (block_until is not None and t <= block_until) and not self.disk.ready(d):
+                break
+            staged = self.disk.wait(d)
+            assert staged.layer == self.slot_layer[t % self.K], (staged.layer, t)
+            waited += staged.wait_s
+            self._copy(t % self.K, staged.buffer)
+            after = None
+            if self.cuda:
+                after = torch.cuda.Event()
+                after.record(self.copy_stream)
+            self.disk.release(d, after)
+            self._disk_bytes[t] = staged.nbytes
+            del self._staged[t]
+        return waited
 
     def sweep(self) -> Iterator[tuple[int, LayerWeights]]:
         self._resolve(block=False)  # so a long session holds events only for sweeps still in flight
@@ -114,6 +167,9 @@ class StreamedLayers:
             t = self._t
             slot = t % self.K
             assert self.slot_layer[slot] == i and self._issued > t
+            if self.disk is not None:
+                stats.disk_wait_s += self._fill_staged(block_until=t)
+                stats.disk_bytes += self._disk_bytes.pop(t, 0)
             if self.cuda:
                 before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 before.record(compute)

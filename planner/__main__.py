@@ -116,6 +116,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     _common(pl)
     _sampling(pl)
     pl.add_argument("--gpu-memory", default=None, help="device budget, e.g. 20GiB (default: free memory)")
+    pl.add_argument("--host-memory", default=None,
+                    help="host RAM the streamed layers may take, e.g. 20GiB; the rest are read from disk every sweep")
+    pl.add_argument("--offload-dir", default=None, help="directory of the disk layer store (its disk is profiled)")
+    pl.add_argument("--prefetch", type=_positive_int, default=None,
+                    help="staging buffers of the disk tier (default: the search chooses)")
+    pl.add_argument("--read-threads", type=_positive_int, default=None,
+                    help="disk reader threads (default: the fewest that reach the disk's bandwidth)")
     pl.add_argument("--max-tree", type=_positive_int, default=1024, help="largest tree considered (default 1024)")
     pl.add_argument("--max-depth", type=int, default=16, help="deepest tree considered (default 16)")
     pl.add_argument("--batch-size", type=_batch, default=1, help="sequences per sweep: N or auto (default 1)")
@@ -227,6 +234,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
           f"temperature {plan.temperature:g}, top-p {plan.top_p:g}")
     print(f"resident layers: {len(plan.resident_layers)} of {plan.n_layers}"
           f"{'' if plan.offload else ' (nothing streams)'}; acceptance: {plan.acceptance['source']}")
+    if plan.storage.get("disk_layers"):
+        st = plan.storage
+        print(f"disk tier: {len(st['disk_layers'])} layers read every sweep at {st['disk_Bps'] / 1e9:.3g} GB/s "
+              f"({st['read_threads']} reader threads, {st['prefetch']} staging buffers), {len(st['host_layers'])} "
+              f"in host RAM")
     if len(plan.search["per_batch"]) > 1:
         print(_table(("batch", "resident", "nodes", "depth", "tokens/s", "s/token"),
                      [[r["batch"], r["resident"], r["n"], r["depth"], f"{r['tokens_per_s']:.4g}",

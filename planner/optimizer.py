@@ -14,6 +14,14 @@ and depth d per sequence:
                resident layers' compute is never hidden, only streamed layers' copies are. The prefetch of
                the next sweep's first layers while the draft runs is left out (at most `slots` layers of L,
                so the model errs slightly on the slow side).
+               With a disk tier (D of the streamed layers read from the disk store every sweep, by reader
+               threads that run ahead on both devices):
+               T_verify(t) = max(combine(...), D x file bytes / disk bandwidth - hidden) + T_head(t),
+               hidden = min(T_draft + T_host + overhead, min(prefetch, D) x file bytes / disk bandwidth): the
+               reads of the next sweep's first disk layers that fit in the staging ring run while the draft
+               grows the tree and the host verifies. (The bound the search prunes with takes the largest
+               hidden, so it stays a lower bound of T_step.) A longer sweep flattens T_verify over more tokens,
+               so the same search picks larger trees.
     tokens per step per sequence = G(n, d), Sequoia's expected accepted path plus the bonus token
     throughput = B G(n, d) / T_step tokens/s;  latency = T_step / G(n, d) s/token for each sequence.
 
@@ -41,6 +49,7 @@ from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.tree import Tree
 from offload_runtime.residency import Residency, choose_residency, fixed_device_bytes
 from offload_runtime.spec.tree_search import TreeTable, best_trees
+from offload_runtime.weights.disk import DEFAULT_PREFETCH, padded_bytes
 
 _REL_TOL = 1e-12
 
@@ -96,6 +105,10 @@ class TimeModel:
     layer_bytes: int
     bandwidth: float  # bytes per second of one layer's host-to-device copy
     overlap: bool = True  # copies overlap compute (CUDA) or add to it (CPU)
+    disk_layers: int = 0  # streamed layers read from the disk store every sweep
+    disk_bandwidth: float = math.inf  # bytes per second of the store's direct-I/O reads
+    disk_file_bytes: int = 0  # one layer file (the layer padded to the store's alignment)
+    prefetch: int = 0  # staging buffers the disk reads run ahead into
     overhead_s: float = 0.0  # anything else paid once per step
     warp: Curve | None = None  # T_warp(rows): top-p warping, paid per drafted row and per walked row; None: top-p off
     # Calibration: measured / predicted for each phase of a real engine step (planner/calibrate.py); 1 = none.
@@ -106,9 +119,15 @@ class TimeModel:
     def __post_init__(self) -> None:
         assert 0 <= self.resident <= self.n_layers, (self.resident, self.n_layers)
         assert self.bandwidth > 0 and self.layer_bytes >= 0
+        assert 0 <= self.disk_layers <= self.n_layers - self.resident and self.disk_bandwidth > 0
 
     def with_resident(self, resident: int) -> "TimeModel":
-        return replace(self, resident=resident)
+        return replace(self, resident=resident, disk_layers=0, prefetch=0)
+
+    def with_residency(self, residency: Residency) -> "TimeModel":
+        """This model for a residency's device / host / disk split."""
+        return replace(self, resident=len(residency.resident), disk_layers=len(residency.disk),
+                       prefetch=residency.prefetch)
 
     def calibrated(self, measured: dict[str, float], parents: Sequence[int], batch: int = 1) -> "TimeModel":
         """Scale each phase by measured / predicted seconds of one real step with this tree (draft_s, verify_s
@@ -124,9 +143,19 @@ class TimeModel:
         """Seconds one sweep spends copying the streamed layers."""
         return (self.n_layers - self.resident) * self.layer_bytes / self.bandwidth
 
-    def t_verify(self, tokens: float | np.ndarray) -> float | np.ndarray:
+    @property
+    def disk_s(self) -> float:
+        """Seconds one sweep's disk layers take to read."""
+        return self.disk_layers * self.disk_file_bytes / self.disk_bandwidth if self.disk_layers else 0.0
+
+    def t_verify(self, tokens: float | np.ndarray, gap_s: float = math.inf) -> float | np.ndarray:
+        """One sweep over `tokens` tokens; `gap_s`: the time since the last sweep, during which the disk readers
+        prefetched (the default, unlimited, gives the lower bound)."""
         compute = self.n_layers * self.layer(tokens)
         core = np.maximum(self.stream_s, compute) if self.overlap else self.stream_s + compute
+        if self.disk_layers:
+            ahead = min(self.prefetch, self.disk_layers) * self.disk_file_bytes / self.disk_bandwidth
+            core = np.maximum(core, self.disk_s - min(gap_s, ahead))
         out = self.verify_scale * (core + self.head(tokens))
         return float(out) if np.ndim(out) == 0 else out
 
@@ -145,9 +174,10 @@ class TimeModel:
     def step_parts(self, parents: Sequence[int], batch: int = 1) -> dict[str, float]:
         n = len(parents)
         walked = Tree.of(parents).max_depth + 1  # the verifier warps at most one row per depth
-        parts = {"draft_s": self.t_draft(parents, batch), "verify_s": float(self.t_verify(batch * n)),
+        parts = {"draft_s": self.t_draft(parents, batch),
                  "host_s": batch * self.host_scale * (float(self.host(n)) + self._warp(walked)),
                  "overhead_s": self.overhead_s}
+        parts["verify_s"] = float(self.t_verify(batch * n, parts["draft_s"] + parts["host_s"] + self.overhead_s))
         parts["step_s"] = sum(parts.values())
         return parts
 
@@ -288,7 +318,8 @@ def throughput_curve(table: TreeTable, tm: TimeModel, depth: int, max_tree: int,
 
 def residency(target: ModelArgs, dtype: torch.dtype, device: torch.device, *, draft: ModelArgs | None,
               budget_bytes: int | None, batch: int, max_seq_len: int, max_tree: int, slots: int = 2,
-              max_chunk: int = 2048, offload: bool | None = None) -> Residency:
+              max_chunk: int = 2048, offload: bool | None = None, host_budget: int | None = None,
+              prefetch: int = DEFAULT_PREFETCH) -> Residency:
     """Which target layers stay on the device, by the runtime's own rule (offload_runtime/residency.py).
 
     The device must hold the largest tree the search may pick (`max_tree`), B KV caches of `max_seq_len`, the
@@ -298,7 +329,7 @@ def residency(target: ModelArgs, dtype: torch.dtype, device: torch.device, *, dr
     fixed = fixed_device_bytes(target, dtype, draft_args=draft, batch=batch, max_seq_len=max_seq_len,
                                tree_size=max_tree, max_chunk=max_chunk, slots=slots, on_cuda=device.type == "cuda")
     return choose_residency(target, dtype, device, offload=offload, budget_bytes=budget_bytes, fixed=fixed,
-                            slots=slots)
+                            slots=slots, host_budget=host_budget, prefetch=prefetch)
 
 
 @dataclass(frozen=True)
@@ -322,7 +353,7 @@ def optimize_batch(p: Sequence[float], tm: TimeModel, batches: Sequence[int], re
         except ResourceError as e:
             first_error = first_error or e
             continue
-        opt = optimize(p, tm.with_resident(len(res.resident)), max_tree=max_tree, max_depth=max_depth, batch=B,
+        opt = optimize(p, tm.with_residency(res), max_tree=max_tree, max_depth=max_depth, batch=B,
                        top=top, table=table)
         choices.append(BatchChoice(B, res, opt))
     if not choices:
@@ -341,9 +372,10 @@ def suffix_min(seconds: Sequence[float]) -> tuple[float, ...]:
 
 
 def time_model_from_profile(profile: dict[str, Any], *, resident: int, n_layers: int, temperature: float = 0.0,
-                            top_p: float = 1.0) -> TimeModel:
+                            top_p: float = 1.0, disk_bandwidth: float = math.inf) -> TimeModel:
     """The time model a profile (planner/profile.py) describes, for R resident layers of L, sampling as given
-    (top-p warping sorts the vocabulary for every drafted and walked row; greedy and top-p 1 do not)."""
+    (top-p warping sorts the vocabulary for every drafted and walked row; greedy and top-p 1 do not), reading disk
+    layers (if a residency puts any there) at `disk_bandwidth` (a disk profile's figure)."""
     grid = tuple(int(n) for n in profile["grid"])
     if profile.get("draft_level_s") is None:
         raise UsageError("this profile has no draft timings; profile again with --draft")
@@ -357,4 +389,5 @@ def time_model_from_profile(profile: dict[str, Any], *, resident: int, n_layers:
                      warp=curve("warp_s") if temperature > 0 and top_p < 1 else None,
                      n_layers=n_layers, resident=resident, layer_bytes=layer_b,
                      bandwidth=layer_b / max(float(profile["layer_copy_s"]), 1e-12),
-                     overlap=profile["device"] == "cuda")
+                     overlap=profile["device"] == "cuda", disk_bandwidth=disk_bandwidth,
+                     disk_file_bytes=padded_bytes(layer_b))

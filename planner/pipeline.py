@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,14 +18,15 @@ from typing import Any, Callable, Sequence
 import torch
 
 from offload_runtime.api import registry
-from offload_runtime.api.home import write_json
+from offload_runtime.api.home import short_hash, store_dir, write_json
 from offload_runtime.api.machine import describe_machine, machine_fingerprint
 from offload_runtime.api.options import GenerationDefaults, check_sampling, parse_device, parse_dtype
 from offload_runtime.api.plans import ModelRef, Plan, dtype_name, save_plan
-from offload_runtime.errors import UsageError
+from offload_runtime.errors import ResourceError, UsageError
 from offload_runtime.memory import parse_bytes
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE
+from offload_runtime.weights.disk import DEFAULT_PREFETCH, DEFAULT_READ_THREADS
 
 from . import acceptance as acc
 from . import optimizer as opt
@@ -44,6 +47,10 @@ class PlanRequest:
     temperature: float | None = None  # None: the model's generation_config, else greedy
     top_p: float | None = None
     gpu_memory: str | int | None = None
+    host_memory: str | int | None = None  # host budget: streamed layers beyond it are read from the disk store
+    offload_dir: str | None = None  # where the disk store lives (its disk is what gets profiled)
+    prefetch: int | None = None  # staging buffers of the disk tier (None: the search chooses)
+    read_threads: int | None = None  # reader threads (None: the fewest that reach the disk's bandwidth)
     max_tree: int = 1024
     max_depth: int = 16
     batch_size: int | str = 1  # or "auto"
@@ -148,6 +155,40 @@ def ensure_profile(req: PlanRequest, pair: Pair, *, force: bool, output: Path | 
     return profile, path
 
 
+def ensure_disk_profile(req: PlanRequest, pair: Pair, *, force: bool) -> tuple[dict, Path]:
+    """The direct-I/O read bandwidth of the disk the store goes on (--offload-dir, else the runtime home's store
+    directory), per reader thread count: read from the planner's store, or measured now (and stored)."""
+    directory = Path(req.offload_dir) if req.offload_dir is not None else store_dir("layer-stores")
+    fp = machine_fingerprint(pair.device)
+    path = store_dir("profiles") / f"disk-{fp['id'][:12]}-{short_hash(str(directory.resolve()), 12)}.json"
+    if not force and path.is_file():
+        try:
+            profile = json.loads(path.read_text())
+            if profile.get("kind") == "disk-profile" and profile.get("machine") == fp["id"]:
+                req.log(f"using disk profile {path} (made {profile.get('created', '?')})")
+                return profile, path
+        except (OSError, ValueError):
+            pass
+    req.log(f"measuring the direct-I/O read bandwidth of {directory}")
+    effort = prof.Effort.quick() if req.quick else prof.Effort()
+    profile = {"kind": "disk-profile", "machine": fp["id"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               **prof.disk_read_bandwidth(directory, effort)}
+    write_json(path, profile)
+    return profile, path
+
+
+def disk_reading(req: PlanRequest, disk_profile: dict) -> tuple[int, float]:
+    """(reader threads, bytes/s) for the disk tier: as asked, else the fewest threads that reach the bandwidth."""
+    if req.read_threads is None:
+        return prof.read_threads_for(disk_profile)
+    measured = dict(zip(disk_profile["threads"], disk_profile["Bps"]))
+    nearest = min(measured, key=lambda t: abs(t - req.read_threads))
+    return req.read_threads, float(measured[nearest])
+
+
+PREFETCH_CHOICES = (1, 2, 3, 4)  # staging buffers the search tries for a disk tier
+
+
 def given_profile(req: PlanRequest, pair: Pair) -> tuple[dict, Path]:
     """The profile named by --profile, checked against the pair."""
     path = Path(req.profile)
@@ -233,15 +274,30 @@ def batch_sizes(req: PlanRequest) -> list[int]:
 
 
 def search(p: Sequence[float], tm: opt.TimeModel, pair: Pair, req: PlanRequest, budget: int | None,
-           max_seq_len: int) -> tuple[opt.BatchChoice, list[opt.BatchChoice]]:
-    """The best (tree, batch, resident layers) for this time model and acceptance vector."""
-    def residency_of(B: int):
-        return opt.residency(pair.target_args, pair.dtype, pair.device, draft=pair.draft_args, budget_bytes=budget,
-                             batch=B, max_seq_len=max_seq_len, max_tree=req.max_tree, slots=req.slots,
-                             offload=req.offload)
+           max_seq_len: int, host_budget: int | None = None) -> tuple[opt.BatchChoice, list[opt.BatchChoice]]:
+    """The best (tree, batch, resident layers, and under a host budget: staging buffers) for this time model and
+    acceptance vector. Each extra staging buffer takes one layer's room from the host, so a deeper prefetch
+    hides more of the reads between sweeps but reads more every sweep: the search weighs the two."""
+    def searched(prefetch: int) -> tuple[opt.BatchChoice, list[opt.BatchChoice]]:
+        def residency_of(B: int):
+            return opt.residency(pair.target_args, pair.dtype, pair.device, draft=pair.draft_args,
+                                 budget_bytes=budget, batch=B, max_seq_len=max_seq_len, max_tree=req.max_tree,
+                                 slots=req.slots, offload=req.offload, host_budget=host_budget, prefetch=prefetch)
 
-    return opt.optimize_batch(p, tm, batch_sizes(req), residency_of, max_tree=req.max_tree,
-                              max_depth=req.max_depth, top=req.top)
+        return opt.optimize_batch(p, tm, batch_sizes(req), residency_of, max_tree=req.max_tree,
+                                  max_depth=req.max_depth, top=req.top)
+
+    if host_budget is None or req.prefetch is not None:
+        return searched(req.prefetch or DEFAULT_PREFETCH)
+    found = []
+    for prefetch in PREFETCH_CHOICES:
+        try:
+            found.append(searched(prefetch))
+        except ResourceError:  # a ring this deep does not fit the host budget, nor will deeper ones
+            break
+    if not found:
+        return searched(PREFETCH_CHOICES[0])  # raises the budget's own error
+    return max(found, key=lambda f: f[0].optimum.best.tokens_per_s)
 
 
 def build_plan(req: PlanRequest) -> PlanResult:
@@ -252,6 +308,7 @@ def build_plan(req: PlanRequest) -> PlanResult:
         raise UsageError(f"--max-depth must be >= 0, got {req.max_depth}")
     temperature, top_p = sampling(req, pair)
     budget = None if req.gpu_memory is None else parse_bytes(req.gpu_memory)
+    host_budget = None if req.host_memory is None else parse_bytes(req.host_memory)
     limit = pair.target_args.max_position_embeddings
     max_seq_len = min(limit, 4096) if req.max_seq_len is None else req.max_seq_len
     if max_seq_len > limit:
@@ -261,9 +318,14 @@ def build_plan(req: PlanRequest) -> PlanResult:
     acceptance = acceptance_vector(req, pair, temperature, top_p)
     p = acceptance["p"]
     n_layers = pair.target_args.n_layers
+    disk_profile = disk_path = None
+    read_threads, disk_bw = DEFAULT_READ_THREADS, math.inf
+    if host_budget is not None:
+        disk_profile, disk_path = ensure_disk_profile(req, pair, force=req.remeasure)
+        read_threads, disk_bw = disk_reading(req, disk_profile)
     tm = opt.time_model_from_profile(profile, resident=n_layers, n_layers=n_layers, temperature=temperature,
-                                     top_p=top_p)
-    best, choices = search(p, tm, pair, req, budget, max_seq_len)
+                                     top_p=top_p, disk_bandwidth=disk_bw)
+    best, choices = search(p, tm, pair, req, budget, max_seq_len, host_budget)
     calibration = None
     if not req.no_calibrate and not (pair.target.is_preset or pair.draft.is_preset) and best.optimum.best.n > 1:
         from .calibrate import measure_step_split
@@ -274,21 +336,23 @@ def build_plan(req: PlanRequest) -> PlanResult:
         measured = measure_step_split(str(pair.target.path), str(pair.draft.path), device=pair.device,
                                       dtype=pair.dtype, tree=tree, temperature=temperature, top_p=top_p,
                                       batch=best.batch, offload=streamed, gpu_memory=budget,
+                                      host_memory=host_budget, prefetch=best.residency.prefetch or None,
+                                      read_threads=read_threads, offload_dir=req.offload_dir,
                                       tokens=16 if streamed else 64,  # streamed steps are slow
                                       min_time=_calibration_time(req),
                                       reference=not streamed)  # plain streamed decoding is slower still
-        tm = tm.with_resident(len(best.residency.resident)).calibrated(measured, tree, best.batch)
+        tm = tm.with_residency(best.residency).calibrated(measured, tree, best.batch)
         calibration = {"tree": tree, "batch": best.batch, "measured": measured,
                        "factors": {"draft": tm.draft_scale, "verify": tm.verify_scale, "host": tm.host_scale}}
-        best, choices = search(p, tm, pair, req, budget, max_seq_len)
+        best, choices = search(p, tm, pair, req, budget, max_seq_len, host_budget)
     c = best.optimum.best
-    tm_best = tm.with_resident(len(best.residency.resident))
+    tm_best = tm.with_residency(best.residency)
     res = best.residency
     figures = {
         "profile": str(profile_path), "profile_created": profile.get("created"),
         "bandwidth_Bps": profile["bandwidth_Bps"], "layer_bytes": profile["layer_bytes"],
         "layer_copy_s": profile["layer_copy_s"], "copy_bandwidth_Bps": tm_best.bandwidth,
-        "overlap": tm_best.overlap, "stream_s": tm_best.stream_s if res.offload else 0.0,
+        "overlap": tm_best.overlap, "stream_s": tm_best.stream_s if res.offload else 0.0, "disk_s": tm_best.disk_s,
         "prefix": profile.get("prefix"), "threads": profile.get("threads"), "grid": profile["grid"],
         "layer_s": profile["layer_s"], "head_s": profile["head_s"], "host_s": profile["host_s"],
         "warp_s": profile["warp_s"], "draft_level_s": profile["draft_level_s"], "calibration": calibration,
@@ -307,6 +371,10 @@ def build_plan(req: PlanRequest) -> PlanResult:
                 "per_batch": [{"batch": ch.batch, "resident": len(ch.residency.resident),
                                **{k: ch.optimum.best.row()[k] for k in ("n", "depth", "tokens_per_s", "s_per_token")}}
                               for ch in choices]},
+        storage={} if host_budget is None else {
+            "host_memory": host_budget, "prefetch": res.prefetch or None, "read_threads": read_threads,
+            "host_layers": list(res.host), "disk_layers": list(res.disk), "disk_Bps": disk_bw,
+            "disk_profile": str(disk_path), "offload_dir": req.offload_dir},
     )
     return PlanResult(plan, tm_best, best)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -118,6 +119,37 @@ def copy_time(nbytes: int, device: torch.device, effort: Effort) -> float:
 def measure_bandwidth(device: torch.device, effort: Effort) -> float:
     """Bytes per second of large host-to-device copies (pinned on CUDA; memcpy on the CPU)."""
     return effort.copy_bytes / copy_time(effort.copy_bytes, device, effort)
+
+
+def disk_read_bandwidth(directory: Path, effort: Effort, threads: Sequence[int] = (1, 2, 4, 8)) -> dict[str, Any]:
+    """The direct-I/O read bandwidth a disk store in `directory` reaches with each reader thread count: a scratch
+    file of random bytes (4x the copy size; random, so no storage layer can shortcut zeros) written there, read
+    whole by DiskReader's own reading function, deleted."""
+    from offload_runtime.weights import disk
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    nbytes = disk.padded_bytes(4 * effort.copy_bytes)
+    raw = disk.page_aligned(nbytes)
+    block = torch.randint(0, 256, (min(nbytes, 64 << 20),), dtype=torch.uint8)
+    for a in range(0, nbytes, block.numel()):
+        raw[a: a + block.numel()] = block[: nbytes - a]
+    path = directory / f".bandwidth-probe-{os.getpid()}.bin"
+    disk.write_file(path, raw)
+    del raw
+    try:
+        runs = [disk.measure_read_bandwidth([path], t) for t in threads]
+    finally:
+        path.unlink(missing_ok=True)
+    return {"dir": str(directory), "bytes": nbytes, "direct": runs[0].direct, "threads": list(threads),
+            "Bps": [r.bytes_per_s for r in runs]}
+
+
+def read_threads_for(disk_profile: dict[str, Any], within: float = 0.95) -> tuple[int, float]:
+    """(threads, bytes/s): the fewest reader threads that reach `within` of the best bandwidth measured."""
+    best = max(disk_profile["Bps"])
+    t, bw = next((t, bw) for t, bw in zip(disk_profile["threads"], disk_profile["Bps"]) if bw >= within * best)
+    return int(t), float(bw)
 
 
 # --- random weights of a model's real shapes

@@ -110,6 +110,13 @@ class Engine:
         draft=None takes the model's default draft when it has one; draft=False decodes without one.
         offload: stream the target's layers from host RAM (None: only when it does not fit `gpu_memory`).
         gpu_memory: the device budget ("20GiB"); default: the GPU's free memory (none on the CPU).
+        host_memory: what the host store may take ("20GiB"); streamed layers beyond it (after the disk tier's
+        `prefetch` staging buffers) are read from the disk store every sweep with direct I/O. Default: no cap
+        (OFFLOAD_RUNTIME_MAX_HOST_MEMORY stays the machine-wide ceiling either way).
+        offload_dir: where the disk store is written once from the checkpoint (default: under the runtime home);
+        given, the store also serves the host layers, mapped shared, so processes on one machine share them.
+        prefetch / read_threads: staging buffers and reader threads of the disk tier (default: the plan's, else 2
+        and 4). `engine.residency` tells where each layer lives (.resident, .host, .disk).
         tree: a parent array (or Tree) every request uses, overriding the plans.
         plan: "auto" uses the planner's plans for this machine and model pair, each request the one made for its
         sampling settings (one line on stderr says which, or that none matched and the default tree is used);

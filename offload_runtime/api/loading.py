@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -21,10 +21,14 @@ from ..residency import Residency, choose_residency, fixed_device_bytes
 from ..spec.methods import get_method
 from ..spec.policy import PlannedTree, TreePolicy, default_tree
 from ..weights.checkpoint import Checkpoint, resolve_model_dir
+from ..weights.disk import DEFAULT_PREFETCH, DEFAULT_READ_THREADS, LayerFiles, StoreKey, layout_signature, open_store
+from ..weights.layout import layer_layout
 from ..weights.loader import build_model
+from ..weights.source import WeightSource
 from . import registry
+from .home import short_hash, store_dir
 from .options import GenerationDefaults, parse_device, parse_dtype
-from .plans import find_plans, load_plan
+from .plans import find_plans, load_plan, model_fingerprint, model_identity
 from .text import load_tokenizer
 
 
@@ -87,14 +91,14 @@ def check_vocab_compatible(target_args: ModelArgs, draft_args: ModelArgs, target
 
 
 @contextmanager
-def progress_bar(total: int, label: str, show: bool) -> Iterator[Any]:
+def progress_bar(total: int, label: str, show: bool, verb: str = "loading") -> Iterator[Any]:
     """A per-layer progress callback (a tqdm bar on stderr when `show`)."""
     if not show:
         yield None
         return
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=f"loading {label}", unit="layer", leave=False, file=sys.stderr)
+    bar = tqdm(total=total, desc=f"{verb} {label}", unit="layer", leave=False, file=sys.stderr)
     try:
         yield bar.update
     finally:
@@ -135,17 +139,44 @@ def _planned_trees(plan: str | os.PathLike | None, model: str, draft: str, devic
     return kept
 
 
+def layer_store(path: Path, source: WeightSource, dtype: torch.dtype, offload_dir: str | os.PathLike | None, *,
+                progress: bool, quiet: bool) -> LayerFiles:
+    """The checkpoint's disk store (written first when missing, finished when interrupted, rebuilt when stale):
+    in `offload_dir`, else in the runtime home under a name of the checkpoint and the layout."""
+    layout = layer_layout(source.args, dtype)
+    key = StoreKey(model_identity(path), model_fingerprint(path), source.label)
+    directory = Path(offload_dir) if offload_dir is not None else \
+        store_dir("layer-stores") / short_hash([key.identity, layout_signature(layout)])
+
+    def log(line: str) -> None:
+        if not quiet:
+            print(line, file=sys.stderr)
+
+    with ExitStack() as bars:
+        def start(total: int) -> Any:
+            log(f"writing the layer store of {source.label} to {directory} ({total} of {source.args.n_layers} "
+                f"layers; once)")
+            return bars.enter_context(progress_bar(total, "layer store", progress, verb="writing"))
+
+        return open_store(directory, key, layout, source.args.n_layers, source, explicit=offload_dir is not None,
+                          progress=start, log=log)
+
+
 def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None | bool = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          offload: bool | None = None, gpu_memory: str | int | None = None, max_seq_len: int | None = None,
          batch_size: int = 1, tree: Sequence[int] | Tree | None = None, method: Any = "sequoia",
          plan: str | os.PathLike | None = "auto", slots: int = 2, resident_layers: int | None = None,
-         max_chunk: int = 2048, progress: bool | None = None, quiet: bool = False) -> Any:
+         max_chunk: int = 2048, host_memory: str | int | None = None, offload_dir: str | os.PathLike | None = None,
+         prefetch: int | None = None, read_threads: int | None = None, progress: bool | None = None,
+         quiet: bool = False) -> Any:
     """Engine.from_pretrained (api/engine.py documents the options)."""
     dev = parse_device(device)
     model = str(model)
     progress = sys.stderr.isatty() if progress is None else progress
-    for label, value, lowest in (("batch_size", batch_size, 1), ("slots", slots, 1), ("max_chunk", max_chunk, 1)):
+    for label, value, lowest in (("batch_size", batch_size, 1), ("slots", slots, 1), ("max_chunk", max_chunk, 1),
+                                 ("prefetch", 1 if prefetch is None else prefetch, 1),
+                                 ("read_threads", 1 if read_threads is None else read_threads, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
             raise UsageError(f"{label} must be a whole number >= {lowest}, got {value!r}")
     spec_method = get_method(method)
@@ -186,14 +217,24 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     guide = next((p for p in plans if p.temperature == defaults.temperature), plans[0] if plans else None)
     if guide is not None and gpu_memory is None and resident_layers is None and guide.offload:
         gpu_memory = guide.gpu_memory
+    if guide is not None and host_memory is None and guide.storage.get("host_memory") is not None:
+        host_memory = guide.storage["host_memory"]
+        prefetch = guide.storage.get("prefetch") if prefetch is None else prefetch
+        read_threads = guide.storage.get("read_threads") if read_threads is None else read_threads
     fixed = fixed_device_bytes(targs, dt, draft_args=draft_ckpt.args if draft_ckpt else None, batch=batch_size,
                                max_seq_len=seq_len, tree_size=trees.largest, max_chunk=max_chunk, slots=slots,
                                on_cuda=dev.type == "cuda")
     residency = choose_residency(targs, dt, dev, offload=offload,
                                  budget_bytes=None if gpu_memory is None else parse_bytes(gpu_memory),
-                                 fixed=fixed, slots=slots, resident_layers=resident_layers)
+                                 fixed=fixed, slots=slots, resident_layers=resident_layers,
+                                 host_budget=None if host_memory is None else parse_bytes(host_memory),
+                                 prefetch=prefetch or DEFAULT_PREFETCH)
+    disk_store = None
+    if residency.offload and (residency.disk or offload_dir is not None):
+        disk_store = layer_store(target_path, target_ckpt, dt, offload_dir, progress=progress, quiet=quiet)
     with progress_bar(targs.n_layers, "target", progress) as tick:
-        target = build_model(target_ckpt, dev, dt, residency, tick)
+        target = build_model(target_ckpt, dev, dt, residency, tick, disk_store=disk_store,
+                             read_threads=read_threads or DEFAULT_READ_THREADS)
     draft_model = None
     if draft_ckpt is not None:
         everything = Residency(False, tuple(range(draft_ckpt.args.n_layers)), 0, None)

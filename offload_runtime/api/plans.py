@@ -14,6 +14,7 @@ is recognised as stale and never used silently.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -130,6 +131,9 @@ class Plan:
     predicted: dict[str, float]  # tokens_per_step, step_s, draft_s, verify_s, host_s, s_per_token, tokens_per_s
     candidates: list[dict[str, Any]] = field(default_factory=list)
     search: dict[str, Any] = field(default_factory=dict)
+    # Host budget and disk tier the plan was made for: host_memory, prefetch, read_threads, host_layers,
+    # disk_layers, disk_Bps (empty: every streamed layer in host RAM).
+    storage: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     version: int = PLAN_VERSION
     path: Path | None = field(default=None, compare=False)  # where it was read from / written to
@@ -166,14 +170,17 @@ class Plan:
 
     def summary(self) -> str:
         pr = self.predicted
+        disk = len(self.storage.get("disk_layers") or [])
         return (f"{self.n} nodes, depth {self.depth}, {len(self.resident_layers)}/{self.n_layers} resident layers"
+                f"{f', {disk} read from disk' if disk else ''}"
                 f"{f', batch {self.batch_size}' if self.batch_size != 1 else ''}, predicted "
                 f"{pr['s_per_token']:.3g} s/token ({pr['tokens_per_step']:.2f} tokens/step, "
                 f"{pr['tokens_per_s']:.3g} tokens/s)")
 
     def rebuild_command(self) -> str:
         return plan_command(self.target.name, self.draft.name, self.device, self.temperature, self.top_p,
-                            self.batch_size, dtype=self.dtype, gpu_memory=self.gpu_memory)
+                            self.batch_size, dtype=self.dtype, gpu_memory=self.gpu_memory,
+                            host_memory=self.storage.get("host_memory"))
 
     # --- JSON
 
@@ -191,7 +198,9 @@ class Plan:
             raise PlanError(f"{where} has plan format version {data.get('version')}, this runtime reads "
                             f"{PLAN_VERSION}; rebuild it with `python -m planner plan`")
         try:
-            fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "path"}
+            optional = {f.name for f in dataclasses.fields(cls)
+                        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+            fields = {k: data[k] for k in cls.__dataclass_fields__ if k != "path" and (k in data or k not in optional)}
             fields["target"] = ModelRef(**data["target"])
             fields["draft"] = ModelRef(**data["draft"])
             plan = cls(**fields)
@@ -247,7 +256,7 @@ def _round(x: float) -> float:
 
 def plan_command(target: str, draft: str, device: str | None = None, temperature: float | None = None,
                  top_p: float | None = None, batch_size: int | None = None, *, dtype: str | None = None,
-                 gpu_memory: int | None = None) -> str:
+                 gpu_memory: int | None = None, host_memory: int | None = None) -> str:
     cmd = f"python -m planner plan --model {target} --draft {draft}"
     if device is not None:
         cmd += f" --device {device}"
@@ -261,6 +270,8 @@ def plan_command(target: str, draft: str, device: str | None = None, temperature
         cmd += f" --batch-size {batch_size}"
     if gpu_memory is not None:
         cmd += f" --gpu-memory {gpu_memory}"
+    if host_memory is not None:
+        cmd += f" --host-memory {host_memory}"
     return cmd
 
 

@@ -55,3 +55,11 @@ def layer_layout(args: ModelArgs, dtype: torch.dtype) -> LayerLayout:
 def layer_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
     """Bytes of one packed decoder layer: what a device slot holds and a sweep copies per streamed layer."""
     return layer_layout(args, dtype).nbytes
+
+
+def buffer_over_bytes(layout: LayerLayout, raw: torch.Tensor) -> torch.Tensor:
+    """The layer buffer `layout.views` takes, over raw bytes (a uint8 CPU tensor of at least `layout.nbytes`, such
+    as a page-aligned staging buffer or a mapping of a disk-store file). Stores that keep layers as opaque bytes
+    (weights/disk.py) go through this one function, so they hold every weight format the layout describes."""
+    assert raw.dtype == torch.uint8 and raw.dim() == 1 and raw.numel() >= layout.nbytes, (raw.dtype, raw.shape)
+    return raw[: layout.nbytes].view(layout.dtype)

@@ -1,4 +1,5 @@
-"""Build a Transformer from a weight source: globals and resident layers on the device, the rest in the host store.
+"""Build a Transformer from a weight source: globals and resident layers on the device, the streamed layers in the
+host store (filled from the source, or mapped from the disk store) or read from the disk store every sweep.
 
 The same path serves checkpoints and random weights (weights/random.py), so benchmarks of published shapes run
 through the loader, the host store and the slots that a real model uses.
@@ -13,6 +14,8 @@ from ..memory import check_host_memory
 from ..model.transformer import GlobalWeights, ResidentLayers, Transformer
 from ..residency import Residency
 from ..streaming import StreamedLayers
+from .disk import DEFAULT_READ_THREADS, DiskTier, LayerFiles, map_host_layers, padded_bytes
+from .layout import layer_bytes
 from .source import WeightSource
 from .store import HostLayerStore
 
@@ -38,18 +41,24 @@ def load_layer(source: WeightSource, i: int, dtype: torch.dtype, device: torch.d
 
 
 def build_model(source: WeightSource, device: torch.device, dtype: torch.dtype, residency: Residency,
-                progress: Callable[[int], None] | None = None) -> Transformer:
-    """Load globals and resident layers onto the device; pack the rest into the host store (`progress(1)` per
-    layer)."""
+                progress: Callable[[int], None] | None = None, disk_store: LayerFiles | None = None,
+                read_threads: int = DEFAULT_READ_THREADS) -> Transformer:
+    """Load globals and resident layers onto the device; pack the host layers into the host store (mapped from
+    `disk_store` when there is one, so processes share them); read the disk layers from `disk_store` every sweep
+    (`progress(1)` per layer)."""
     args = source.args
+    residency = residency.split(args.n_layers)
     store = None
     if residency.offload:
-        store = HostLayerStore(args, dtype, [i for i in range(args.n_layers) if i not in residency.resident],
-                               pin=device.type == "cuda")
+        assert sorted(residency.resident + residency.streamed) == list(range(args.n_layers)), \
+            "every layer has exactly one source"
+        assert disk_store is not None or not residency.disk, "disk layers need the disk store"
+        store = HostLayerStore(args, dtype, list(residency.host), pin=device.type == "cuda")
     # Checked before anything is allocated; on the CPU the "device" part lives in RAM too.
     on_host = 0 if device.type == "cuda" else \
         (args.global_numel() + len(residency.resident) * args.layer_numel()) * dtype.itemsize
-    check_host_memory(on_host + (store.nbytes if store else 0),
+    staging = residency.prefetch * padded_bytes(layer_bytes(args, dtype))
+    check_host_memory(on_host + (store.nbytes if store else 0) + staging,
                       f"{'streaming' if store else 'loading'} {source.label} ({args.n_layers} layers, {dtype})")
     resident = {}
     for i in residency.resident:
@@ -59,5 +68,12 @@ def build_model(source: WeightSource, device: torch.device, dtype: torch.dtype, 
     globals_ = load_globals(source, dtype, device)
     if store is None:
         return Transformer(args, globals_, ResidentLayers([resident[i] for i in range(args.n_layers)]), device)
-    store.fill(source, progress)
-    return Transformer(args, globals_, StreamedLayers(args.n_layers, resident, store, device, residency.slots), device)
+    if disk_store is not None:
+        map_host_layers(store, disk_store, progress)
+    else:
+        store.fill(source, progress)
+    disk = DiskTier(disk_store, residency.disk, residency.prefetch, read_threads) if residency.disk else None
+    layers = StreamedLayers(args.n_layers, resident, store, device, residency.slots, disk)
+    if progress and residency.disk:
+        progress(len(residency.disk))
+    return Transformer(args, globals_, layers, device)

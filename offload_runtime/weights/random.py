@@ -28,6 +28,11 @@ class RandomWeights:
         self.label = f"random weights (seed {seed})"
         self._first_layer: dict[str, torch.Tensor] = {}
 
+    @property
+    def fingerprint(self) -> str:
+        """Changes with anything that changes the weights (a disk store of them is keyed by it)."""
+        return hashlib.sha256(repr((self.args, self.seed, self.std, self.distinct_layers)).encode()).hexdigest()
+
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         if not self.distinct_layers:
             base = _LAYER.sub("model.layers.0.", name)

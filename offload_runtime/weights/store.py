@@ -27,19 +27,36 @@ def alloc_host(numel: int, dtype: torch.dtype, pin: bool) -> tuple[torch.Tensor,
     buf = torch.empty(numel, dtype=dtype)
     if not pin or numel == 0:
         return buf, False
-    try:
-        cudart = torch.cuda.cudart()
-        nbytes = numel * buf.element_size()
-        if int(cudart.cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
-            weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
-            return buf, True
-        _consume_cuda_error()
-    except (RuntimeError, AttributeError, AssertionError):
-        pass
+    if pin_pages(buf):
+        return buf, True
     try:
         return torch.empty(numel, dtype=dtype, pin_memory=True), True
     except RuntimeError:
         return buf, False
+
+
+_HOST_REGISTER_READ_ONLY = 0x08  # cudaHostRegisterReadOnly (CUDA 11.1+): pages the process may only read
+
+
+def pin_pages(buf: torch.Tensor, read_only: bool = False) -> bool:
+    """Page-lock the memory under `buf` (contiguous, CPU) with cudaHostRegister, exactly its own pages; it is
+    unregistered when `buf` is freed. False where there is no CUDA or the driver refuses.
+
+    `read_only` registers a read-only mapping (a shared mapping of a disk-store file): registering it for writing
+    would be refused, and on a private mapping would copy every page, so processes would no longer share them.
+    """
+    if buf.numel() == 0:
+        return False
+    try:
+        cudart = torch.cuda.cudart()
+        flags = _HOST_REGISTER_READ_ONLY if read_only else 0
+        if int(cudart.cudaHostRegister(buf.data_ptr(), buf.numel() * buf.element_size(), flags)) == 0:
+            weakref.finalize(buf, cudart.cudaHostUnregister, buf.data_ptr())
+            return True
+        _consume_cuda_error()
+    except (RuntimeError, AttributeError, AssertionError):
+        pass
+    return False
 
 
 def _consume_cuda_error() -> None:

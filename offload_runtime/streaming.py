@@ -49,7 +49,7 @@ class StreamedLayers:
         assert sorted(self.streamed) == sorted(store.layer_ids), "every layer must be resident or in the store"
         self.K = min(slots, max(1, len(self.streamed)))
         self.cuda = self.device.type == "cuda"
-        self.slot_buffers = [torch.empty(store.layout.numel, dtype=store.dtype, device=self.device)
+        self.slot_buffers = [torch.empty(store.layout.nbytes, dtype=torch.uint8, device=self.device)
                              for _ in range(self.K if self.streamed else 0)]
         self.slot_views = [store.layout.views(b) for b in self.slot_buffers]
         self.slot_layer: list[int | None] = [None] * len(self.slot_buffers)

@@ -127,7 +127,7 @@ def random_layer(args: ModelArgs, dtype: torch.dtype, device: torch.device, seed
                  index: int = 0) -> dict[str, torch.Tensor]:
     """One decoder layer of random weights in one packed buffer on `device`, as a streamed layer sits in its slot."""
     layout = layer_layout(args, dtype)
-    return fill_layer(RandomWeights(args, seed), index, layout, torch.empty(layout.numel, dtype=dtype, device=device))
+    return fill_layer(RandomWeights(args, seed), index, layout, torch.empty(layout.nbytes, dtype=torch.uint8, device=device))
 
 
 def _device_generator(device: torch.device, seed: int) -> torch.Generator:

@@ -18,12 +18,19 @@ import torch
 
 from ..errors import CheckpointError, MissingFileError
 from ..model.config import ModelArgs
+from .quantized import expected_checkpoint_tensors
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    # Quantized checkpoints: AWQ / GPTQ pack integers into I32 words; other tools use the narrower ones.
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
 }
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -136,7 +143,7 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         if dtype is None:
             raise CheckpointError(
                 f"tensor {name} in {file.name} has dtype {meta.get('dtype')}, which the runtime cannot use "
-                f"(it reads {', '.join(SAFETENSORS_DTYPES)}); use an unquantised 16/32-bit checkpoint"
+                f"(it reads {', '.join(SAFETENSORS_DTYPES)}); use a 16/32-bit, AWQ or GPTQ checkpoint"
             )
         shape = tuple(int(s) for s in meta["shape"])
         start, end = (int(x) for x in meta["data_offsets"])
@@ -161,6 +168,19 @@ class Checkpoint:
         self.label = self.path.name
         self.args = ModelArgs.from_file(self.path)
         self.tensors = self._index()
+        self._check_dtypes()
+
+    def _check_dtypes(self) -> None:
+        """Integers only where a quantized checkpoint packs them; a float tensor stored as integers is refused."""
+        packed = (".qweight", ".qzeros", ".g_idx") if self.args.quantization is not None else ()
+        names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+        for name, info in self.tensors.items():
+            if not info.dtype.is_floating_point and not name.endswith(packed):
+                raise CheckpointError(
+                    f"tensor {name} in {info.file.name} has dtype {names[info.dtype]}, which the runtime cannot "
+                    f"use for it (floats: F64, F32, F16, BF16; integers only in AWQ / GPTQ packed tensors); use a "
+                    f"16/32-bit, AWQ or GPTQ checkpoint"
+                )
 
     def _index(self) -> dict[str, TensorInfo]:
         index_file = self.path / INDEX_NAME
@@ -197,8 +217,8 @@ class Checkpoint:
 
     def validate(self) -> None:
         """Every expected tensor present with the expected shape, and nothing unexpected; before any compute."""
-        expected = self.args.expected_tensors()
-        missing = sorted(set(expected) - set(self.tensors))
+        expected, optional = expected_checkpoint_tensors(self.args)
+        missing = sorted(set(expected) - set(self.tensors) - optional)
         # Checkpoints with tied embeddings sometimes also store lm_head; rotary caches are derived, not weights.
         ignorable = {"lm_head.weight"} if self.args.tie_word_embeddings else set()
         unexpected = sorted(
@@ -209,7 +229,13 @@ class Checkpoint:
             for n in set(expected) & set(self.tensors)
             if tuple(self.tensors[n].shape) != tuple(expected[n])
         )
+        # Packed integers must be int32 words; reading them as floats would be garbage, not an error.
+        mistyped = sorted(f"{n} {str(self.tensors[n].dtype).removeprefix('torch.')} (expected int32)"
+                          for n in set(expected) & set(self.tensors)
+                          if n.endswith((".qweight", ".qzeros", ".g_idx")) and self.tensors[n].dtype != torch.int32)
         problems = []
+        if mistyped:
+            problems.append(f"wrong dtypes: {_listing(mistyped)}")
         if missing:
             problems.append(f"missing tensors: {_listing(missing)}")
         if unexpected:

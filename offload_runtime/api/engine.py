@@ -115,6 +115,9 @@ class Engine:
         plan: "auto" uses the planner's plans for this machine and model pair, each request the one made for its
         sampling settings (one line on stderr says which, or that none matched and the default tree is used);
         a path uses that plan file; None skips plans.
+        quantize: "int8" or "int4" quantizes the target's decoder linears as they are read (group-wise with a zero
+        point, `group_size` columns per group, 128 by default, -1 per channel); draft_quantize does the same for
+        the draft. AWQ and GPTQ checkpoints are detected from config.json and used as they are.
         """
         from .loading import load
 

@@ -21,6 +21,7 @@ from ..spec.methods import get_method
 from ..spec.policy import PlannedTree, TreePolicy, default_tree
 from ..weights.checkpoint import Checkpoint, resolve_model_dir
 from ..weights.loader import build_model
+from ..weights.quantized import quant_spec_for
 from . import registry
 from .options import GenerationDefaults, parse_device, parse_dtype
 from .plans import find_plans, load_plan
@@ -107,7 +108,8 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
          offload: bool | None = None, gpu_memory: str | int | None = None, max_seq_len: int | None = None,
          batch_size: int = 1, tree: Sequence[int] | Tree | None = None, method: Any = "sequoia",
          plan: str | os.PathLike | None = "auto", slots: int = 2, resident_layers: int | None = None,
-         max_chunk: int = 2048, progress: bool | None = None, quiet: bool = False) -> Any:
+         max_chunk: int = 2048, progress: bool | None = None, quiet: bool = False, quantize: str | None = None,
+         group_size: int | None = None, draft_quantize: str | None = None) -> Any:
     """Engine.from_pretrained (api/engine.py documents the options)."""
     dev = parse_device(device)
     model = str(model)
@@ -124,6 +126,9 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
             raise UsageError(f"invalid tree: {e}") from None
     target_path, target_ckpt = open_checkpoint(model)
     targs = target_ckpt.args
+    if group_size is not None and quantize is None and draft_quantize is None:
+        raise UsageError("group_size (--group-size) needs quantize or draft_quantize (--quantize / --draft-quantize)")
+    target_quant = quant_spec_for(targs, quantize, group_size if quantize else None, f"model {model}")
     dt = parse_dtype(dtype, dev, targs.torch_dtype)
     limit = targs.max_position_embeddings
     seq_len = min(limit, 4096) if max_seq_len is None else max_seq_len
@@ -132,9 +137,13 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     tokenizer = load_tokenizer(target_path)
     defaults = GenerationDefaults.from_dir(target_path)
     draft_name = _draft_name(model, draft)
-    draft_ckpt = None
+    draft_ckpt, draft_quant = None, None
+    if draft_name is None and draft_quantize is not None:
+        raise UsageError("draft_quantize (--draft-quantize) needs a draft; drop it or give --draft")
     if draft_name is not None:
         draft_path, draft_ckpt = open_checkpoint(draft_name)
+        draft_quant = quant_spec_for(draft_ckpt.args, draft_quantize, group_size if draft_quantize else None,
+                                     f"draft {draft_name}")
         check_vocab_compatible(targs, draft_ckpt.args, tokenizer, load_tokenizer(draft_path), model, draft_name)
     plans = []
     trees = TreePolicy.one(Tree([-1]))
@@ -152,17 +161,17 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
         gpu_memory = guide.gpu_memory
     fixed = fixed_device_bytes(targs, dt, draft_args=draft_ckpt.args if draft_ckpt else None, batch=batch_size,
                                max_seq_len=seq_len, tree_size=trees.largest, max_chunk=max_chunk, slots=slots,
-                               on_cuda=dev.type == "cuda")
+                               on_cuda=dev.type == "cuda", quant=target_quant, draft_quant=draft_quant)
     residency = choose_residency(targs, dt, dev, offload=offload,
                                  budget_bytes=None if gpu_memory is None else parse_bytes(gpu_memory),
-                                 fixed=fixed, slots=slots, resident_layers=resident_layers)
+                                 fixed=fixed, slots=slots, resident_layers=resident_layers, quant=target_quant)
     with progress_bar(targs.n_layers, "target", progress) as tick:
-        target = build_model(target_ckpt, dev, dt, residency, tick)
+        target = build_model(target_ckpt, dev, dt, residency, tick, quant=target_quant)
     draft_model = None
     if draft_ckpt is not None:
         everything = Residency(False, tuple(range(draft_ckpt.args.n_layers)), 0, None)
         with progress_bar(draft_ckpt.args.n_layers, "draft", progress) as tick:
-            draft_model = build_model(draft_ckpt, dev, dt, everything, tick)
+            draft_model = build_model(draft_ckpt, dev, dt, everything, tick, quant=draft_quant)
     eos = set(targs.eos_token_ids) | set(defaults.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)

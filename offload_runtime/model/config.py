@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, MissingFileError
-from .quantization import CheckpointQuant, parse_quantization_config
+from .quantization import CheckpointQuant, input_widths, parse_quantization_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -176,7 +176,7 @@ class ModelArgs:
         )
         # --- quantized checkpoints (model/quantization.py)
         if cfg.get("quantization_config") is not None:
-            widths = {"q/k/v/gate/up_proj": args.dim, "o_proj": args.q_size, "down_proj": args.intermediate_size}
+            widths = input_widths(args.dim, args.q_size, args.intermediate_size)
             args = args.replace(quantization=parse_quantization_config(cfg["quantization_config"], widths))
         return args
 

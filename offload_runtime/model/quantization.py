@@ -65,6 +65,11 @@ class QuantSpec:
         return f"int{self.bits}-{g}{'-act_order' if self.act_order else ''}"
 
 
+def input_widths(dim: int, q_size: int, intermediate_size: int) -> dict[str, int]:
+    """The input width of each kind of decoder linear (what a group size must divide)."""
+    return {"q/k/v/gate/up_proj": dim, "o_proj": q_size, "down_proj": intermediate_size}
+
+
 def check_group_size(spec: QuantSpec, in_features: dict[str, int], field: str) -> None:
     """Every linear's input width must be a whole number of groups."""
     if spec.group_size == -1:

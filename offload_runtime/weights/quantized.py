@@ -22,7 +22,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, UsageError
 from ..model.config import ModelArgs
-from ..model.quantization import LINEARS, CheckpointQuant, QuantSpec, check_group_size, linear_tensors, pack_int4
+from ..model.quantization import LINEARS, CheckpointQuant, QuantSpec, check_group_size, input_widths, pack_int4
 from .source import WeightSource
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column AWQ_ORDER[i] of its eight
@@ -231,8 +231,7 @@ def quant_spec_for(args: ModelArgs, quantize: str | None, group_size: int | None
         raise UsageError(f"group_size must be a positive whole number or -1 (per channel), got {group_size!r}")
     spec = QuantSpec(int(quantize.removeprefix("int")), group)
     try:
-        check_group_size(spec, {"q/k/v/gate/up_proj": args.dim, "o_proj": args.q_size,
-                                "down_proj": args.intermediate_size}, "group_size")
+        check_group_size(spec, input_widths(args.dim, args.q_size, args.intermediate_size), "group_size")
     except ConfigError as e:  # here it is the user's option that is wrong, not config.json
         raise UsageError(str(e)) from None
     return spec

@@ -362,3 +362,28 @@ def test_quantize_options_are_checked(quant_ckpts, checkpoints):
         Engine.from_pretrained(plain, draft=False, quantize="int4", group_size=48)
     with pytest.raises(UsageError, match=r"draft_quantize \(--draft-quantize\) needs a draft"):
         Engine.from_pretrained(plain, draft=False, draft_quantize="int4")
+
+
+# --- planner
+
+
+def test_profile_plans_with_packed_bytes_and_times_the_chosen_kernels(quant_ckpts):
+    from planner import optimizer as opt
+    from planner import profile as prof
+
+    args = ModelArgs.from_name("tiny").replace(dim=128, intermediate_size=256, n_heads=4, n_kv_heads=2, head_dim=32)
+    spec = QuantSpec(4, 64)
+    p = prof.run_profile(args, args, torch.device("cpu"), torch.float32, grid=[1, 2, 4], effort=prof.Effort.quick(),
+                         quant=spec, draft_quant=spec)
+    assert p["layer_bytes"] == layer_bytes(args, torch.float32, spec) < layer_bytes(args, torch.float32) / 3
+    assert p["quant"] == "int4-g64" and p["draft_quant"] == "int4-g64"
+    from offload_runtime.model.quantization import cpu_int4_block
+    if cpu_int4_block() is not None:
+        k = p["quant_kernel"]
+        assert k["max_tokens"] in k["grid"] + [0] and len(k["kernel_s"]) == len(k["dequant_s"]) >= 1
+    # An AWQ checkpoint's own format is planned for without being asked.
+    awq = ModelArgs.from_file(quant_ckpts["awq-g32"][0])
+    r = opt.residency(awq, torch.float16, torch.device("cpu"), draft=None, budget_bytes=10**9, batch=1,
+                      max_seq_len=64, max_tree=8, offload=True)
+    assert r.budget.layer_bytes == layer_bytes(awq, torch.float16, awq.quantization.spec())
+    assert prof.profile_path("m", torch.device("cpu"), torch.float16, awq, None).name.endswith("int4-g32-fp.json")

@@ -39,6 +39,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 SUPPORTED_BITS = (4, 8)
 KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernels take
+MEASURE_MAX_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -281,29 +282,36 @@ def _median_time(fn, device: torch.device, repeats: int) -> float:
 
 def measure_kernel_times(out_features: int, in_features: int, spec: QuantSpec, dtype: torch.dtype,
                          device: torch.device, grid: tuple[int, ...] = (1, 4, 16, 64, 256),
-                         repeats: int = 5) -> KernelTimes:
-    """Time one random quantized linear of this shape by both paths at each token count of `grid`."""
+                         repeats: int = 3) -> KernelTimes:
+    """Time one random quantized linear of this shape by both paths at each token count of `grid`, up to the first
+    where the kernel is no longer faster (no timings when no kernel applies)."""
     device = torch.device(device)
     spec = replace(spec, block=kernel_block(device), act_order=False)
+    # Both paths scale about linearly in the output width, so a slice of a wide linear shows the same crossover
+    # at a bounded cost in memory and time (a 70B MLP linear would be 235 M weights).
+    N = min(out_features, MEASURE_MAX_ROWS)
     g = torch.Generator().manual_seed(0)
     G = in_features // spec.group(in_features)
     maxq = 2 ** spec.bits - 1
-    q = torch.randint(0, maxq + 1, (out_features, in_features), generator=g)
-    w = {"l.scales": (torch.rand(G, out_features, generator=g) * 1e-2 + 1e-3).half(),
-         "l.zeros": torch.randint(0, maxq + 1, (G, out_features), generator=g).to(torch.int16)}
-    w["l.qweight"] = pack_int4(q, spec.block_for(out_features)) if spec.bits == 4 else (q - 128).to(torch.int8)
+    q = torch.randint(0, maxq + 1, (N, in_features), generator=g, dtype=torch.uint8)
+    w = {"l.scales": (torch.rand(G, N, generator=g) * 1e-2 + 1e-3).half(),
+         "l.zeros": torch.randint(0, maxq + 1, (G, N), generator=g).to(torch.int16)}
+    w["l.qweight"] = pack_int4(q, spec.block_for(N)) if spec.bits == 4 else (q.to(torch.int16) - 128).to(torch.int8)
     w = {k: v.to(device) for k, v in w.items()}
     probe = torch.zeros(1, in_features, dtype=dtype, device=device)
     has_kernel = kernel_applies(w, "l", spec.bits, probe)
     always, never = KernelChoice(1 << 30), KernelChoice(0)
     kernel_s, dequant_s = [], []
+    if not has_kernel:  # nothing to choose: dequantize + matmul at every token count
+        return KernelTimes((), None, ())
     with torch.inference_mode():
         for n in grid:
             x = torch.randn(n, in_features, generator=g).to(device=device, dtype=dtype)
             dequant_s.append(_median_time(lambda: quantized_linear(x, w, "l", never), device, repeats))
-            if has_kernel:
-                kernel_s.append(_median_time(lambda: quantized_linear(x, w, "l", always), device, repeats))
-    return KernelTimes(tuple(grid), tuple(kernel_s) if has_kernel else None, tuple(dequant_s))
+            kernel_s.append(_median_time(lambda: quantized_linear(x, w, "l", always), device, repeats))
+            if kernel_s[-1] >= dequant_s[-1]:
+                break  # the crossover: the kernel's cost grows with the tokens, dequantizing's is mostly fixed
+    return KernelTimes(tuple(grid[:len(kernel_s)]), tuple(kernel_s), tuple(dequant_s))
 
 
 def warn_fallback(what: str) -> None:

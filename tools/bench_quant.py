@@ -239,6 +239,83 @@ def llama_cpp_speed(label: str, args: ModelArgs, workdir: Path, threads: int, re
     return rows
 
 
+# --- on a GPU (device_check's int4 rows; not run without CUDA)
+
+
+def gpu_rows(repeats: int = 5) -> list[Row]:
+    """int4 vs fp16 on the 13B shape: bytes and time of a streamed sweep, and its efficiency (bytes / s over the
+    pinned copy bandwidth); the int4 kernel vs dequantize + matmul on a 13B MLP linear at 1, 64, 512 tokens."""
+    from offload_runtime.model.quantization import measure_kernel_times
+    from planner.profile import Effort, measure_bandwidth
+
+    dev = torch.device("cuda")
+    args = ModelArgs.from_name("llama-2-13b")
+    bandwidth = measure_bandwidth(dev, Effort())
+    rows = []
+    for label, dtype, quant in (("fp16", torch.float16, None), ("int4 g128", torch.bfloat16, QuantSpec(4, 128))):
+        residency = Residency(True, (), 2, None)
+        model = build_model(RandomWeights(args, distinct_layers=False), dev, dtype, residency, quant=quant)
+        engine = Engine(model, None, None, max_seq_len=256, residency=residency)
+        engine.generate(_prompt(args.vocab_size), max_new_tokens=repeats + 1, temperature=0, ignore_eos=True)
+        sweeps = model.layers.resolve_stats()[2:]
+        t = statistics.median(s.wall_s for s in sweeps)
+        b = model.layers.bytes_per_sweep
+        rows.append(Row("llama-2-13b", label, {"bytes_per_sweep": b, "sweep_ms": t * 1e3,
+                                               "efficiency": b / t / bandwidth}))
+        del engine, model
+        torch.cuda.empty_cache()
+    base = rows[0].values["sweep_ms"]
+    for r in rows:
+        r.values["sweep_vs_fp16"] = r.values["sweep_ms"] / base
+    times = measure_kernel_times(args.intermediate_size, args.dim, QuantSpec(4, 128), torch.bfloat16, dev,
+                                 grid=(1, 64, 512), repeats=repeats)
+    for n, d in zip(times.grid, times.dequant_s):
+        k = times.kernel_s[times.grid.index(n)] if times.kernel_s and n in times.grid[:len(times.kernel_s)] else None
+        rows.append(Row("llama-2-13b MLP linear", f"{n} tokens",
+                        {"dequant_matmul_us": d * 1e6, **({"kernel_us": k * 1e6} if k is not None else {})}))
+    return rows
+
+
+# --- 70B int4 projection (the arithmetic tools/project_70b.py states for fp16, with packed bytes)
+
+
+def project_70b_int4(bandwidth_gbps: float = 25.0, memory_gib: float = 22.0, tflops: float = 80.0,
+                     mem_gbps: float = 900.0, p: list[float] | None = None, max_tree: int = 1024) -> dict[str, Any]:
+    """Llama-3-70B AWQ int4 g128 target with a 4-bit Llama-3-8B draft on a 24 GB PCIe-4 card: residency from
+    the runtime's rule on packed sizes, then the planner's time model with roofline compute (stated
+    assumptions, nothing measured): stream_s = streamed layers x int4 layer bytes / bandwidth."""
+    from planner import optimizer as opt
+    from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, best_trees
+
+    p = list(DEFAULT_ACCEPTANCE) if p is None else p
+    target, draft = ModelArgs.from_name("llama-3-70b"), ModelArgs.from_name("llama-3-8b")
+    dtype, q4 = torch.float16, QuantSpec(4, 128)
+    out: dict[str, Any] = {}
+    for label, tq, dq in (("fp16 target, int4 draft", None, q4), ("int4 target, int4 draft", q4, q4)):
+        res = opt.residency(target, dtype, torch.device("cuda"), draft=draft, budget_bytes=int(memory_gib * 2**30),
+                            batch=1, max_seq_len=2048, max_tree=max_tree, slots=2, offload=True, quant=tq,
+                            draft_quant=dq)
+        lb, db = layer_bytes(target, dtype, tq), layer_bytes(draft, dtype, dq)
+
+        def roofline(params: int, weight_bytes: int) -> opt.Curve:
+            grid = (1, 2048)
+            return opt.Curve(grid, tuple(max(weight_bytes / (mem_gbps * 1e9), 2 * params * n / (tflops * 1e12))
+                                         for n in grid))
+        layer = roofline(target.layer_numel(), lb)
+        dlayer = roofline(draft.layer_numel(), db)
+        level = opt.Curve((1, 2048), tuple(draft.n_layers * float(dlayer(n)) + 2 * draft.vocab_size * draft.dim /
+                                           (mem_gbps * 1e9) for n in (1, 2048)))
+        tm = opt.TimeModel(layer=layer, head=opt.Curve.constant(0.0), host=opt.Curve.constant(5e-3),
+                           draft_level=level, n_layers=target.n_layers, resident=len(res.resident), layer_bytes=lb,
+                           bandwidth=bandwidth_gbps * 1e9, overlap=True)
+        best = opt.optimize(p, tm, max_tree=max_tree, max_depth=16, table=best_trees(p, max_tree, 16)).best
+        out[label] = {"layer_bytes": lb, "draft_bytes": res.budget.fixed["draft"], "resident_layers": len(res.resident),
+                      "stream_s": tm.stream_s, "n": best.n, "depth": best.depth,
+                      "tokens_per_step": best.tokens_per_step, "tokens_per_s": 1 / best.row()["s_per_token"],
+                      "plain_tokens_per_s": 1 / opt.evaluate([-1], 1.0, tm).row()["s_per_token"]}
+    return out
+
+
 # --- report
 
 
@@ -309,7 +386,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--markdown", default=None, help="also append the tables to this file")
+    ap.add_argument("--gpu", action="store_true", help="only the CUDA rows (13B sweep, kernel vs dequantize)")
+    ap.add_argument("--project-70b", action="store_true", help="only the 70B int4 projection (no measurement)")
     a = ap.parse_args(argv)
+    if a.project_70b:
+        for label, r in project_70b_int4().items():
+            print(f"{label}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()))
+        return 0
+    if a.gpu:
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        if name is None:
+            print("no CUDA device: the GPU rows need one")
+            return 1
+        rows = gpu_rows(a.repeats)
+        print(f"### int4 on {name}\n\n" + table(rows, ["bytes_per_sweep", "sweep_ms", "sweep_vs_fp16", "efficiency",
+                                                        "kernel_us", "dequant_matmul_us"]))
+        return 0
     result = run(a.quick, a.threads, a.repeats, a.new_tokens, not a.no_llama_cpp)
     text = markdown(result, "python tools/bench_quant.py " + " ".join(sys.argv[1:] if argv is None else argv))
     print(text)

@@ -1,6 +1,7 @@
 """Which decoder layers stay on the device and which stream from host RAM, from the device budget."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,10 @@ def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: Model
         "staging slots": slots * layer_bytes(args, dtype, quant),
         "activations": act,
     }
+    if quant is not None or draft_quant is not None:
+        # Dequantize + matmul holds the widest linear dequantized (worked in float32, then in the dtype).
+        widest = max(math.prod(s) for a in (args, draft_args) if a is not None for s in a.layer_shapes().values())
+        fixed["dequantize scratch"] = widest * (4 + size)
     if draft_args is not None:
         fixed["draft"] = model_bytes(draft_args, dtype, draft_quant)
         fixed["draft KV cache"] = draft_args.kv_bytes_per_token(dtype) * batch * (max_seq_len + 1)

@@ -291,6 +291,7 @@ def test_draft_quantization_counts_in_the_device_budget():
     q = fixed_device_bytes(target, torch.float16, quant=QuantSpec(4, 128), draft_quant=QuantSpec(4, 128), **kw)
     assert fp["draft"] == pytest.approx(16e9, rel=0.05) and q["draft"] < 0.4 * fp["draft"]
     assert q["staging slots"] == 2 * layer_bytes(target, torch.float16, QuantSpec(4, 128))
+    assert q["dequantize scratch"] == 28672 * 8192 * 6 and "dequantize scratch" not in fp
 
 
 # --- bad input

@@ -405,3 +405,14 @@ def test_bench_quant_projection_and_sweep_bytes():
     rows = {row.format: row.values for row in bench.bytes_and_sweeps("tiny", bench.QUICK, repeats=1, new_tokens=8)}
     assert rows["int4 g128"]["bytes_vs_bf16"] < 0.3 and 0.45 < rows["int8 g128"]["bytes_vs_bf16"] < 0.55
     assert rows["int4 g128"]["bytes_per_sweep"] == 4 * rows["int4 g128"]["layer_bytes"]
+
+
+def test_engine_follows_the_plans_measured_kernel_threshold():
+    from types import SimpleNamespace
+
+    from offload_runtime.api.loading import planned_kernel
+
+    plan = SimpleNamespace(path="p.json", figures={"quant": "int4-g128", "quant_kernel": {"max_tokens": 64}})
+    assert planned_kernel(plan, QuantSpec(4, 128)).max_tokens == 64
+    assert planned_kernel(plan, QuantSpec(4, 32)) is None  # a plan for another format: measure at load instead
+    assert planned_kernel(None, QuantSpec(4, 128)) is None and planned_kernel(plan, None) is None

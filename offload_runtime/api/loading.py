@@ -15,6 +15,7 @@ import torch
 from ..errors import UsageError
 from ..memory import parse_bytes
 from ..model.config import ModelArgs
+from ..model.quantization import KernelChoice, QuantSpec
 from ..model.tree import Tree
 from ..residency import Residency, choose_residency, fixed_device_bytes
 from ..spec.methods import get_method
@@ -103,6 +104,14 @@ def _planned_trees(plan: str | os.PathLike | None, model: str, draft: str, devic
     return kept
 
 
+def planned_kernel(plan: Any, quant: QuantSpec | None) -> KernelChoice | None:
+    """The int-kernel threshold the plan's profile measured for this format (None: measure at load)."""
+    measured = (plan.figures.get("quant_kernel") or {}) if plan is not None and quant is not None else {}
+    if "max_tokens" not in measured or plan.figures.get("quant") != quant.label:
+        return None
+    return KernelChoice(int(measured["max_tokens"]), f"plan {plan.path}")
+
+
 def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None | bool = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          offload: bool | None = None, gpu_memory: str | int | None = None, max_seq_len: int | None = None,
@@ -166,7 +175,8 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
                                  budget_bytes=None if gpu_memory is None else parse_bytes(gpu_memory),
                                  fixed=fixed, slots=slots, resident_layers=resident_layers, quant=target_quant)
     with progress_bar(targs.n_layers, "target", progress) as tick:
-        target = build_model(target_ckpt, dev, dt, residency, tick, quant=target_quant)
+        target = build_model(target_ckpt, dev, dt, residency, tick, quant=target_quant,
+                             kernel=planned_kernel(guide, target_quant))
     draft_model = None
     if draft_ckpt is not None:
         everything = Residency(False, tuple(range(draft_ckpt.args.n_layers)), 0, None)

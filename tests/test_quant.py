@@ -416,3 +416,18 @@ def test_engine_follows_the_plans_measured_kernel_threshold():
     assert planned_kernel(plan, QuantSpec(4, 128)).max_tokens == 64
     assert planned_kernel(plan, QuantSpec(4, 32)) is None  # a plan for another format: measure at load instead
     assert planned_kernel(None, QuantSpec(4, 128)) is None and planned_kernel(plan, None) is None
+
+
+def test_quantized_cache_reloads_the_same_model(checkpoints, monkeypatch):
+    from offload_runtime.weights import quantized as q
+
+    path = checkpoints["llama-gqa-llama3"]
+    kw = dict(dtype="float64", draft=False, quantize="int4", group_size=32, cache_quantized=True)
+    first = Engine.from_pretrained(path, **kw)
+    calls = []
+    monkeypatch.setattr(q, "quantize_rtn", lambda *a, **k: calls.append(a) or pytest.fail("quantized again"))
+    again = Engine.from_pretrained(path, **kw)
+    assert not calls and torch.equal(logits(first, IDS), logits(again, IDS))
+    from offload_runtime.api.loading import quant_cache_dir
+    files = list(quant_cache_dir(path).rglob("layer-*.safetensors"))
+    assert len(files) == 3 and (files[0].parent / "complete.json").is_file()

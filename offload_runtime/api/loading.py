@@ -25,7 +25,8 @@ from ..weights.loader import build_model
 from ..weights.quantized import quant_spec_for
 from . import registry
 from .options import GenerationDefaults, parse_device, parse_dtype
-from .plans import find_plans, load_plan
+from .home import short_hash, store_dir
+from .plans import find_plans, load_plan, model_fingerprint, model_identity
 from .text import load_tokenizer
 
 
@@ -104,6 +105,12 @@ def _planned_trees(plan: str | os.PathLike | None, model: str, draft: str, devic
     return kept
 
 
+def quant_cache_dir(path: Path) -> Path:
+    """Where a checkpoint's linears quantized on load are kept: keyed like plans, by the checkpoint's
+    fingerprint (config.json, shard headers and data ends), so a changed checkpoint never reads a stale cache."""
+    return store_dir("quantized") / short_hash({"model": model_identity(path), "fingerprint": model_fingerprint(path)})
+
+
 def planned_kernel(plan: Any, quant: QuantSpec | None) -> KernelChoice | None:
     """The int-kernel threshold the plan's profile measured for this format (None: measure at load)."""
     measured = (plan.figures.get("quant_kernel") or {}) if plan is not None and quant is not None else {}
@@ -118,7 +125,7 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
          batch_size: int = 1, tree: Sequence[int] | Tree | None = None, method: Any = "sequoia",
          plan: str | os.PathLike | None = "auto", slots: int = 2, resident_layers: int | None = None,
          max_chunk: int = 2048, progress: bool | None = None, quiet: bool = False, quantize: str | None = None,
-         group_size: int | None = None, draft_quantize: str | None = None) -> Any:
+         group_size: int | None = None, draft_quantize: str | None = None, cache_quantized: bool = False) -> Any:
     """Engine.from_pretrained (api/engine.py documents the options)."""
     dev = parse_device(device)
     model = str(model)
@@ -176,12 +183,15 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
                                  fixed=fixed, slots=slots, resident_layers=resident_layers, quant=target_quant)
     with progress_bar(targs.n_layers, "target", progress) as tick:
         target = build_model(target_ckpt, dev, dt, residency, tick, quant=target_quant,
-                             kernel=planned_kernel(guide, target_quant))
+                             kernel=planned_kernel(guide, target_quant),
+                             quant_cache=quant_cache_dir(target_path) if cache_quantized and quantize else None)
     draft_model = None
     if draft_ckpt is not None:
         everything = Residency(False, tuple(range(draft_ckpt.args.n_layers)), 0, None)
         with progress_bar(draft_ckpt.args.n_layers, "draft", progress) as tick:
-            draft_model = build_model(draft_ckpt, dev, dt, everything, tick, quant=draft_quant)
+            draft_model = build_model(draft_ckpt, dev, dt, everything, tick, quant=draft_quant,
+                                      quant_cache=quant_cache_dir(draft_path) if cache_quantized and draft_quantize
+                                      else None)
     eos = set(targs.eos_token_ids) | set(defaults.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)

@@ -254,30 +254,35 @@ class Checkpoint:
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Read tensor `name` into `out` (CPU, contiguous, right shape), converting dtype if they differ."""
-        info = self.tensors[name]
-        assert out.is_contiguous() and out.device.type == "cpu" and tuple(out.shape) == info.shape, name
-        target = out if out.dtype == info.dtype else torch.empty(info.shape, dtype=info.dtype)
-        view = memoryview(target.view(torch.uint8).reshape(-1).numpy()) if info.nbytes else memoryview(b"")
-        try:
-            with open(info.file, "rb", buffering=0) as f:
-                f.seek(info.offset)
-                got = 0
-                while got < info.nbytes:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-        except FileNotFoundError:
-            raise MissingFileError(f"shard {info.file.name} disappeared from {info.file.parent}") from None
-        if got != info.nbytes:
-            raise CheckpointError(f"{info.file} ended inside tensor {name}: the file is truncated; re-download it")
-        if target is not out:
-            out.copy_(target)
-        return out
+        return read_tensor_into(self.tensors[name], out)
 
     def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         info = self.tensors[name]
         return self.read_into(name, torch.empty(info.shape, dtype=dtype or info.dtype))
+
+
+def read_tensor_into(info: TensorInfo, out: torch.Tensor) -> torch.Tensor:
+    """Read one tensor of a safetensors file straight into `out` (readinto, no mmap), converting dtype."""
+    name = info.name
+    assert out.is_contiguous() and out.device.type == "cpu" and tuple(out.shape) == info.shape, name
+    target = out if out.dtype == info.dtype else torch.empty(info.shape, dtype=info.dtype)
+    view = memoryview(target.view(torch.uint8).reshape(-1).numpy()) if info.nbytes else memoryview(b"")
+    try:
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.offset)
+            got = 0
+            while got < info.nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+    except FileNotFoundError:
+        raise MissingFileError(f"shard {info.file.name} disappeared from {info.file.parent}") from None
+    if got != info.nbytes:
+        raise CheckpointError(f"{info.file} ended inside tensor {name}: the file is truncated; re-download it")
+    if target is not out:
+        out.copy_(target)
+    return out
 
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -18,7 +19,7 @@ from ..model.transformer import GlobalWeights, ResidentLayers, Transformer
 from ..residency import Residency
 from ..streaming import StreamedLayers
 from .layout import layer_bytes, layer_layout
-from .quantized import QuantizedSource
+from .quantized import PackedCache, QuantizedSource
 from .source import WeightSource
 from .store import HostLayerStore, fill_layer
 
@@ -47,6 +48,11 @@ def load_layer(source: WeightSource, i: int, dtype: torch.dtype, device: torch.d
     return layout.views(buffer if device.type == "cpu" else buffer.to(device))
 
 
+def quant_key(quant: QuantSpec) -> str:
+    """The cache subdirectory of a packed format (the 4-bit block differs between devices)."""
+    return f"{quant.label}-b{quant.block or 0}-v1"
+
+
 def device_spec(quant: QuantSpec | None, device: torch.device) -> QuantSpec | None:
     """The packed layout for this device: 4-bit rows blocked the way the device's int4 kernel reads them."""
     return None if quant is None else replace(quant, block=kernel_block(device))
@@ -70,16 +76,18 @@ def default_kernel(args: ModelArgs, quant: QuantSpec | None, dtype: torch.dtype,
 
 def build_model(source: WeightSource, device: torch.device, dtype: torch.dtype, residency: Residency,
                 progress: Callable[[int], None] | None = None, quant: QuantSpec | None = None,
-                kernel: KernelChoice | None = None) -> Transformer:
+                kernel: KernelChoice | None = None, quant_cache: Path | None = None) -> Transformer:
     """Load globals and resident layers onto the device; pack the rest into the host store (`progress(1)` per
     layer). `quant` holds the decoder linears packed (a quantized checkpoint's own format when not given);
-    `kernel` says when the int kernels run (default: measured now)."""
+    `kernel` says when the int kernels run (default: measured now); `quant_cache`, a directory for the linears
+    quantized on load (read from it when complete, else written to it)."""
     args = source.args
     if quant is None and args.quantization is not None:
         quant = args.quantization.spec()
     quant = device_spec(quant, device)
     if quant is not None:
-        source = QuantizedSource(source, quant)
+        cache = None if quant_cache is None else PackedCache(Path(quant_cache) / quant_key(quant), args.n_layers)
+        source = QuantizedSource(source, quant, cache)
         kernel = kernel if kernel is not None else default_kernel(args, quant, dtype, device)
     store = None
     if residency.offload:

@@ -16,13 +16,17 @@ The published layouts (integers of `bits` bits packed into int32 words, low bits
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError, ConfigError, UsageError
 from ..model.config import ModelArgs
-from ..model.quantization import LINEARS, CheckpointQuant, QuantSpec, check_group_size, input_widths, pack_int4
+from ..model.quantization import (LINEARS, CheckpointQuant, QuantSpec, check_group_size, input_widths,
+                                  linear_tensors, pack_int4)
 from .source import WeightSource
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column AWQ_ORDER[i] of its eight
@@ -139,6 +143,53 @@ def expected_checkpoint_tensors(args: ModelArgs) -> tuple[dict[str, tuple[int, .
     return expected, optional
 
 
+# --- a cache of linears quantized on load
+
+
+class PackedCache:
+    """Packed linears of a model quantized on load, one safetensors file per decoder layer in `root`, so a reload
+    reads integers instead of quantizing again. The caller keys `root` (checkpoint fingerprint and format); a
+    layer file appears whole (temp file + rename) once its linears are packed, `complete` once every layer is."""
+
+    MARKER = "complete.json"
+
+    def __init__(self, root: Path, n_layers: int):
+        self.root, self.n_layers = Path(root), n_layers
+        self._pending: dict[int, dict[str, torch.Tensor]] = {}
+        self._headers: dict[int, dict] = {}
+
+    @property
+    def complete(self) -> bool:
+        return (self.root / self.MARKER).is_file()
+
+    def _file(self, layer: int) -> Path:
+        return self.root / f"layer-{layer:05d}.safetensors"
+
+    def read(self, layer: int, prefix: str, suffixes: list[str]) -> dict[str, torch.Tensor]:
+        from .checkpoint import read_safetensors_header, read_tensor_into
+
+        if layer not in self._headers:
+            self._headers = {layer: read_safetensors_header(self._file(layer))}  # one layer's header at a time
+        infos = self._headers[layer]
+        return {sx: read_tensor_into(infos[f"{prefix}.{sx}"], torch.empty(infos[f"{prefix}.{sx}"].shape,
+                                                                          dtype=infos[f"{prefix}.{sx}"].dtype))
+                for sx in suffixes}
+
+    def add(self, layer: int, prefix: str, packed: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        pending = self._pending.setdefault(layer, {})
+        pending.update({f"{prefix}.{sx}": t.contiguous() for sx, t in packed.items()})
+        if len(pending) < len(LINEARS) * len(packed):
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self._file(layer).with_suffix(f".{os.getpid()}.tmp")
+        save_file(self._pending.pop(layer), str(tmp))
+        os.replace(tmp, self._file(layer))
+        if all(self._file(i).is_file() for i in range(self.n_layers)):
+            (self.root / self.MARKER).write_text(json.dumps({"layers": self.n_layers}))
+
+
 # --- the source
 
 
@@ -151,8 +202,9 @@ class QuantizedSource:
     kept, so its three or four reads unpack or quantize it once.
     """
 
-    def __init__(self, base: WeightSource, spec: QuantSpec):
+    def __init__(self, base: WeightSource, spec: QuantSpec, cache: PackedCache | None = None):
         self.base, self.spec = base, spec
+        self.cache = cache if base.args.quantization is None else None
         self.args = base.args
         self.source_quant = base.args.quantization
         self.label = base.label
@@ -165,8 +217,17 @@ class QuantizedSource:
         if linear not in LINEARS or suffix == "bias":
             return self.base.read_into(name, out)
         if self._cached is None or self._cached[0] != prefix:
-            self._cached = (prefix, pack_linear(self._linear_ints(prefix, linear), self.spec))
+            self._cached = (prefix, self._packed(prefix, linear))
         return out.copy_(self._cached[1][suffix])
+
+    def _packed(self, prefix: str, linear: str) -> dict[str, torch.Tensor]:
+        layer = int(prefix.split(".")[2])
+        if self.cache is not None and self.cache.complete:
+            return self.cache.read(layer, prefix, list(linear_tensors(*self._shapes[linear], self.spec)))
+        packed = pack_linear(self._linear_ints(prefix, linear), self.spec)
+        if self.cache is not None:
+            self.cache.add(layer, prefix, packed)
+        return packed
 
     def _linear_ints(self, prefix: str, linear: str) -> LinearInts:
         N, K = self._shapes[linear]

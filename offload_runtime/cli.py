@@ -38,6 +38,8 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "demo
     g.add_argument("--draft-quantize", choices=("int8", "int4"), default=None, help="quantize the draft on load")
     g.add_argument("--group-size", type=int, default=None, help="columns per quantization group (default 128; -1: "
                    "per channel)")
+    g.add_argument("--cache-quantized", action="store_true",
+                   help="keep what --quantize made in the runtime's home; later loads read it")
     g.add_argument("--debug", action="store_true", help="show Python tracebacks")
 
 
@@ -69,7 +71,7 @@ def load_engine(args: argparse.Namespace, batch_size: int = 1, device: str | Non
                                   offload=args.offload, gpu_memory=args.gpu_memory, max_seq_len=args.max_seq_len,
                                   batch_size=batch_size, plan=plan, progress=sys.stderr.isatty(),
                                   quantize=args.quantize, group_size=args.group_size,
-                                  draft_quantize=args.draft_quantize)
+                                  draft_quantize=args.draft_quantize, cache_quantized=args.cache_quantized)
 
 
 def run_main(main: Callable[[], int | None], debug: bool | None = None) -> NoReturn:

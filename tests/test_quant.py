@@ -431,3 +431,19 @@ def test_quantized_cache_reloads_the_same_model(checkpoints, monkeypatch):
     from offload_runtime.api.loading import quant_cache_dir
     files = list(quant_cache_dir(path).rglob("layer-*.safetensors"))
     assert len(files) == 3 and (files[0].parent / "complete.json").is_file()
+
+
+def test_cli_flags_reach_the_engine(tiny_pair):
+    from offload_runtime.cli import ArgumentParser, add_model_args, add_sampling_args, load_engine
+
+    p = ArgumentParser()
+    add_model_args(p)
+    add_sampling_args(p)
+    target, draft = tiny_pair
+    args = p.parse_args(["--model", str(target), "--draft", str(draft), "--quantize", "int4", "--draft-quantize",
+                         "int8", "--group-size", "32", "--dtype", "float32", "--device", "cpu", "--plan", "none"])
+    engine = load_engine(args)
+    _, w = next(engine.target.layers.sweep())
+    _, dw = next(engine.draft.layers.sweep())
+    assert w["mlp.up_proj.qweight"].dtype == torch.uint8 and dw["mlp.up_proj.qweight"].dtype == torch.int8
+    assert w["mlp.up_proj.scales"].shape == (64 // 32, 96)

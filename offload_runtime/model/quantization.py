@@ -201,7 +201,9 @@ def kernel_applies(w: Mapping[str, torch.Tensor], name: str, bits: int, x: torch
         return False
     if x.device.type == "cpu":
         return cpu_int4_block() is not None and qweight.shape[2] * 2 == cpu_int4_block()
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and K % 1024 == 0 and qweight.numel() * 2 % 8 == 0
+    # tinygemm: bfloat16 activations, K in whole tiles of innerKTiles (8) x 16, N in whole tiles of 8.
+    N = qweight.shape[0] * qweight.shape[2] * 2
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and K % 128 == 0 and N % 8 == 0
 
 
 def _kernel_linear(x2: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, bits: int) -> torch.Tensor:
@@ -302,6 +304,12 @@ def measure_kernel_times(out_features: int, in_features: int, spec: QuantSpec, d
     probe = torch.zeros(1, in_features, dtype=dtype, device=device)
     has_kernel = kernel_applies(w, "l", spec.bits, probe)
     always, never = KernelChoice(1 << 30), KernelChoice(0)
+    if has_kernel:
+        try:  # a kernel this torch build refuses for these shapes is no choice at all
+            quantized_linear(probe, w, "l", always)
+        except RuntimeError as e:
+            warn_fallback(f"the int{spec.bits} kernel failed on {device.type} ({str(e).splitlines()[0]})")
+            has_kernel = False
     kernel_s, dequant_s = [], []
     if not has_kernel:  # nothing to choose: dequantize + matmul at every token count
         return KernelTimes((), None, ())

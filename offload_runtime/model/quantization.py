@@ -188,6 +188,13 @@ def _scales_and_zeros(w: Mapping[str, torch.Tensor], name: str, dtype: torch.dty
     return torch.stack([s, (8 - z) * s], dim=-1).to(dtype)
 
 
+def kernel_extras(w: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """For a resident layer: each 4-bit linear's scales and zeros as the int4 kernels take them (`.kernel_sz`),
+    made once instead of at every call (the same values a streamed layer computes per call)."""
+    return {f"{name}.kernel_sz": _scales_and_zeros(w, name, dtype)
+            for name in LINEARS if name + ".qweight" in w and w[name + ".qweight"].dtype == torch.uint8}
+
+
 def kernel_applies(w: Mapping[str, torch.Tensor], name: str, bits: int, x: torch.Tensor) -> bool:
     """Whether a weight-only int kernel can compute this linear for activations x."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or name + ".g_idx" in w:
@@ -216,7 +223,9 @@ def _kernel_linear(x2: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, b
         return y + x2.sum(-1, keepdim=True) * shift
     K = qweight.shape[1]
     group = K // w[name + ".scales"].shape[0]
-    sz = _scales_and_zeros(w, name, x2.dtype)
+    sz = w.get(name + ".kernel_sz")
+    if sz is None or sz.dtype != x2.dtype:
+        sz = _scales_and_zeros(w, name, x2.dtype)
     if x2.device.type == "cpu":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, qweight.view(-1, K // 2), group, sz)
     # CUDA's tinygemm layout is tiled for tensor cores: repack on the device (a pass over 0.5 B per weight,

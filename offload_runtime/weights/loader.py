@@ -14,7 +14,7 @@ import torch
 
 from ..memory import check_host_memory
 from ..model.config import ModelArgs
-from ..model.quantization import KernelChoice, QuantSpec, kernel_block, measure_kernel_times
+from ..model.quantization import KernelChoice, QuantSpec, kernel_block, kernel_extras, measure_kernel_times
 from ..model.transformer import GlobalWeights, ResidentLayers, Transformer
 from ..residency import Residency
 from ..streaming import StreamedLayers
@@ -45,7 +45,10 @@ def load_layer(source: WeightSource, i: int, dtype: torch.dtype, device: torch.d
     layout = layer_layout(source.args, dtype, quant)
     buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
     fill_layer(source, i, layout, buffer)
-    return layout.views(buffer if device.type == "cpu" else buffer.to(device))
+    views = layout.views(buffer if device.type == "cpu" else buffer.to(device))
+    if quant is not None and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        views.update(kernel_extras(views, dtype))
+    return views
 
 
 def quant_key(quant: QuantSpec) -> str:

@@ -39,14 +39,25 @@ SMOLLM2_135M = ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim
                          rope_theta=100000.0)
 QUICK = ModelArgs.from_name("tiny").replace(dim=128, intermediate_size=256, n_layers=4, n_heads=4, n_kv_heads=2,
                                             head_dim=32, vocab_size=512)
-FORMATS = {  # label -> (activation dtype, packed format)
-    "float32": (torch.float32, None),
-    "bf16": (torch.bfloat16, None),
-    "int8 g128": (torch.bfloat16, QuantSpec(8, 128)),
-    "int8 per-channel": (torch.bfloat16, QuantSpec(8, -1)),
-    "int4 g128": (torch.bfloat16, QuantSpec(4, 128)),
-    "int4 g128, float32": (torch.float32, QuantSpec(4, 128)),
+FORMATS = {  # label -> (activation dtype, bits, group: "g" = 128 where it divides every width, else 64)
+    "float32": (torch.float32, None, None),
+    "bf16": (torch.bfloat16, None, None),
+    "int8 g": (torch.bfloat16, 8, "g"),
+    "int8 per-channel": (torch.bfloat16, 8, -1),
+    "int4 g": (torch.bfloat16, 4, "g"),
+    "int4 g, float32": (torch.float32, 4, "g"),
 }
+
+
+def fmt(label: str, args: ModelArgs) -> tuple[str, torch.dtype, QuantSpec | None]:
+    """(label with the group size filled in, activation dtype, packed format) of FORMATS[label] for `args`."""
+    dtype, bits, group = FORMATS[label]
+    if bits is None:
+        return label, dtype, None
+    if group == "g":  # SmolLM2-135M's width 576 is 4.5 groups of 128
+        group = 128 if all(w % 128 == 0 for w in (args.dim, args.q_size, args.intermediate_size)) else 64
+        label = label.replace(" g", f" g{group}")
+    return label, dtype, QuantSpec(bits, group)
 
 
 @dataclass
@@ -96,8 +107,9 @@ def bytes_and_sweeps(label: str, args: ModelArgs, repeats: int, new_tokens: int)
     """Bytes per sweep and the streamed sweep time (all layers streamed) per format, vs bf16."""
     rows = []
     sweep_s: dict[str, list[float]] = {}
-    formats = ["bf16", "int8 g128", "int4 g128"]
-    engines = {f: random_engine(args, FORMATS[f][0], FORMATS[f][1], offload=True) for f in formats}
+    formats = [fmt(f, args) for f in ("bf16", "int8 g", "int4 g")]
+    engines = {f: random_engine(args, dtype, quant, offload=True) for f, dtype, quant in formats}
+    specs = {f: (dtype, quant) for f, dtype, quant in formats}
     for _ in range(repeats):  # interleaved, so load on the machine hits every format alike
         for f, e in engines.items():
             n = len(e.sweep_stats())
@@ -109,14 +121,14 @@ def bytes_and_sweeps(label: str, args: ModelArgs, repeats: int, new_tokens: int)
         b, t = e.target.layers.bytes_per_sweep, statistics.median(sweep_s[f])
         rows.append(Row(label, f, {"bytes_per_sweep": b, "bytes_vs_bf16": b / base_b, "sweep_ms": t * 1e3,
                                           "sweep_vs_bf16": t / base_t,
-                                          "layer_bytes": layer_bytes(args, FORMATS[f][0], FORMATS[f][1])}))
+                                          "layer_bytes": layer_bytes(args, *specs[f])}))
     return rows
 
 
 def plain_speed(label: str, args: ModelArgs, repeats: int, new_tokens: int, formats: list[str]) -> list[Row]:
     """CPU plain greedy tokens/s per format (the whole model resident), ratios against float32."""
-    engines = {f: random_engine(args, *FORMATS[f]) for f in formats}
-    speeds: dict[str, list[float]] = {f: [] for f in formats}
+    engines = {label: random_engine(args, dtype, quant) for label, dtype, quant in (fmt(f, args) for f in formats)}
+    speeds: dict[str, list[float]] = {f: [] for f in engines}
     for _ in range(repeats):
         for f, e in engines.items():
             speeds[f].append(greedy_tokens_per_s(e, new_tokens)[0])
@@ -132,7 +144,7 @@ def plain_speed(label: str, args: ModelArgs, repeats: int, new_tokens: int, form
 
 def speculative(label: str, make: Any, repeats: int, new_tokens: int) -> list[Row]:
     """Tokens per step and tokens/s, quantized (int4 target and draft) against unquantized, one process."""
-    variants = {"unquantized": make(None), "int4 target + draft": make(QuantSpec(4, 128))}
+    variants = {"unquantized": make(None), "int4 g128 target + draft": make(QuantSpec(4, 128))}
     speeds: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     for _ in range(repeats):
         for v, e in variants.items():

@@ -81,6 +81,7 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, rows: int = 1024) 
     Works on `rows` output rows at a time, so temporaries stay a small fraction of the weight."""
     N, K = w.shape
     g = K if group_size == -1 else group_size
+    assert K % g == 0, (K, g)  # quant_spec_for refuses such group sizes with a message
     G, maxq = K // g, 2 ** bits - 1
     q = torch.empty(N, K, dtype=torch.uint8)
     zeros = torch.empty(G, N, dtype=torch.int16)

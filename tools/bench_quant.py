@@ -54,10 +54,15 @@ def fmt(label: str, args: ModelArgs) -> tuple[str, torch.dtype, QuantSpec | None
     dtype, bits, group = FORMATS[label]
     if bits is None:
         return label, dtype, None
-    if group == "g":  # SmolLM2-135M's width 576 is 4.5 groups of 128
-        group = 128 if all(w % 128 == 0 for w in (args.dim, args.q_size, args.intermediate_size)) else 64
+    if group == "g":
+        group = group_for(args)
         label = label.replace(" g", f" g{group}")
     return label, dtype, QuantSpec(bits, group)
+
+
+def group_for(args: ModelArgs) -> int:
+    """The largest of 128, 64, 32 that divides every linear's input width (SmolLM2-135M's 576 is 4.5 x 128)."""
+    return next(g for g in (128, 64, 32) if all(w % g == 0 for w in (args.dim, args.q_size, args.intermediate_size)))
 
 
 @dataclass
@@ -144,7 +149,7 @@ def plain_speed(label: str, args: ModelArgs, repeats: int, new_tokens: int, form
 
 def speculative(label: str, make: Any, repeats: int, new_tokens: int) -> list[Row]:
     """Tokens per step and tokens/s, quantized (int4 target and draft) against unquantized, one process."""
-    variants = {"unquantized": make(None), "int4 g128 target + draft": make(QuantSpec(4, 128))}
+    variants = {"unquantized": make(None), "int4 target + draft": make(4)}
     speeds: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     for _ in range(repeats):
         for v, e in variants.items():
@@ -159,15 +164,17 @@ def speculative(label: str, make: Any, repeats: int, new_tokens: int) -> list[Ro
 
 
 def demo_engine(quant: QuantSpec | None, dtype: str) -> Engine | None:
+    """The bundled demo pair, int4 (group 128 where it divides, else 64) when `quant` is given."""
     from offload_runtime.api.registry import demo_paths
 
     target, draft = demo_paths()
     if not (target / "model.safetensors").is_file():
         return None
     q = None if quant is None else f"int{quant.bits}"
+    # One group size serves both models (the draft is narrower than the target).
+    group = None if quant is None else min(group_for(ModelArgs.from_file(p)) for p in (target, draft))
     return Engine.from_pretrained(target, draft=str(draft), dtype=dtype, plan=None, tree=_tree(), quantize=q,
-                                  draft_quantize=q, group_size=None if quant is None else quant.group_size,
-                                  progress=False)
+                                  draft_quantize=q, group_size=group, progress=False)
 
 
 # --- llama.cpp, the outside anchor
@@ -349,9 +356,11 @@ def run(quick: bool, threads: int, repeats: int, new_tokens: int, with_llama_cpp
     main_shape = next(iter(shapes.values()))
     result: dict[str, Any] = {"threads": threads, "new_tokens": new_tokens, "repeats": repeats}
     result["sweeps"] = bytes_and_sweeps(next(iter(shapes)), main_shape, repeats, new_tokens)
+    _progress(result["sweeps"])
     result["plain"] = []
     for label, args in shapes.items():
         result["plain"] += plain_speed(label, args, repeats, new_tokens, list(FORMATS))
+        _progress(result["plain"])
     result["llama_cpp"] = []
     result["llama_cpp_note"] = ""
     if with_llama_cpp:
@@ -364,12 +373,22 @@ def run(quick: bool, threads: int, repeats: int, new_tokens: int, with_llama_cpp
                 result["llama_cpp"] += got
     label = next(iter(shapes))
     result["speculative"] = speculative(
-        label, lambda q: random_engine(main_shape, torch.bfloat16 if q else torch.float32, q, draft_layers=2,
-                                       draft_quant=q), repeats, new_tokens)
+        label, lambda bits: random_engine(main_shape, torch.bfloat16 if bits else torch.float32,
+                                          bits and QuantSpec(bits, group_for(main_shape)), draft_layers=2,
+                                          draft_quant=bits and QuantSpec(bits, group_for(main_shape))),
+        repeats, new_tokens)
     if not quick and demo_engine(None, "float32") is not None:
-        result["speculative"] += speculative("demo", lambda q: demo_engine(q, "bfloat16" if q else "float32"),
-                                             repeats, new_tokens)
+        result["speculative"] += speculative(
+            "demo", lambda bits: demo_engine(bits and QuantSpec(bits, 128), "bfloat16" if bits else "float32"),
+            repeats, new_tokens)
     return result
+
+
+def _progress(rows: list[Row]) -> None:
+    """Each section's rows on stderr as they are measured (a long run that fails late keeps them)."""
+    for r in rows:
+        print(f"{r.model} | {r.format} | " + ", ".join(f"{k} {v:.4g}" for k, v in r.values.items()), file=sys.stderr,
+              flush=True)
 
 
 def markdown(result: dict[str, Any], command: str) -> str:

@@ -40,6 +40,13 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "demo
     o.add_argument("--no-offload", dest="offload", action="store_false", help="keep the whole target on the device")
     g.add_argument("--plan", default="auto", help="plan file, 'auto' (the planner's matching plan) or 'none'")
     g.add_argument("--max-seq-len", type=int, default=None, help="context window to allocate (default: 4096 or less)")
+    g.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="quantize the target's linears on load (AWQ/GPTQ checkpoints need no flag)")
+    g.add_argument("--draft-quantize", choices=("int8", "int4"), default=None, help="quantize the draft on load")
+    g.add_argument("--group-size", type=int, default=None, help="columns per quantization group (default 128; -1: "
+                   "per channel)")
+    g.add_argument("--cache-quantized", action="store_true",
+                   help="keep what --quantize made in the runtime's home; later loads read it")
     g.add_argument("--debug", action="store_true", help="show Python tracebacks")
 
 
@@ -90,7 +97,9 @@ def load_engine(args: argparse.Namespace, batch_size: int = 1, device: str | Non
     return Engine.from_pretrained(args.model, draft=draft, device=device or args.device, dtype=args.dtype,
                                   offload=args.offload, gpu_memory=args.gpu_memory, max_seq_len=args.max_seq_len,
                                   host_memory=args.host_memory, offload_dir=args.offload_dir,
-                                  batch_size=batch_size, plan=plan, progress=sys.stderr.isatty())
+                                  batch_size=batch_size, plan=plan, progress=sys.stderr.isatty(),
+                                  quantize=args.quantize, group_size=args.group_size,
+                                  draft_quantize=args.draft_quantize, cache_quantized=args.cache_quantized)
 
 
 def run_main(main: Callable[[], int | None], debug: bool | None = None) -> NoReturn:

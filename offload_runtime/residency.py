@@ -2,6 +2,7 @@
 budget and the host budget. Every layer has exactly one source."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -9,9 +10,10 @@ import torch
 from .errors import ResourceError, UsageError
 from .memory import DeviceBudget, activation_bytes, device_free_memory, fmt_bytes
 from .model.config import ModelArgs
+from .model.quantization import QuantSpec
 from .model.transformer import folds_groups
 from .weights.disk import DEFAULT_PREFETCH, padded_bytes
-from .weights.layout import layer_bytes
+from .weights.layout import layer_bytes, model_bytes
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,10 @@ def spread(n_layers: int, count: int) -> tuple[int, ...]:
 
 
 def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: ModelArgs | None, batch: int,
-                       max_seq_len: int, tree_size: int, max_chunk: int, slots: int, on_cuda: bool) -> dict[str, int]:
-    """Everything the device holds besides resident target layers."""
+                       max_seq_len: int, tree_size: int, max_chunk: int, slots: int, on_cuda: bool,
+                       quant: QuantSpec | None = None, draft_quant: QuantSpec | None = None) -> dict[str, int]:
+    """Everything the device holds besides resident target layers; `quant` / `draft_quant`: the target's and the
+    draft's packed formats (None: float layers)."""
     size = dtype.itemsize
     tokens = max(tree_size, min(max_chunk, max_seq_len))
     act = activation_bytes(args, tokens, max_seq_len, dtype, batch)
@@ -85,11 +89,15 @@ def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: Model
     fixed = {
         "embeddings and head": args.global_numel() * size,
         "target KV cache": args.kv_bytes_per_token(dtype) * batch * (max_seq_len + 1),
-        "staging slots": slots * layer_bytes(args, dtype),
+        "staging slots": slots * layer_bytes(args, dtype, quant),
         "activations": act,
     }
+    if quant is not None or draft_quant is not None:
+        # Dequantize + matmul holds the widest linear dequantized (worked in float32, then in the dtype).
+        widest = max(math.prod(s) for a in (args, draft_args) if a is not None for s in a.layer_shapes().values())
+        fixed["dequantize scratch"] = widest * (4 + size)
     if draft_args is not None:
-        fixed["draft"] = draft_args.n_params() * size
+        fixed["draft"] = model_bytes(draft_args, dtype, draft_quant)
         fixed["draft KV cache"] = draft_args.kv_bytes_per_token(dtype) * batch * (max_seq_len + 1)
     return fixed
 
@@ -97,15 +105,15 @@ def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: Model
 def choose_residency(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, offload: bool | None,
                      budget_bytes: int | None, fixed: dict[str, int], slots: int,
                      resident_layers: int | None = None, host_budget: int | None = None,
-                     prefetch: int = DEFAULT_PREFETCH) -> Residency:
+                     prefetch: int = DEFAULT_PREFETCH, quant: QuantSpec | None = None) -> Residency:
     """Decide whether to stream, how many layers stay resident, and which streamed layers the host budget keeps in
-    RAM (the rest are read from the disk store, split_host_disk).
+    RAM (the rest are read from the disk store, split_host_disk). `quant`: the target's packed format.
 
     offload=None decides by itself: stream when the whole target does not fit the budget (the given
     gpu_memory, else the device's free memory; on the CPU without a budget nothing streams unless the decoder
     layers exceed the host budget).
     """
-    per_layer = layer_bytes(args, dtype)
+    per_layer = layer_bytes(args, dtype, quant)
     if budget_bytes is None and device.type == "cuda":
         budget_bytes = int(device_free_memory(device) * 0.92)  # headroom for the allocator and CUDA context
     no_slots = {k: v for k, v in fixed.items() if k != "staging slots"}

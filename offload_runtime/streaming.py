@@ -66,7 +66,7 @@ class StreamedLayers:
             # With a slot per streamed layer, each is loaded once and stays: nothing to read after the first pass.
             self.disk = DiskReader(disk.files, [i for i in self.streamed if i in disk_layers], depth=disk.prefetch,
                                    threads=disk.threads, pin=self.cuda, repeat=self.K < len(self.streamed))
-        self.slot_buffers = [torch.empty(store.layout.numel, dtype=store.dtype, device=self.device)
+        self.slot_buffers = [torch.empty(store.layout.nbytes, dtype=torch.uint8, device=self.device)
                              for _ in range(self.K if self.streamed else 0)]
         self.slot_views = [store.layout.views(b) for b in self.slot_buffers]
         self.slot_layer: list[int | None] = [None] * len(self.slot_buffers)

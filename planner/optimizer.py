@@ -46,10 +46,12 @@ import torch
 
 from offload_runtime.errors import ResourceError, UsageError
 from offload_runtime.model.config import ModelArgs
+from offload_runtime.model.quantization import QuantSpec
 from offload_runtime.model.tree import Tree
 from offload_runtime.residency import Residency, choose_residency, fixed_device_bytes
 from offload_runtime.spec.tree_search import TreeTable, best_trees
 from offload_runtime.weights.disk import DEFAULT_PREFETCH, padded_bytes
+from offload_runtime.weights.quantized import quant_spec_for
 
 _REL_TOL = 1e-12
 
@@ -319,17 +321,23 @@ def throughput_curve(table: TreeTable, tm: TimeModel, depth: int, max_tree: int,
 def residency(target: ModelArgs, dtype: torch.dtype, device: torch.device, *, draft: ModelArgs | None,
               budget_bytes: int | None, batch: int, max_seq_len: int, max_tree: int, slots: int = 2,
               max_chunk: int = 2048, offload: bool | None = None, host_budget: int | None = None,
-              prefetch: int = DEFAULT_PREFETCH) -> Residency:
+              prefetch: int = DEFAULT_PREFETCH, quant: QuantSpec | None = None,
+              draft_quant: QuantSpec | None = None) -> Residency:
     """Which target layers stay on the device, by the runtime's own rule (offload_runtime/residency.py).
 
     The device must hold the largest tree the search may pick (`max_tree`), B KV caches of `max_seq_len`, the
     draft, the staging slots and the activations; every layer that fits beside them stays resident. With no
     budget on CUDA the device's free memory is the budget; on the CPU nothing streams unless a budget is given.
+    Quantized layers (`quant`, `draft_quant`; by default a checkpoint's own format) are sized as packed.
     """
+    quant = quant or quant_spec_for(target, None, None, "target")
+    if draft is not None:
+        draft_quant = draft_quant or quant_spec_for(draft, None, None, "draft")
     fixed = fixed_device_bytes(target, dtype, draft_args=draft, batch=batch, max_seq_len=max_seq_len,
-                               tree_size=max_tree, max_chunk=max_chunk, slots=slots, on_cuda=device.type == "cuda")
+                               tree_size=max_tree, max_chunk=max_chunk, slots=slots, on_cuda=device.type == "cuda",
+                               quant=quant, draft_quant=draft_quant)
     return choose_residency(target, dtype, device, offload=offload, budget_bytes=budget_bytes, fixed=fixed,
-                            slots=slots, host_budget=host_budget, prefetch=prefetch)
+                            slots=slots, host_budget=host_budget, prefetch=prefetch, quant=quant)
 
 
 @dataclass(frozen=True)

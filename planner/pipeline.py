@@ -356,6 +356,8 @@ def build_plan(req: PlanRequest) -> PlanResult:
         "prefix": profile.get("prefix"), "threads": profile.get("threads"), "grid": profile["grid"],
         "layer_s": profile["layer_s"], "head_s": profile["head_s"], "host_s": profile["host_s"],
         "warp_s": profile["warp_s"], "draft_level_s": profile["draft_level_s"], "calibration": calibration,
+        # Quantized targets: the format and up to how many tokens the int kernel runs (the engine follows it).
+        "quant": profile.get("quant"), "quant_kernel": profile.get("quant_kernel"),
     }
     row = c.row()
     predicted = {k: row[k] for k in ("tokens_per_step", "step_s", "draft_s", "verify_s", "host_s", "s_per_token",

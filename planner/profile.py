@@ -32,9 +32,11 @@ from offload_runtime.api.home import short_hash, store_dir
 from offload_runtime.api.machine import machine_fingerprint
 from offload_runtime.errors import UsageError
 from offload_runtime.model.config import ModelArgs
+from offload_runtime.model.quantization import KernelChoice, QuantSpec, measure_kernel_times
 from offload_runtime.residency import Residency
 from offload_runtime.weights.layout import layer_bytes, layer_layout
-from offload_runtime.weights.loader import build_model, load_globals
+from offload_runtime.weights.loader import build_model, device_spec, load_globals
+from offload_runtime.weights.quantized import QuantizedSource, quant_spec_for
 from offload_runtime.weights.random import RandomWeights
 from offload_runtime.weights.store import fill_layer
 
@@ -156,20 +158,33 @@ def read_threads_for(disk_profile: dict[str, Any], within: float = 0.95) -> tupl
 
 
 def random_layer(args: ModelArgs, dtype: torch.dtype, device: torch.device, seed: int,
-                 index: int = 0) -> dict[str, torch.Tensor]:
-    """One decoder layer of random weights in one packed buffer on `device`, as a streamed layer sits in its slot."""
-    layout = layer_layout(args, dtype)
-    return fill_layer(RandomWeights(args, seed), index, layout, torch.empty(layout.numel, dtype=dtype, device=device))
+                 index: int = 0, quant: QuantSpec | None = None) -> dict[str, torch.Tensor]:
+    """One decoder layer of random weights in one packed buffer on `device`, as a streamed layer sits in its slot
+    (quantized on the fly when `quant` is given)."""
+    quant = device_spec(quant, device)
+    layout = layer_layout(args, dtype, quant)
+    source = RandomWeights(args, seed) if quant is None else QuantizedSource(RandomWeights(args, seed), quant)
+    buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+    fill_layer(source, index, layout, buffer)
+    return layout.views(buffer.to(device))
+
+
+def kernel_times(args: ModelArgs, quant: QuantSpec | None, dtype: torch.dtype, device: torch.device):
+    """The int kernel against dequantize + matmul on the model's MLP linear (None for float models)."""
+    if quant is None or quant.act_order:
+        return None
+    return measure_kernel_times(args.intermediate_size, args.dim, quant, dtype, device)
 
 
 def _device_generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _copies_for_timing(args: ModelArgs, dtype: torch.dtype, device: torch.device) -> int:
+def _copies_for_timing(args: ModelArgs, dtype: torch.dtype, device: torch.device,
+                       quant: QuantSpec | None = None) -> int:
     """Distinct layer copies to cycle through, so weights are not cache-hot in a way a sweep never is."""
     budget = 2 ** 30 if device.type == "cuda" else 512 * 2 ** 20
-    return max(1, min(args.n_layers, 8, budget // max(1, layer_bytes(args, dtype))))
+    return max(1, min(args.n_layers, 8, budget // max(1, layer_bytes(args, dtype, quant))))
 
 
 # --- the target's curves
@@ -184,14 +199,16 @@ def _chain_mask(prefix: int, n: int, device: torch.device) -> torch.Tensor:
 
 def layer_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, grid: Sequence[int], *,
                      prefix: int = DEFAULT_PREFIX, effort: Effort = Effort(), seed: int = 0,
-                     progress: Callable[[int], None] | None = None) -> list[float]:
-    """T_layer(n) for n in `grid`: seconds of one decoder layer over n new tokens against `prefix` cached ones."""
+                     progress: Callable[[int], None] | None = None, quant: QuantSpec | None = None,
+                     kernel: KernelChoice | None = None) -> list[float]:
+    """T_layer(n) for n in `grid`: seconds of one decoder layer over n new tokens against `prefix` cached ones
+    (quantized layers: by the path `kernel` chooses for n tokens, as the engine runs them)."""
     from offload_runtime.model.transformer import decoder_layer, folds_groups, layer_mask, rope_cos_sin, rope_inv_freq
 
     grid = _check_grid(grid)
     g = _device_generator(device, seed)
-    m = _copies_for_timing(args, dtype, device)
-    layers = [random_layer(args, dtype, device, seed, i) for i in range(m)]
+    m = _copies_for_timing(args, dtype, device, quant)
+    layers = [random_layer(args, dtype, device, seed, i, quant) for i in range(m)]
     S = prefix + max(grid) + 1
     caches = [(torch.zeros(1, args.n_kv_heads, S, args.head_dim, dtype=dtype, device=device),
                torch.zeros(1, args.n_kv_heads, S, args.head_dim, dtype=dtype, device=device)) for _ in range(m)]
@@ -206,7 +223,7 @@ def layer_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
 
             def run() -> None:
                 for w, (k, v) in zip(layers, caches):
-                    decoder_layer(args, w, x, cos, sin, mask, k, v, positions)
+                    decoder_layer(args, w, x, cos, sin, mask, k, v, positions, kernel)
 
             out.append(time_call(run, device, min_time=effort.min_time, max_repeats=effort.max_repeats) / m)
             if progress:
@@ -301,7 +318,7 @@ def host_time_curve(args: ModelArgs, device: torch.device, grid: Sequence[int], 
 
 def draft_level_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, grid: Sequence[int], *,
                       prefix: int = DEFAULT_PREFIX, effort: Effort = Effort(), seed: int = 0,
-                      progress: Callable[[int], None] | None = None) -> list[float]:
+                      progress: Callable[[int], None] | None = None, quant: QuantSpec | None = None) -> list[float]:
     """T_level(w): one draft forward over w tree nodes of one level, then drawing their children, as the engine does.
 
     The whole draft is built (random weights, every layer distinct: it is resident in a real run too).
@@ -313,7 +330,8 @@ def draft_level_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device,
 
     grid = _check_grid(grid)
     g = _device_generator(device, seed)
-    model = build_model(RandomWeights(args, seed), device, dtype, Residency(False, tuple(range(args.n_layers)), 0, None))
+    model = build_model(RandomWeights(args, seed), device, dtype, Residency(False, tuple(range(args.n_layers)), 0, None),
+                        quant=quant)
     cache = KVCache(args, 1, prefix + max(grid) + 2, dtype, device)
     out: list[float] = []
     for w in grid:
@@ -370,22 +388,34 @@ def shape_id(args: ModelArgs) -> str:
 
 
 def profile_path(machine: str, device: torch.device, dtype: torch.dtype, target: ModelArgs,
-                 draft: ModelArgs | None) -> Path:
+                 draft: ModelArgs | None, quant: QuantSpec | None = None,
+                 draft_quant: QuantSpec | None = None) -> Path:
     dname = str(dtype).replace("torch.", "")
+    quant = quant or quant_spec_for(target, None, None, "target")
+    draft_quant = draft_quant or (quant_spec_for(draft, None, None, "draft") if draft is not None else None)
+    formats = "".join(f"-{q.label}" if q else "-fp" for q in (quant, draft_quant)) if quant or draft_quant else ""
     return store_dir("profiles") / (f"{machine[:12]}-{device.type}-{dname}-{shape_id(target)}-"
-                                    f"{shape_id(draft) if draft is not None else 'nodraft'}.json")
+                                    f"{shape_id(draft) if draft is not None else 'nodraft'}{formats}.json")
 
 
 def run_profile(target: ModelArgs, draft: ModelArgs | None, device: torch.device, dtype: torch.dtype, *,
                 grid: Sequence[int] = DEFAULT_GRID, prefix: int = DEFAULT_PREFIX, effort: Effort = Effort(),
                 names: tuple[str, str | None] = ("target", None), progress: bool = False,
-                log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Measure everything a plan needs for this machine and model pair; returns the profile as a JSON dict."""
+                log: Callable[[str], None] = lambda s: None, quant: QuantSpec | None = None,
+                draft_quant: QuantSpec | None = None) -> dict[str, Any]:
+    """Measure everything a plan needs for this machine and model pair; returns the profile as a JSON dict.
+
+    Quantized models (an AWQ / GPTQ checkpoint's own format, or `quant` / `draft_quant` for quantizing on
+    load): layer bytes are the packed ones, and the layer curve runs the path the engine picks per token count,
+    from the int kernel against dequantize + matmul timings stored as `quant_kernel`."""
     grid = _check_grid(grid)
     if prefix < 0:
         raise UsageError(f"prefix must be >= 0, got {prefix}")
+    quant = quant or quant_spec_for(target, None, None, names[0])
+    if draft is not None:
+        draft_quant = draft_quant or quant_spec_for(draft, None, None, str(names[1]))
     fp = machine_fingerprint(device)
-    layer_b = layer_bytes(target, dtype)
+    layer_b = layer_bytes(target, dtype, quant)
     steps = 4 * len(grid) + (len(grid) if draft is not None else 0)
     bar = None
     if progress:
@@ -397,15 +427,19 @@ def run_profile(target: ModelArgs, draft: ModelArgs | None, device: torch.device
         log(f"measuring {'pinned host-to-device' if device.type == 'cuda' else 'memcpy'} bandwidth")
         bandwidth = measure_bandwidth(device, effort)
         layer_copy = copy_time(layer_b, device, effort)
+        times = kernel_times(target, quant, dtype, device)
+        kernel = times.choice("planner profile") if times is not None else None
         log(f"timing one {names[0]} decoder layer for {grid[0]}..{grid[-1]} tokens")
-        layer_s = layer_time_curve(target, dtype, device, grid, prefix=prefix, effort=effort, progress=tick)
+        layer_s = layer_time_curve(target, dtype, device, grid, prefix=prefix, effort=effort, progress=tick,
+                                   quant=quant, kernel=kernel)
         head_s = head_time_curve(target, dtype, device, grid, effort=effort, progress=tick)
         host_s = host_time_curve(target, device, grid, prefix=prefix, effort=effort, progress=tick)
         warp_s = warp_time_curve(target.vocab_size, device, grid, effort=effort, progress=tick)
         level_s = None
         if draft is not None:
             log(f"timing the draft {names[1]} per tree level")
-            level_s = draft_level_curve(draft, dtype, device, grid, prefix=prefix, effort=effort, progress=tick)
+            level_s = draft_level_curve(draft, dtype, device, grid, prefix=prefix, effort=effort, progress=tick,
+                                        quant=draft_quant)
     finally:
         if bar is not None:
             bar.close()
@@ -424,6 +458,9 @@ def run_profile(target: ModelArgs, draft: ModelArgs | None, device: torch.device
         "bandwidth_copy_bytes": effort.copy_bytes,
         "pinned": device.type == "cuda",
         "layer_bytes": layer_b,
+        "quant": quant.label if quant else None,
+        "draft_quant": draft_quant.label if draft_quant else None,
+        "quant_kernel": None if times is None else {**times.to_json(), "max_tokens": kernel.max_tokens},
         "layer_copy_s": layer_copy,
         "prefix": prefix,
         "threads": torch.get_num_threads(),

@@ -121,6 +121,11 @@ class Engine:
         plan: "auto" uses the planner's plans for this machine and model pair, each request the one made for its
         sampling settings (one line on stderr says which, or that none matched and the default tree is used);
         a path uses that plan file; None skips plans.
+        quantize: "int8" or "int4" quantizes the target's decoder linears as they are read (group-wise with a zero
+        point, `group_size` columns per group, 128 by default, -1 per channel); draft_quantize does the same for
+        the draft. AWQ and GPTQ checkpoints are detected from config.json and used as they are. cache_quantized
+        keeps the packed linears in the runtime's home (one file per layer, about a quarter of the checkpoint
+        at int4) and reloads read them instead of quantizing again.
         """
         from .loading import load
 

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-STORE_KINDS = ("profiles", "acceptance", "plans", "layer-stores")
+STORE_KINDS = ("profiles", "acceptance", "plans", "layer-stores", "quantized")
 
 
 def runtime_home() -> Path:

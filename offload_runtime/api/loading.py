@@ -16,6 +16,7 @@ import torch
 from ..errors import UsageError
 from ..memory import parse_bytes
 from ..model.config import ModelArgs
+from ..model.quantization import KernelChoice, QuantSpec
 from ..model.tree import Tree
 from ..residency import Residency, choose_residency, fixed_device_bytes
 from ..spec.methods import get_method
@@ -23,7 +24,8 @@ from ..spec.policy import PlannedTree, TreePolicy, default_tree
 from ..weights.checkpoint import Checkpoint, resolve_model_dir
 from ..weights.disk import DEFAULT_PREFETCH, DEFAULT_READ_THREADS, LayerFiles, StoreKey, layout_signature, open_store
 from ..weights.layout import layer_layout
-from ..weights.loader import build_model
+from ..weights.loader import build_model, packed_source
+from ..weights.quantized import quant_spec_for
 from ..weights.source import WeightSource
 from . import registry
 from .home import short_hash, store_dir
@@ -139,11 +141,12 @@ def _planned_trees(plan: str | os.PathLike | None, model: str, draft: str, devic
     return kept
 
 
-def layer_store(path: Path, source: WeightSource, dtype: torch.dtype, offload_dir: str | os.PathLike | None, *,
-                progress: bool, quiet: bool) -> LayerFiles:
+def layer_store(path: Path, source: WeightSource, dtype: torch.dtype, quant: QuantSpec | None,
+                offload_dir: str | os.PathLike | None, *, progress: bool, quiet: bool) -> LayerFiles:
     """The checkpoint's disk store (written first when missing, finished when interrupted, rebuilt when stale):
-    in `offload_dir`, else in the runtime home under a name of the checkpoint and the layout."""
-    layout = layer_layout(source.args, dtype)
+    in `offload_dir`, else in the runtime home under a name of the checkpoint and the layout. `source` and
+    `quant` are the packed source and format the loader reads (weights/loader.py packed_source)."""
+    layout = layer_layout(source.args, dtype, quant)
     key = StoreKey(model_identity(path), model_fingerprint(path), source.label)
     directory = Path(offload_dir) if offload_dir is not None else \
         store_dir("layer-stores") / short_hash([key.identity, layout_signature(layout)])
@@ -162,6 +165,20 @@ def layer_store(path: Path, source: WeightSource, dtype: torch.dtype, offload_di
                           progress=start, log=log)
 
 
+def quant_cache_dir(path: Path) -> Path:
+    """Where a checkpoint's linears quantized on load are kept: keyed like plans, by the checkpoint's
+    fingerprint (config.json, shard headers and data ends), so a changed checkpoint never reads a stale cache."""
+    return store_dir("quantized") / short_hash({"model": model_identity(path), "fingerprint": model_fingerprint(path)})
+
+
+def planned_kernel(plan: Any, quant: QuantSpec | None) -> KernelChoice | None:
+    """The int-kernel threshold the plan's profile measured for this format (None: measure at load)."""
+    measured = (plan.figures.get("quant_kernel") or {}) if plan is not None and quant is not None else {}
+    if "max_tokens" not in measured or plan.figures.get("quant") != quant.label:
+        return None
+    return KernelChoice(int(measured["max_tokens"]), f"plan {plan.path}")
+
+
 def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None | bool = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          offload: bool | None = None, gpu_memory: str | int | None = None, max_seq_len: int | None = None,
@@ -169,7 +186,8 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
          plan: str | os.PathLike | None = "auto", slots: int = 2, resident_layers: int | None = None,
          max_chunk: int = 2048, host_memory: str | int | None = None, offload_dir: str | os.PathLike | None = None,
          prefetch: int | None = None, read_threads: int | None = None, progress: bool | None = None,
-         quiet: bool = False) -> Any:
+         quiet: bool = False, quantize: str | None = None, group_size: int | None = None,
+         draft_quantize: str | None = None, cache_quantized: bool = False) -> Any:
     """Engine.from_pretrained (api/engine.py documents the options)."""
     dev = parse_device(device)
     model = str(model)
@@ -188,6 +206,9 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
             raise UsageError(f"invalid tree: {e}") from None
     target_path, target_ckpt = open_checkpoint(model)
     targs = target_ckpt.args
+    if group_size is not None and quantize is None and draft_quantize is None:
+        raise UsageError("group_size (--group-size) needs quantize or draft_quantize (--quantize / --draft-quantize)")
+    target_quant = quant_spec_for(targs, quantize, group_size if quantize else None, f"model {model}")
     dt = parse_dtype(dtype, dev, targs.torch_dtype)
     limit = targs.max_position_embeddings
     seq_len = min(limit, 4096) if max_seq_len is None else max_seq_len
@@ -196,9 +217,13 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     tokenizer = load_tokenizer(target_path)
     defaults = GenerationDefaults.from_dir(target_path)
     draft_name = _draft_name(model, draft)
-    draft_ckpt = None
+    draft_ckpt, draft_quant = None, None
+    if draft_name is None and draft_quantize is not None:
+        raise UsageError("draft_quantize (--draft-quantize) needs a draft; drop it or give --draft")
     if draft_name is not None:
         draft_path, draft_ckpt = open_checkpoint(draft_name)
+        draft_quant = quant_spec_for(draft_ckpt.args, draft_quantize, group_size if draft_quantize else None,
+                                     f"draft {draft_name}")
         notice = check_vocab_compatible(targs, draft_ckpt.args, tokenizer, load_tokenizer(draft_path), model,
                                         draft_name)
         if notice and not quiet:
@@ -223,23 +248,29 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
         read_threads = guide.storage.get("read_threads") if read_threads is None else read_threads
     fixed = fixed_device_bytes(targs, dt, draft_args=draft_ckpt.args if draft_ckpt else None, batch=batch_size,
                                max_seq_len=seq_len, tree_size=trees.largest, max_chunk=max_chunk, slots=slots,
-                               on_cuda=dev.type == "cuda")
+                               on_cuda=dev.type == "cuda", quant=target_quant, draft_quant=draft_quant)
     residency = choose_residency(targs, dt, dev, offload=offload,
                                  budget_bytes=None if gpu_memory is None else parse_bytes(gpu_memory),
                                  fixed=fixed, slots=slots, resident_layers=resident_layers,
                                  host_budget=None if host_memory is None else parse_bytes(host_memory),
-                                 prefetch=prefetch or DEFAULT_PREFETCH)
+                                 prefetch=prefetch or DEFAULT_PREFETCH, quant=target_quant)
+    target_source, target_quant = packed_source(target_ckpt, target_quant, dev,
+                                                quant_cache_dir(target_path) if cache_quantized and quantize else None)
     disk_store = None
     if residency.offload and (residency.disk or offload_dir is not None):
-        disk_store = layer_store(target_path, target_ckpt, dt, offload_dir, progress=progress, quiet=quiet)
+        disk_store = layer_store(target_path, target_source, dt, target_quant, offload_dir, progress=progress,
+                                 quiet=quiet)
     with progress_bar(targs.n_layers, "target", progress) as tick:
-        target = build_model(target_ckpt, dev, dt, residency, tick, disk_store=disk_store,
+        target = build_model(target_source, dev, dt, residency, tick, quant=target_quant,
+                             kernel=planned_kernel(guide, target_quant), disk_store=disk_store,
                              read_threads=read_threads or DEFAULT_READ_THREADS)
     draft_model = None
     if draft_ckpt is not None:
         everything = Residency(False, tuple(range(draft_ckpt.args.n_layers)), 0, None)
         with progress_bar(draft_ckpt.args.n_layers, "draft", progress) as tick:
-            draft_model = build_model(draft_ckpt, dev, dt, everything, tick)
+            draft_model = build_model(draft_ckpt, dev, dt, everything, tick, quant=draft_quant,
+                                      quant_cache=quant_cache_dir(draft_path) if cache_quantized and draft_quantize
+                                      else None)
     eos = set(targs.eos_token_ids) | set(defaults.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, MissingFileError
+from .quantization import CheckpointQuant, input_widths, parse_quantization_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 QWEN_TYPES = ("qwen2", "qwen3")
@@ -51,6 +52,7 @@ class ModelArgs:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None  # the checkpoint's own dtype, e.g. "bfloat16"
+    quantization: CheckpointQuant | None = None  # AWQ / GPTQ checkpoints (config.json's quantization_config)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -165,7 +167,7 @@ class ModelArgs:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(
+        args = cls(
             model_type=model_type,
             vocab_size=vocab_size,
             dim=dim,
@@ -190,6 +192,11 @@ class ModelArgs:
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
             extra={k: v for k, v in cfg.items() if k not in known},
         )
+        # --- quantized checkpoints (model/quantization.py)
+        if cfg.get("quantization_config") is not None:
+            widths = input_widths(args.dim, args.q_size, args.intermediate_size)
+            args = args.replace(quantization=parse_quantization_config(cfg["quantization_config"], widths))
+        return args
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelArgs":

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .batch import ForwardBatch
 from .config import ModelArgs
 from .kv_cache import KVCache
+from .quantization import KernelChoice, quantized_linear
 
 LayerWeights = Mapping[str, torch.Tensor]
 
@@ -150,8 +151,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def _linear(x: torch.Tensor, w: LayerWeights, name: str) -> torch.Tensor:
-    return F.linear(x, w[name + ".weight"], w.get(name + ".bias"))
+def _linear(x: torch.Tensor, w: LayerWeights, name: str, kernel: KernelChoice | None = None) -> torch.Tensor:
+    """The one place a layer's weights are used: a float matmul, or a quantized linear (model/quantization.py)
+    by the int kernel or dequantize + matmul, as `kernel` says for this many tokens."""
+    weight = w.get(name + ".weight")
+    if weight is None:
+        return quantized_linear(x, w, name, kernel, w.get(name + ".bias"))
+    return F.linear(x, weight, w.get(name + ".bias"))
 
 
 def attention(
@@ -164,11 +170,12 @@ def attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,  # [B, H_kv, S_max + 1, Dh]
     slots: torch.Tensor,  # [B, T] where the new K/V go in cache rows 0..B-1
+    kernel: KernelChoice | None = None,
 ) -> torch.Tensor:
     B, T, _ = x.shape
-    q = _linear(x, w, "self_attn.q_proj").view(B, T, args.n_heads, args.head_dim)
-    k = _linear(x, w, "self_attn.k_proj").view(B, T, args.n_kv_heads, args.head_dim)
-    v = _linear(x, w, "self_attn.v_proj").view(B, T, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    q = _linear(x, w, "self_attn.q_proj", kernel).view(B, T, args.n_heads, args.head_dim)
+    k = _linear(x, w, "self_attn.k_proj", kernel).view(B, T, args.n_kv_heads, args.head_dim)
+    v = _linear(x, w, "self_attn.v_proj", kernel).view(B, T, args.n_kv_heads, args.head_dim).transpose(1, 2)
     if args.qk_norm:  # Qwen3: each head normalised on its own, before RoPE
         q = rms_norm(q, w["self_attn.q_norm.weight"], args.rms_norm_eps)
         k = rms_norm(k, w["self_attn.k_norm.weight"], args.rms_norm_eps)
@@ -179,17 +186,19 @@ def attention(
     v_cache[rows, :, slots] = v.transpose(1, 2)
     S = mask.shape[-1]
     out = _attend(q, k_cache[:B, :, :S], v_cache[:B, :, :S], mask)  # [B, H, T, Dh]
-    return _linear(out.transpose(1, 2).reshape(B, T, args.q_size), w, "self_attn.o_proj")
+    return _linear(out.transpose(1, 2).reshape(B, T, args.q_size), w, "self_attn.o_proj", kernel)
 
 
-def mlp(w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-    return _linear(F.silu(_linear(x, w, "mlp.gate_proj")) * _linear(x, w, "mlp.up_proj"), w, "mlp.down_proj")
+def mlp(w: LayerWeights, x: torch.Tensor, kernel: KernelChoice | None = None) -> torch.Tensor:
+    return _linear(F.silu(_linear(x, w, "mlp.gate_proj", kernel)) * _linear(x, w, "mlp.up_proj", kernel), w,
+                   "mlp.down_proj", kernel)
 
 
-def decoder_layer(args: ModelArgs, w: LayerWeights, x: torch.Tensor, cos, sin, mask, k_cache, v_cache, slots) -> torch.Tensor:
+def decoder_layer(args: ModelArgs, w: LayerWeights, x: torch.Tensor, cos, sin, mask, k_cache, v_cache, slots,
+                  kernel: KernelChoice | None = None) -> torch.Tensor:
     h = x + attention(args, w, rms_norm(x, w["input_layernorm.weight"], args.rms_norm_eps), cos, sin, mask,
-                      k_cache, v_cache, slots)
-    return h + mlp(w, rms_norm(h, w["post_attention_layernorm.weight"], args.rms_norm_eps))
+                      k_cache, v_cache, slots, kernel)
+    return h + mlp(w, rms_norm(h, w["post_attention_layernorm.weight"], args.rms_norm_eps), kernel)
 
 
 # --- the whole model
@@ -198,8 +207,10 @@ def decoder_layer(args: ModelArgs, w: LayerWeights, x: torch.Tensor, cos, sin, m
 class Transformer:
     """Embeddings and head (resident) plus a LayerSource for the decoder layers."""
 
-    def __init__(self, args: ModelArgs, globals_: GlobalWeights, layers: LayerSource, device: torch.device):
+    def __init__(self, args: ModelArgs, globals_: GlobalWeights, layers: LayerSource, device: torch.device,
+                 kernel: KernelChoice | None = None):
         self.args = args
+        self.kernel = kernel  # quantized layers: up to how many tokens the int kernel runs (model/quantization.py)
         self.globals = globals_
         self.layers = layers
         self.device = torch.device(device)
@@ -221,7 +232,8 @@ class Transformer:
         masks = self._layer_masks(batch)
         kv = cache.kv
         for i, w in self.layers.sweep():
-            x = decoder_layer(args, w, x, cos, sin, masks[args.slides(i)], kv[i, 0], kv[i, 1], batch.slots)
+            x = decoder_layer(args, w, x, cos, sin, masks[args.slides(i)], kv[i, 0], kv[i, 1], batch.slots,
+                              self.kernel)
         x = torch.gather(x, 1, batch.logits_at[..., None].expand(-1, -1, x.shape[-1]))
         x = rms_norm(x, self.globals.norm, args.rms_norm_eps)
         return F.linear(x, self.globals.lm_head)

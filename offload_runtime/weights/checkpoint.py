@@ -19,12 +19,19 @@ import torch
 
 from ..errors import CheckpointError, MissingFileError
 from ..model.config import ModelArgs
+from .quantized import expected_checkpoint_tensors
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
     "BF16": torch.bfloat16,
+    # Quantized checkpoints: AWQ / GPTQ pack integers into I32 words; other tools use the narrower ones.
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
 }
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -165,7 +172,7 @@ def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
         if dtype is None:
             raise CheckpointError(
                 f"tensor {name} in {file.name} has dtype {meta.get('dtype')}, which the runtime cannot use "
-                f"(it reads {', '.join(SAFETENSORS_DTYPES)}); use an unquantised 16/32-bit checkpoint"
+                f"(it reads {', '.join(SAFETENSORS_DTYPES)}); use a 16/32-bit, AWQ or GPTQ checkpoint"
             )
         shape = tuple(int(s) for s in meta["shape"])
         start, end = (int(x) for x in meta["data_offsets"])
@@ -208,6 +215,19 @@ class Checkpoint:
         self.label = self.path.name
         self.args = ModelArgs.from_file(self.path)
         self.tensors = self._index()
+        self._check_dtypes()
+
+    def _check_dtypes(self) -> None:
+        """Integers only where a quantized checkpoint packs them; a float tensor stored as integers is refused."""
+        packed = (".qweight", ".qzeros", ".g_idx") if self.args.quantization is not None else ()
+        names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+        for name, info in self.tensors.items():
+            if not info.dtype.is_floating_point and not name.endswith(packed):
+                raise CheckpointError(
+                    f"tensor {name} in {info.file.name} has dtype {names[info.dtype]}, which the runtime cannot "
+                    f"use for it (floats: F64, F32, F16, BF16; integers only in AWQ / GPTQ packed tensors); use a "
+                    f"16/32-bit, AWQ or GPTQ checkpoint"
+                )
 
     def _index(self) -> dict[str, TensorInfo]:
         index_file = self.path / INDEX_NAME
@@ -252,8 +272,8 @@ class Checkpoint:
 
     def validate(self) -> None:
         """Every expected tensor present with the expected shape, and nothing unexpected; before any compute."""
-        expected = self.args.expected_tensors()
-        missing = sorted(set(expected) - set(self.tensors))
+        expected, optional = expected_checkpoint_tensors(self.args)
+        missing = sorted(set(expected) - set(self.tensors) - optional)
         # Checkpoints with tied embeddings sometimes also store lm_head; rotary caches are derived, not weights.
         ignorable = {"lm_head.weight"} if self.args.tie_word_embeddings else set()
         unexpected = sorted(
@@ -264,7 +284,13 @@ class Checkpoint:
             for n in set(expected) & set(self.tensors)
             if tuple(self.tensors[n].shape) != tuple(expected[n])
         )
+        # Packed integers must be int32 words; reading them as floats would be garbage, not an error.
+        mistyped = sorted(f"{n} {str(self.tensors[n].dtype).removeprefix('torch.')} (expected int32)"
+                          for n in set(expected) & set(self.tensors)
+                          if n.endswith((".qweight", ".qzeros", ".g_idx")) and self.tensors[n].dtype != torch.int32)
         problems = []
+        if mistyped:
+            problems.append(f"wrong dtypes: {_listing(mistyped)}")
         if missing:
             problems.append(f"missing tensors: {_listing(missing)}")
         if unexpected:
@@ -283,30 +309,35 @@ class Checkpoint:
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         """Read tensor `name` into `out` (CPU, contiguous, right shape), converting dtype if they differ."""
-        info = self.tensors[name]
-        assert out.is_contiguous() and out.device.type == "cpu" and tuple(out.shape) == info.shape, name
-        target = out if out.dtype == info.dtype else torch.empty(info.shape, dtype=info.dtype)
-        view = memoryview(target.view(torch.uint8).reshape(-1).numpy()) if info.nbytes else memoryview(b"")
-        try:
-            with open(info.file, "rb", buffering=0) as f:
-                f.seek(info.offset)
-                got = 0
-                while got < info.nbytes:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-        except FileNotFoundError:
-            raise MissingFileError(f"shard {info.file.name} disappeared from {info.file.parent}") from None
-        if got != info.nbytes:
-            raise CheckpointError(f"{info.file} ended inside tensor {name}: the file is truncated; re-download it")
-        if target is not out:
-            out.copy_(target)
-        return out
+        return read_tensor_into(self.tensors[name], out)
 
     def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         info = self.tensors[name]
         return self.read_into(name, torch.empty(info.shape, dtype=dtype or info.dtype))
+
+
+def read_tensor_into(info: TensorInfo, out: torch.Tensor) -> torch.Tensor:
+    """Read one tensor of a safetensors file straight into `out` (readinto, no mmap), converting dtype."""
+    name = info.name
+    assert out.is_contiguous() and out.device.type == "cpu" and tuple(out.shape) == info.shape, name
+    target = out if out.dtype == info.dtype else torch.empty(info.shape, dtype=info.dtype)
+    view = memoryview(target.view(torch.uint8).reshape(-1).numpy()) if info.nbytes else memoryview(b"")
+    try:
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.offset)
+            got = 0
+            while got < info.nbytes:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+    except FileNotFoundError:
+        raise MissingFileError(f"shard {info.file.name} disappeared from {info.file.parent}") from None
+    if got != info.nbytes:
+        raise CheckpointError(f"{info.file} ended inside tensor {name}: the file is truncated; re-download it")
+    if target is not out:
+        out.copy_(target)
+    return out
 
 
 

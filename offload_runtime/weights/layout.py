@@ -1,7 +1,10 @@
-"""How one decoder layer's tensors sit in one contiguous buffer: the layout every layer store and slot uses.
+"""How one decoder layer's tensors sit in one contiguous byte buffer: the layout every layer store and slot uses.
 
-A streamed layer moves as one copy, so its tensors are packed back to back at aligned offsets. `layer_bytes`
-is the one definition of what a layer costs to hold and to stream (budgets, the planner and the tools use it).
+A streamed layer moves as one copy, so its tensors are packed back to back at aligned byte offsets, each with
+its own dtype: float weights and norms, or (quantized models) packed integers, float16 scales and integer zero
+points beside the norms (model/quantization.py). The streamer, the slots and the residency code only see bytes.
+`layer_bytes` is the one definition of what a layer costs to hold and to stream (budgets, the planner and the
+tools use it).
 """
 from __future__ import annotations
 
@@ -12,49 +15,71 @@ from typing import Mapping
 import torch
 
 from ..model.config import ModelArgs
+from ..model.quantization import LINEARS, QuantSpec, linear_tensors
 
 ALIGN_BYTES = 256  # every tensor starts on a boundary that copies and kernels like
 
 
 @dataclass(frozen=True)
 class Slot:
-    offset: int  # in elements of the layout's dtype
+    offset: int  # bytes from the start of the layer's buffer
     shape: tuple[int, ...]
+    dtype: torch.dtype
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
-
-@dataclass(frozen=True)
-class LayerLayout:
-    slots: Mapping[str, Slot]  # tensor name (relative to model.layers.{i}.) -> where it sits
-    numel: int  # buffer length in elements
-    dtype: torch.dtype
-
     @property
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
+
+@dataclass(frozen=True)
+class LayerLayout:
+    slots: Mapping[str, Slot]  # tensor name (relative to model.layers.{i}.) -> where it sits
+    nbytes: int  # buffer length
+    dtype: torch.dtype  # the compute dtype of the layer's float tensors
+    quant: QuantSpec | None = None
+
     def views(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The layer's tensors as views into `buffer` (any device), by name."""
-        assert buffer.numel() == self.numel and buffer.dtype == self.dtype, (buffer.shape, buffer.dtype)
-        return {name: buffer[s.offset: s.offset + s.numel].view(s.shape) for name, s in self.slots.items()}
+        """The layer's tensors as views into the uint8 `buffer` (any device), by name."""
+        assert buffer.numel() == self.nbytes and buffer.dtype == torch.uint8, (buffer.shape, buffer.dtype)
+        return {name: buffer[s.offset: s.offset + s.nbytes].view(s.dtype).view(s.shape)
+                for name, s in self.slots.items()}
 
 
-def layer_layout(args: ModelArgs, dtype: torch.dtype) -> LayerLayout:
-    align = max(1, ALIGN_BYTES // dtype.itemsize)
+def layer_tensors(args: ModelArgs, dtype: torch.dtype,
+                  quant: QuantSpec | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor one decoder layer holds in this format."""
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name, shape in args.layer_shapes().items():
+        linear = name.removesuffix(".weight")
+        if quant is not None and linear in LINEARS:
+            for suffix, spec in linear_tensors(shape[0], shape[1], quant).items():
+                out[f"{linear}.{suffix}"] = spec
+        else:
+            out[name] = (tuple(shape), dtype)
+    return out
+
+
+def layer_layout(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = None) -> LayerLayout:
     slots: dict[str, Slot] = {}
     offset = 0
-    for name, shape in args.layer_shapes().items():
-        slots[name] = Slot(offset, tuple(shape))
-        offset += -(-math.prod(shape) // align) * align
-    return LayerLayout(slots, offset, dtype)
+    for name, (shape, dt) in layer_tensors(args, dtype, quant).items():
+        slots[name] = Slot(offset, tuple(shape), dt)
+        offset += -(-math.prod(shape) * dt.itemsize // ALIGN_BYTES) * ALIGN_BYTES
+    return LayerLayout(slots, offset, dtype, quant)
 
 
-def layer_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
+def layer_bytes(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = None) -> int:
     """Bytes of one packed decoder layer: what a device slot holds and a sweep copies per streamed layer."""
-    return layer_layout(args, dtype).nbytes
+    return layer_layout(args, dtype, quant).nbytes
+
+
+def model_bytes(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = None) -> int:
+    """Bytes of a whole model on the device: globals (16-bit or the dtype, never quantized) and every layer."""
+    return args.global_numel() * dtype.itemsize + args.n_layers * layer_bytes(args, dtype, quant)
 
 
 def buffer_over_bytes(layout: LayerLayout, raw: torch.Tensor) -> torch.Tensor:
@@ -62,4 +87,4 @@ def buffer_over_bytes(layout: LayerLayout, raw: torch.Tensor) -> torch.Tensor:
     as a page-aligned staging buffer or a mapping of a disk-store file). Stores that keep layers as opaque bytes
     (weights/disk.py) go through this one function, so they hold every weight format the layout describes."""
     assert raw.dtype == torch.uint8 and raw.dim() == 1 and raw.numel() >= layout.nbytes, (raw.dtype, raw.shape)
-    return raw[: layout.nbytes].view(layout.dtype)
+    return raw[: layout.nbytes]

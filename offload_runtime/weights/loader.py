@@ -1,23 +1,29 @@
 """Build a Transformer from a weight source: globals and resident layers on the device, the streamed layers in the
 host store (filled from the source, or mapped from the disk store) or read from the disk store every sweep.
 
-The same path serves checkpoints and random weights (weights/random.py), so benchmarks of published shapes run
-through the loader, the host store and the slots that a real model uses.
+The same path serves checkpoints and random weights (weights/random.py), float and quantized layers alike, so
+benchmarks of published shapes run through the loader, the host store and the slots that a real model uses.
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import replace
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..memory import check_host_memory
+from ..model.config import ModelArgs
+from ..model.quantization import KernelChoice, QuantSpec, kernel_block, kernel_extras, measure_kernel_times
 from ..model.transformer import GlobalWeights, ResidentLayers, Transformer
 from ..residency import Residency
 from ..streaming import StreamedLayers
 from .disk import DEFAULT_READ_THREADS, DiskTier, LayerFiles, map_host_layers, padded_bytes
-from .layout import layer_bytes
+from .layout import layer_bytes, layer_layout
+from .quantized import PackedCache, QuantizedSource
 from .source import WeightSource
-from .store import HostLayerStore
+from .store import HostLayerStore, fill_layer
 
 
 def load_tensor(source: WeightSource, name: str, shape: tuple[int, ...], dtype: torch.dtype,
@@ -35,39 +41,96 @@ def load_globals(source: WeightSource, dtype: torch.dtype, device: torch.device)
     return GlobalWeights(embed=embed, norm=norm, lm_head=lm_head)
 
 
-def load_layer(source: WeightSource, i: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: load_tensor(source, f"model.layers.{i}.{name}", shape, dtype, device)
-            for name, shape in source.args.layer_shapes().items()}
+def load_layer(source: WeightSource, i: int, dtype: torch.dtype, device: torch.device,
+               quant: QuantSpec | None = None) -> dict[str, torch.Tensor]:
+    """Decoder layer i in one packed buffer on `device` (the same layout a streamed layer has in its slot)."""
+    layout = layer_layout(source.args, dtype, quant)
+    buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
+    fill_layer(source, i, layout, buffer)
+    views = layout.views(buffer if device.type == "cpu" else buffer.to(device))
+    if quant is not None and dtype in (torch.float32, torch.bfloat16, torch.float16):
+        views.update(kernel_extras(views, dtype))
+    return views
+
+
+def quant_key(quant: QuantSpec) -> str:
+    """The cache subdirectory of a packed format (the 4-bit block differs between devices)."""
+    return f"{quant.label}-b{quant.block or 0}-v1"
+
+
+def device_spec(quant: QuantSpec | None, device: torch.device) -> QuantSpec | None:
+    """The packed layout for this device: 4-bit rows blocked the way the device's int4 kernel reads them."""
+    return None if quant is None else replace(quant, block=kernel_block(device))
+
+
+@functools.lru_cache(maxsize=32)
+def measured_kernel_choice(out_features: int, in_features: int, quant: QuantSpec, dtype: torch.dtype,
+                           device: torch.device) -> KernelChoice:
+    """Up to how many tokens the int kernel beats dequantize + matmul, timed now on this device (once per
+    process and shape); a planner profile's measurement is used instead when a plan is loaded."""
+    return measure_kernel_times(out_features, in_features, quant, dtype, device).choice("measured at load")
+
+
+def default_kernel(args: ModelArgs, quant: QuantSpec | None, dtype: torch.dtype, device: torch.device) -> KernelChoice | None:
+    """The kernel choice measured on the model's widest linear (the MLP's), where most of a layer's bytes are."""
+    if quant is None or quant.act_order:
+        return None
+    return measured_kernel_choice(args.intermediate_size, args.dim, replace(quant, block=None), dtype,
+                                  torch.device(device))
+
+
+def packed_source(source: WeightSource, quant: QuantSpec | None, device: torch.device,
+                  quant_cache: Path | None = None) -> tuple[WeightSource, QuantSpec | None]:
+    """The source as the loader reads it, and its packed format for `device`: decoder linears packed (`quant`,
+    else a quantized checkpoint's own format), or the source itself for a float model. Idempotent."""
+    if isinstance(source, QuantizedSource):
+        return source, source.spec
+    if quant is None and source.args.quantization is not None:
+        quant = source.args.quantization.spec()
+    quant = device_spec(quant, device)
+    if quant is None:
+        return source, None
+    cache = None if quant_cache is None else PackedCache(Path(quant_cache) / quant_key(quant), source.args.n_layers)
+    return QuantizedSource(source, quant, cache), quant
 
 
 def build_model(source: WeightSource, device: torch.device, dtype: torch.dtype, residency: Residency,
-                progress: Callable[[int], None] | None = None, disk_store: LayerFiles | None = None,
-                read_threads: int = DEFAULT_READ_THREADS) -> Transformer:
+                progress: Callable[[int], None] | None = None, *, quant: QuantSpec | None = None,
+                kernel: KernelChoice | None = None, quant_cache: Path | None = None,
+                disk_store: LayerFiles | None = None, read_threads: int = DEFAULT_READ_THREADS) -> Transformer:
     """Load globals and resident layers onto the device; pack the host layers into the host store (mapped from
     `disk_store` when there is one, so processes share them); read the disk layers from `disk_store` every sweep
-    (`progress(1)` per layer)."""
+    (`progress(1)` per layer). `quant` holds the decoder linears packed (a quantized checkpoint's own format
+    when not given); `kernel` says when the int kernels run (default: measured now); `quant_cache`, a directory
+    for the linears quantized on load (read from it when complete, else written to it). A disk store must hold
+    the layers as this call packs them: write it from `packed_source(...)`'s source."""
     args = source.args
+    source, quant = packed_source(source, quant, device, quant_cache)
+    if quant is not None:
+        kernel = kernel if kernel is not None else default_kernel(args, quant, dtype, device)
     residency = residency.split(args.n_layers)
     store = None
     if residency.offload:
         assert sorted(residency.resident + residency.streamed) == list(range(args.n_layers)), \
             "every layer has exactly one source"
         assert disk_store is not None or not residency.disk, "disk layers need the disk store"
-        store = HostLayerStore(args, dtype, list(residency.host), pin=device.type == "cuda")
+        store = HostLayerStore(args, dtype, list(residency.host), pin=device.type == "cuda", quant=quant)
     # Checked before anything is allocated; on the CPU the "device" part lives in RAM too.
     on_host = 0 if device.type == "cuda" else \
-        (args.global_numel() + len(residency.resident) * args.layer_numel()) * dtype.itemsize
-    staging = residency.prefetch * padded_bytes(layer_bytes(args, dtype))
+        args.global_numel() * dtype.itemsize + len(residency.resident) * layer_bytes(args, dtype, quant)
+    staging = residency.prefetch * padded_bytes(layer_bytes(args, dtype, quant))
     check_host_memory(on_host + (store.nbytes if store else 0) + staging,
-                      f"{'streaming' if store else 'loading'} {source.label} ({args.n_layers} layers, {dtype})")
+                      f"{'streaming' if store else 'loading'} {source.label} ({args.n_layers} layers, {dtype}"
+                      f"{', ' + quant.label if quant else ''})")
     resident = {}
     for i in residency.resident:
-        resident[i] = load_layer(source, i, dtype, device)
+        resident[i] = load_layer(source, i, dtype, device, quant)
         if progress:
             progress(1)
     globals_ = load_globals(source, dtype, device)
     if store is None:
-        return Transformer(args, globals_, ResidentLayers([resident[i] for i in range(args.n_layers)]), device)
+        return Transformer(args, globals_, ResidentLayers([resident[i] for i in range(args.n_layers)]), device,
+                           kernel)
     if disk_store is not None:
         map_host_layers(store, disk_store, progress)
     else:
@@ -76,4 +139,4 @@ def build_model(source: WeightSource, device: torch.device, dtype: torch.dtype, 
     layers = StreamedLayers(args.n_layers, resident, store, device, residency.slots, disk)
     if progress and residency.disk:
         progress(len(residency.disk))
-    return Transformer(args, globals_, layers, device)
+    return Transformer(args, globals_, layers, device, kernel)

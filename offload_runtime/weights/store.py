@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..model.config import ModelArgs
+from ..model.quantization import QuantSpec
 from .layout import LayerLayout, layer_layout
 from .source import WeightSource
 
@@ -69,7 +70,10 @@ def _consume_cuda_error() -> None:
 
 
 def fill_layer(source: WeightSource, i: int, layout: LayerLayout, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Read decoder layer i from `source` into `buffer` laid out by `layout`; returns the tensors' views."""
+    """Read decoder layer i from `source` into the uint8 `buffer` laid out by `layout`; returns the tensors' views.
+
+    The names are the layout's: for a quantized layout the source is a QuantizedSource (weights/quantized.py),
+    which turns the checkpoint's own tensors (or fp16 weights) into the packed ones."""
     tensors = layout.views(buffer)
     for name, tensor in tensors.items():
         source.read_into(f"model.layers.{i}.{name}", tensor)
@@ -77,11 +81,13 @@ def fill_layer(source: WeightSource, i: int, layout: LayerLayout, buffer: torch.
 
 
 class HostLayerStore:
-    """Decoder layers `layer_ids` of a model, one packed buffer each in host memory (pinned when it can be)."""
+    """Decoder layers `layer_ids` of a model, one packed byte buffer each in host memory (pinned when it can be),
+    in the layout of `dtype` and (for quantized models) `quant`."""
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype, layer_ids: list[int], pin: bool):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, layer_ids: list[int], pin: bool,
+                 quant: QuantSpec | None = None):
         self.args = args
-        self.layout: LayerLayout = layer_layout(args, dtype)
+        self.layout: LayerLayout = layer_layout(args, dtype, quant)
         self.layer_ids = list(layer_ids)
         self.buffers: dict[int, torch.Tensor] = {}
         self.pinned = pin
@@ -100,7 +106,7 @@ class HostLayerStore:
         return self.layer_bytes * len(self.layer_ids)
 
     def _new_buffer(self) -> torch.Tensor:
-        buf, pinned = alloc_host(self.layout.numel, self.dtype, self._want_pin)
+        buf, pinned = alloc_host(self.layout.nbytes, torch.uint8, self._want_pin)
         if self._want_pin and not pinned:
             warnings.warn("pinned host memory was refused; streaming from pageable memory (slower copies)",
                           RuntimeWarning, stacklevel=3)

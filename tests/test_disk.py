@@ -105,6 +105,29 @@ def test_disk_tier_equals_in_ram_and_resident_bitwise(deep, references, direct_r
     assert layers.disk_bytes_per_sweep == len(r.disk) * per_file
 
 
+@pytest.mark.parametrize("quantize", ["int4", "int8"])
+def test_quantized_layers_stream_from_disk_bitwise(deep, direct_root, quantize):
+    """The store holds a layer as the loader packs it (quantized on load here): the disk tier streams a quarter
+    (int4) of the bytes and gives the same bits as the same quantized model all in RAM and resident."""
+    from offload_runtime.model.quantization import QuantSpec
+
+    args = ModelArgs.from_file(deep)
+    spec = QuantSpec(int(quantize[3:]), 32)
+    per_file = disk.padded_bytes(layer_bytes(args, torch.float32, spec))
+    assert per_file < layer_file_bytes(args) / (3 if quantize == "int4" else 1.5)
+    common = dict(dtype="float32", draft=False, quantize=quantize, group_size=32, quiet=True)
+    resident = logits_and_tokens(Engine.from_pretrained(deep, offload=False, **common))
+    in_ram = logits_and_tokens(Engine.from_pretrained(deep, offload=True, resident_layers=0, **common))
+    engine = Engine.from_pretrained(deep, offload=True, resident_layers=1, host_memory=(2 + 1) * per_file,
+                                    offload_dir=direct_root / f"quant-{quantize}", **common)
+    r = engine.residency
+    assert len(r.disk) == 4 and len(r.host) == 1
+    got = logits_and_tokens(engine)
+    for want in (resident, in_ram):
+        assert torch.equal(got[0], want[0]) and got[1] == want[1]
+    assert all(s.disk_bytes == 4 * per_file for s in engine.sweep_stats())
+
+
 def test_speculative_decoding_with_a_disk_tier(deep, checkpoints, direct_root):
     plain = Engine.from_pretrained(deep, dtype="float64", draft=False, offload=False)
     spec = Engine.from_pretrained(deep, dtype="float64", draft=str(checkpoints["llama-gqa-llama3"]),

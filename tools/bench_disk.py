@@ -137,7 +137,7 @@ def build(workdir: Path, cfg: Settings, log) -> Model:
     draft = write_checkpoint(workdir / "draft", draft_args, seed=1, damping=cfg.damping)
     store = workdir / "store"
     log("writing the layer store")
-    layer_store(target, Checkpoint(target), torch.float32, store, progress=False, quiet=True)
+    layer_store(target, Checkpoint(target), torch.float32, None, store, progress=False, quiet=True)
     budget = int(cfg.fraction * layers_b)
     return Model(target, draft, args, budget, store, workdir / "accelerate-offload")
 

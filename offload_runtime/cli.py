@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 import traceback
-from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
+from typing import Any, TYPE_CHECKING, Callable, NoReturn, Sequence
 
 from .errors import OffloadError
 
@@ -40,14 +40,19 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "demo
     o.add_argument("--no-offload", dest="offload", action="store_false", help="keep the whole target on the device")
     g.add_argument("--plan", default="auto", help="plan file, 'auto' (the planner's matching plan) or 'none'")
     g.add_argument("--max-seq-len", type=int, default=None, help="context window to allocate (default: 4096 or less)")
+    add_quantize_args(g)
+    g.add_argument("--cache-quantized", action="store_true",
+                   help="keep what --quantize made in the runtime's home; later loads read it")
+    g.add_argument("--debug", action="store_true", help="show Python tracebacks")
+
+
+def add_quantize_args(g: Any) -> None:
+    """--quantize / --draft-quantize / --group-size: the chat, the batch job, the server and the planner."""
     g.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="quantize the target's linears on load (AWQ/GPTQ checkpoints need no flag)")
     g.add_argument("--draft-quantize", choices=("int8", "int4"), default=None, help="quantize the draft on load")
     g.add_argument("--group-size", type=int, default=None, help="columns per quantization group (default 128; -1: "
                    "per channel)")
-    g.add_argument("--cache-quantized", action="store_true",
-                   help="keep what --quantize made in the runtime's home; later loads read it")
-    g.add_argument("--debug", action="store_true", help="show Python tracebacks")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -12,13 +12,12 @@ Tables go to stdout; notices and progress bars to stderr.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from offload_runtime.api.machine import describe_machine
-from offload_runtime.cli import ArgumentParser, run_main
+from offload_runtime.cli import ArgumentParser, add_quantize_args, run_main
 from offload_runtime.errors import UsageError
 
 from . import pipeline
@@ -69,6 +68,7 @@ def _common(p: argparse.ArgumentParser, draft_required: bool = False) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16, float32 (default: as the runtime picks)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
+    add_quantize_args(p)
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
 
 

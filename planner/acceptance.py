@@ -174,9 +174,13 @@ def prompts_sha(prompts: Sequence[str | list[int]]) -> str:
 
 
 def acceptance_path(target: ModelRef, draft: ModelRef, temperature: float, top_p: float, width: int,
-                    prompts_sha: str) -> Path:
+                    prompts_sha: str, formats: tuple[str | None, str | None] = (None, None)) -> Path:
+    """Keyed by both models' files, the sampling settings, the star's width, the prompts and (when either model is
+    quantized) their packed formats: a quantized pair agrees differently."""
     key = {"target": target.fingerprint, "draft": draft.fingerprint, "temperature": round(temperature, 6),
            "top_p": round(top_p, 6), "width": width, "prompts": prompts_sha}
+    if formats != (None, None):
+        key["formats"] = list(formats)
     return store_dir("acceptance") / f"{short_hash(key)}.json"
 
 
@@ -185,11 +189,12 @@ def measure_acceptance(target: ModelRef, draft: ModelRef, *, device: str | torch
                        width: int = 16, prompts: Sequence[str | list[int]] | None = None,
                        prompts_source: str = "built-in", max_new_tokens: int = 64, seed: int = 0,
                        batch_size: int = 8, progress: bool = False,
-                       log: Callable[[str], None] = lambda s: None) -> AcceptanceResult:
+                       log: Callable[[str], None] = lambda s: None,
+                       engine_options: dict[str, Any] | None = None) -> AcceptanceResult:
     """Run the pair on `prompts` with one-level trees of `width` children and count the accepted ranks.
 
     Up to `batch_size` prompts share each target sweep (rows are independent, so the counts are the same as one
-    by one; offloaded, it is many times faster).
+    by one; offloaded, it is many times faster). `engine_options` go to Engine.from_pretrained (quantize=, ...).
     """
     from offload_runtime.api.engine import Engine
     from offload_runtime.api.options import check_sampling
@@ -230,7 +235,8 @@ def measure_acceptance(target: ModelRef, draft: ModelRef, *, device: str | torch
     max_seq_len = max(len(x) for x in ids) + max_new_tokens + width + 2
     engine = Engine.from_pretrained(target.path, draft=draft.path, device=device, dtype=dtype,
                                     tree=[-1] + [0] * width, plan=None, max_seq_len=max_seq_len,
-                                    batch_size=min(batch_size, len(ids)), progress=progress)
+                                    batch_size=min(batch_size, len(ids)), progress=progress,
+                                    **(engine_options or {}))
     requests = [engine.request(x, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                seed=seed + i, ignore_eos=True) for i, x in enumerate(ids)]
     bar = None

@@ -22,7 +22,7 @@ def measure_step_split(target: str, draft: str, *, device: torch.device, dtype: 
                        gpu_memory: int | None = None, tokens: int = 64, min_time: float = 0.0, max_runs: int = 100,
                        reference: bool = True, seed: int = 0, host_memory: int | None = None,
                        prefetch: int | None = None, read_threads: int | None = None,
-                       offload_dir: str | None = None) -> dict[str, Any]:
+                       offload_dir: str | None = None, engine_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Seconds per step of each phase (draft_s, verify_s, host_s) while replying `tokens` tokens to short prompts,
     prompt processing included, as a chat turn does.
 
@@ -53,7 +53,8 @@ def measure_step_split(target: str, draft: str, *, device: torch.device, dtype: 
     engine = Engine.from_pretrained(target, draft=draft, device=device, dtype=dtype, tree=list(tree), plan=None,
                                     quiet=True, progress=False, batch_size=batch, offload=offload,
                                     gpu_memory=gpu_memory, max_seq_len=max_seq_len, host_memory=host_memory,
-                                    prefetch=prefetch, read_threads=read_threads, offload_dir=offload_dir)
+                                    prefetch=prefetch, read_threads=read_threads, offload_dir=offload_dir,
+                                    **(engine_options or {}))
     if tokenizer is not None:  # what the chat sends: each message under the chat template
         prompts = [engine.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
     room = max(1, max_seq_len - per_prompt - len(tree) - 2)

@@ -25,7 +25,9 @@ from offload_runtime.api.plans import ModelRef, Plan, dtype_name, save_plan
 from offload_runtime.errors import ResourceError, UsageError
 from offload_runtime.memory import parse_bytes
 from offload_runtime.model.config import ModelArgs
+from offload_runtime.model.quantization import QuantSpec
 from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE
+from offload_runtime.weights.quantized import quant_spec_for, quantize_flags
 from offload_runtime.weights.disk import DEFAULT_PREFETCH, DEFAULT_READ_THREADS
 
 from . import acceptance as acc
@@ -73,6 +75,9 @@ class PlanRequest:
     no_calibrate: bool = False
     calibration_time: float | None = None
     top: int = 10
+    quantize: str | None = None  # quantize the target on load: "int8" | "int4" (AWQ / GPTQ need no flag)
+    group_size: int | None = None
+    draft_quantize: str | None = None
     log: Callable[[str], None] = field(default=lambda s: None, repr=False)
     progress: bool = False
 
@@ -92,6 +97,19 @@ class Pair:
     target_args: ModelArgs
     draft: ModelRef | None
     draft_args: ModelArgs | None
+    quant: QuantSpec | None = None  # the target's packed format (its checkpoint's own, or quantized on load)
+    draft_quant: QuantSpec | None = None
+
+    @property
+    def formats(self) -> tuple[str | None, str | None]:
+        """The packed formats' labels, as plans and acceptance files are keyed (None: float)."""
+        return tuple(q.label if q else None for q in (self.quant, self.draft_quant))  # type: ignore[return-value]
+
+
+def engine_options(req: PlanRequest) -> dict[str, Any]:
+    """What the planner's own engine runs (acceptance, calibration) need to load the pair as planned."""
+    return {k: v for k, v in (("quantize", req.quantize), ("group_size", req.group_size),
+                              ("draft_quantize", req.draft_quantize)) if v is not None}
 
 
 def resolve(req: PlanRequest) -> Pair:
@@ -109,7 +127,12 @@ def resolve(req: PlanRequest) -> Pair:
         dref, dargs, note = resolve_model(draft_name)
         if note:
             req.log(note)
-    return Pair(dev, parse_dtype(req.dtype, dev, targs.torch_dtype), tref, targs, dref, dargs)
+    both = req.quantize is not None or req.draft_quantize is not None
+    quant = quant_spec_for(targs, req.quantize, req.group_size if both else None, f"model {req.model}")
+    draft_quant = None if dargs is None else quant_spec_for(dargs, req.draft_quantize,
+                                                            req.group_size if req.draft_quantize else None,
+                                                            f"draft {draft_name}")
+    return Pair(dev, parse_dtype(req.dtype, dev, targs.torch_dtype), tref, targs, dref, dargs, quant, draft_quant)
 
 
 def need_draft(pair: Pair, req: PlanRequest, command: str) -> None:
@@ -132,7 +155,8 @@ def sampling(req: PlanRequest, pair: Pair) -> tuple[float, float]:
 def ensure_profile(req: PlanRequest, pair: Pair, *, force: bool, output: Path | None = None) -> tuple[dict, Path]:
     """This machine's profile for the pair: read from the store, or measured now (and stored)."""
     fp = machine_fingerprint(pair.device)
-    path = output or prof.profile_path(fp["id"], pair.device, pair.dtype, pair.target_args, pair.draft_args)
+    path = output or prof.profile_path(fp["id"], pair.device, pair.dtype, pair.target_args, pair.draft_args,
+                                       pair.quant, pair.draft_quant)
     if not force and path.is_file():
         try:
             profile = prof.read_profile(path)
@@ -149,7 +173,7 @@ def ensure_profile(req: PlanRequest, pair: Pair, *, force: bool, output: Path | 
                                prefix=prof.DEFAULT_PREFIX if req.prefix is None else req.prefix,
                                effort=prof.Effort.quick() if req.quick else prof.Effort(),
                                names=(pair.target.name, pair.draft.name if pair.draft else None),
-                               progress=req.progress, log=req.log)
+                               progress=req.progress, log=req.log, quant=pair.quant, draft_quant=pair.draft_quant)
     write_json(path, profile)
     req.log(f"profile written to {path}")
     return profile, path
@@ -212,7 +236,7 @@ def ensure_acceptance(req: PlanRequest, pair: Pair, temperature: float, top_p: f
     """The pair's acceptance measurement at these settings: read from the store, or measured now (and stored)."""
     prompts, source = _prompts(req)
     sha = acc.prompts_sha(prompts if prompts is not None else list(acc.BUILTIN_PROMPTS))
-    path = output or acc.acceptance_path(pair.target, pair.draft, temperature, top_p, req.width, sha)
+    path = output or acc.acceptance_path(pair.target, pair.draft, temperature, top_p, req.width, sha, pair.formats)
     if not force and path.is_file():
         result = acc.read_acceptance(path)
         if result.max_new_tokens == req.max_new_tokens and result.seed == req.seed:
@@ -223,7 +247,8 @@ def ensure_acceptance(req: PlanRequest, pair: Pair, temperature: float, top_p: f
     result = acc.measure_acceptance(pair.target, pair.draft, device=pair.device, dtype=pair.dtype,
                                     temperature=temperature, top_p=top_p, width=req.width, prompts=prompts,
                                     prompts_source=source, max_new_tokens=req.max_new_tokens, seed=req.seed,
-                                    batch_size=req.acceptance_batch, progress=req.progress, log=req.log)
+                                    batch_size=req.acceptance_batch, progress=req.progress, log=req.log,
+                                    engine_options=engine_options(req))
     acc.save_acceptance(result, path)
     req.log(f"acceptance written to {path}")
     if pair.device.type == "cuda":  # the measuring engine is gone: give its memory back before residency is planned
@@ -282,7 +307,8 @@ def search(p: Sequence[float], tm: opt.TimeModel, pair: Pair, req: PlanRequest, 
         def residency_of(B: int):
             return opt.residency(pair.target_args, pair.dtype, pair.device, draft=pair.draft_args,
                                  budget_bytes=budget, batch=B, max_seq_len=max_seq_len, max_tree=req.max_tree,
-                                 slots=req.slots, offload=req.offload, host_budget=host_budget, prefetch=prefetch)
+                                 slots=req.slots, offload=req.offload, host_budget=host_budget, prefetch=prefetch,
+                                 quant=pair.quant, draft_quant=pair.draft_quant)
 
         return opt.optimize_batch(p, tm, batch_sizes(req), residency_of, max_tree=req.max_tree,
                                   max_depth=req.max_depth, top=req.top)
@@ -339,7 +365,7 @@ def build_plan(req: PlanRequest) -> PlanResult:
                                       host_memory=host_budget, prefetch=best.residency.prefetch or None,
                                       read_threads=read_threads, offload_dir=req.offload_dir,
                                       tokens=16 if streamed else 64,  # streamed steps are slow
-                                      min_time=_calibration_time(req),
+                                      min_time=_calibration_time(req), engine_options=engine_options(req),
                                       reference=not streamed)  # plain streamed decoding is slower still
         tm = tm.with_residency(best.residency).calibrated(measured, tree, best.batch)
         calibration = {"tree": tree, "batch": best.batch, "measured": measured,
@@ -373,6 +399,8 @@ def build_plan(req: PlanRequest) -> PlanResult:
                 "per_batch": [{"batch": ch.batch, "resident": len(ch.residency.resident),
                                **{k: ch.optimum.best.row()[k] for k in ("n", "depth", "tokens_per_s", "s_per_token")}}
                               for ch in choices]},
+        weights={} if pair.formats == (None, None) else {
+            "target": pair.formats[0], "draft": pair.formats[1], "flags": quantize_flags(req.quantize, req.group_size, req.draft_quantize)},
         storage={} if host_budget is None else {
             "host_memory": host_budget, "prefetch": res.prefetch or None, "read_threads": read_threads,
             "host_layers": list(res.host), "disk_layers": list(res.disk), "disk_Bps": disk_bw,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from offload_runtime.api.home import short_hash, store_dir
 from offload_runtime.api.machine import machine_fingerprint
 from offload_runtime.errors import UsageError
+from offload_runtime.timer import median_seconds
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.quantization import KernelChoice, QuantSpec, measure_kernel_times
 from offload_runtime.residency import Residency
@@ -52,35 +52,10 @@ DEFAULT_PREFIX = 512  # cached tokens the timed tokens attend to (a typical prom
 # --- timing
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_call(fn: Callable[[], Any], device: torch.device, *, min_time: float, max_repeats: int,
               warmup: int = 1) -> float:
-    """Median seconds of fn(), repeated until `min_time` has passed or `max_repeats` runs; CUDA synchronised."""
-    assert max_repeats >= 1
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    spent = 0.0
-    while len(times) < max_repeats and (spent < min_time or not times):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            dt = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
-        times.append(dt)
-        spent += dt
-    return statistics.median(times)
+    """Median seconds of fn(), repeated until `min_time` has passed or `max_repeats` runs (offload_runtime/timer.py)."""
+    return median_seconds(fn, device, min_time=min_time, max_repeats=max_repeats, warmup=warmup)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-import torch
 
 from ..decode.decoder import Decoder
 from ..decode.request import Request, SamplingParams, SequenceStats

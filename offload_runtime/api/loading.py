@@ -25,7 +25,7 @@ from ..weights.checkpoint import Checkpoint, resolve_model_dir
 from ..weights.disk import DEFAULT_PREFETCH, DEFAULT_READ_THREADS, LayerFiles, StoreKey, layout_signature, open_store
 from ..weights.layout import layer_layout
 from ..weights.loader import build_model, packed_source
-from ..weights.quantized import quant_spec_for
+from ..weights.quantized import quant_spec_for, quantize_flags
 from ..weights.source import WeightSource
 from . import registry
 from .home import short_hash, store_dir
@@ -119,15 +119,17 @@ def _draft_name(model: str, draft: str | os.PathLike | None | bool) -> str | Non
 
 
 def _planned_trees(plan: str | os.PathLike | None, model: str, draft: str, device: torch.device,
-                   dtype: torch.dtype, batch_size: int, max_seq_len: int, quiet: bool) -> list:
-    """The plans to follow (one per sampling regime) after dropping those whose tree does not fit the window."""
+                   dtype: torch.dtype, batch_size: int, max_seq_len: int, quiet: bool,
+                   formats: tuple[str | None, str | None], flags: str) -> list:
+    """The plans to follow (one per sampling regime, made for these weight formats) after dropping those whose
+    tree does not fit the window."""
     if plan is None:
         return []
     if str(plan) == "auto":
-        lookup = find_plans(model, draft, device, dtype, batch_size=batch_size)
+        lookup = find_plans(model, draft, device, dtype, batch_size=batch_size, formats=formats, flags=flags)
         plans, message = lookup.plans, lookup.message
     else:
-        found, message = load_plan(plan, target=model, draft=draft, device=device, dtype=dtype)
+        found, message = load_plan(plan, target=model, draft=draft, device=device, dtype=dtype, formats=formats)
         plans = [found]
     kept = []
     for p in plans:
@@ -233,7 +235,9 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     if draft_ckpt is not None:
         if fixed_tree is None:
             # Plans by the names the user gave, as the planner keyed them.
-            plans = _planned_trees(plan, model, draft_name, dev, dt, batch_size, seq_len, quiet)
+            formats = (target_quant.label if target_quant else None, draft_quant.label if draft_quant else None)
+            plans = _planned_trees(plan, model, draft_name, dev, dt, batch_size, seq_len, quiet, formats,
+                                   quantize_flags(quantize, group_size, draft_quantize))
             trees = TreePolicy(default_tree(dev), [PlannedTree(p.temperature, p.top_p, Tree(p.tree), str(p.path))
                                                    for p in plans])
         else:

@@ -134,6 +134,9 @@ class Plan:
     # Host budget and disk tier the plan was made for: host_memory, prefetch, read_threads, host_layers,
     # disk_layers, disk_Bps (empty: every streamed layer in host RAM).
     storage: dict[str, Any] = field(default_factory=dict)
+    # Packed weight formats the plan was made for: target / draft labels (e.g. "int4-g128"; None: float) and the
+    # planner flags that asked for them (empty: both models as their checkpoints hold them, unquantized).
+    weights: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     version: int = PLAN_VERSION
     path: Path | None = field(default=None, compare=False)  # where it was read from / written to
@@ -160,10 +163,18 @@ class Plan:
     def machine_id(self) -> str:
         return str(self.machine.get("id"))
 
+    @property
+    def formats(self) -> tuple[str | None, str | None]:
+        """The target's and the draft's packed formats (None: float), as engines are matched to plans."""
+        return self.weights.get("target"), self.weights.get("draft")
+
     def key(self) -> dict[str, Any]:
-        return {"machine": self.machine_id, "target": self.target.identity, "draft": self.draft.identity,
-                "device": self.device, "dtype": self.dtype, "temperature": _round(self.temperature),
-                "top_p": _round(self.top_p), "batch_size": self.batch_size}
+        key = {"machine": self.machine_id, "target": self.target.identity, "draft": self.draft.identity,
+               "device": self.device, "dtype": self.dtype, "temperature": _round(self.temperature),
+               "top_p": _round(self.top_p), "batch_size": self.batch_size}
+        if self.formats != (None, None):
+            key["formats"] = list(self.formats)
+        return key
 
     def default_path(self) -> Path:
         return store_dir("plans") / f"{short_hash(self.key())}.json"
@@ -180,7 +191,7 @@ class Plan:
     def rebuild_command(self) -> str:
         return plan_command(self.target.name, self.draft.name, self.device, self.temperature, self.top_p,
                             self.batch_size, dtype=self.dtype, gpu_memory=self.gpu_memory,
-                            host_memory=self.storage.get("host_memory"))
+                            host_memory=self.storage.get("host_memory"), flags=self.weights.get("flags", ""))
 
     # --- JSON
 
@@ -254,9 +265,13 @@ def _round(x: float) -> float:
     return round(float(x), 6)
 
 
+def _formats_text(formats: Formats) -> str:
+    return " / ".join(f or "float" for f in formats)
+
+
 def plan_command(target: str, draft: str, device: str | None = None, temperature: float | None = None,
                  top_p: float | None = None, batch_size: int | None = None, *, dtype: str | None = None,
-                 gpu_memory: int | None = None, host_memory: int | None = None) -> str:
+                 gpu_memory: int | None = None, host_memory: int | None = None, flags: str = "") -> str:
     cmd = f"python -m planner plan --model {target} --draft {draft}"
     if device is not None:
         cmd += f" --device {device}"
@@ -272,7 +287,7 @@ def plan_command(target: str, draft: str, device: str | None = None, temperature
         cmd += f" --gpu-memory {gpu_memory}"
     if host_memory is not None:
         cmd += f" --host-memory {host_memory}"
-    return cmd
+    return f"{cmd} {flags}" if flags else cmd
 
 
 # --- files
@@ -376,15 +391,19 @@ def _regime_key(p: Plan) -> tuple[float, float]:
     return (0.0, 1.0) if p.greedy else (_round(p.temperature), _round(p.top_p))
 
 
-def _matching(tref: ModelRef, dref: ModelRef, device: torch.device, dtype: str
+Formats = tuple[str | None, str | None]  # the target's and the draft's packed formats (None: float)
+
+
+def _matching(tref: ModelRef, dref: ModelRef, device: torch.device, dtype: str, formats: Formats
               ) -> tuple[list[Plan], list[tuple[Plan, list[str]]], list[str]]:
-    """(current plans, stale plans with their reasons, unreadable files) for this pair, device and dtype."""
+    """(current plans, stale plans with their reasons, unreadable files) for this pair, device, dtype and weight
+    formats (a plan made for the fp16 model says nothing about its int4 copy)."""
     plans, problems = scan_plans()
     machine = machine_fingerprint(device)
     fresh, stale = [], []
     for p in plans:
-        if (p.target.identity, p.draft.identity, p.device, p.dtype) != (tref.identity, dref.identity, device.type,
-                                                                          dtype):
+        if (p.target.identity, p.draft.identity, p.device, p.dtype, p.formats) != (
+                tref.identity, dref.identity, device.type, dtype, tuple(formats)):
             continue
         reasons = stale_reasons(p, target_fp=tref.fingerprint, draft_fp=dref.fingerprint, machine=machine)
         (stale if reasons else fresh).append((p, reasons))
@@ -404,7 +423,8 @@ def _skipped(problems: list[str], named: int = 3) -> str:
 
 
 def find_plans(target: str | os.PathLike, draft: str | os.PathLike, device: str | torch.device,
-               dtype: torch.dtype | str, batch_size: int | None = None) -> PlanLookup:
+               dtype: torch.dtype | str, batch_size: int | None = None, formats: Formats = (None, None),
+               flags: str = "") -> PlanLookup:
     """Every current plan of this machine, model pair, device and dtype: one per sampling regime (greedy, and each
     temperature / top-p), preferring the asked batch size. The message says which plan serves which regime, or
     why none is used (stale plans, unreadable files) and how to make one."""
@@ -412,7 +432,7 @@ def find_plans(target: str | os.PathLike, draft: str | os.PathLike, device: str 
     tref, dref = local_ref(target), local_ref(draft)
     if tref is None or dref is None:
         return PlanLookup([], "")
-    fresh, stale, problems = _matching(tref, dref, dev, dtype_name(dtype))
+    fresh, stale, problems = _matching(tref, dref, dev, dtype_name(dtype), formats)
     by_regime: dict[tuple[float, float], Plan] = {}
     for p in sorted(fresh, key=_batch_rank(batch_size)):
         by_regime[_regime_key(p)] = p  # the best-ranked plan of each regime comes last
@@ -424,7 +444,8 @@ def find_plans(target: str | os.PathLike, draft: str | os.PathLike, device: str 
         plan, reasons = max(stale, key=lambda item: item[0].created)
         return PlanLookup([], f"plan {plan.path} is stale ({'; '.join(reasons)}); not using it, using the default "
                               f"tree; rebuild it with `{plan.rebuild_command()}`" + _skipped(problems))
-    cmd = plan_command(str(target), str(draft), dev.type if dev.type == "cpu" else None, None, None, batch_size)
+    cmd = plan_command(str(target), str(draft), dev.type if dev.type == "cpu" else None, None, None, batch_size,
+                       flags=flags)
     return PlanLookup([], f"no plan for this machine and model pair; using the default tree; run `{cmd}` to make "
                           f"one" + _skipped(problems))
 
@@ -432,7 +453,8 @@ def find_plans(target: str | os.PathLike, draft: str | os.PathLike, device: str 
 def find_plan(target: str | os.PathLike, draft: str | os.PathLike, device: str | torch.device,
               dtype: torch.dtype | str, temperature: float | None = None, top_p: float | None = None,
               batch_size: int | None = None, *, target_ref: ModelRef | None = None,
-              draft_ref: ModelRef | None = None) -> tuple[Plan | None, str]:
+              draft_ref: ModelRef | None = None, formats: Formats = (None, None),
+              flags: str = "") -> tuple[Plan | None, str]:
     """The one saved plan for these settings (temperature / top_p / batch_size None match any; the newest wins),
     and a one-line message. Stale plans are not returned; the message says why and how to rebuild. The refs
     default to the local checkpoints of `target` and `draft` (the planner passes its shape presets)."""
@@ -442,7 +464,7 @@ def find_plan(target: str | os.PathLike, draft: str | os.PathLike, device: str |
     if tref is None or dref is None:
         missing = target if tref is None else draft
         raise MissingFileError(f"model {missing!r} not found locally; pass a checkpoint directory")
-    fresh, stale, problems = _matching(tref, dref, dev, dtype_name(dtype))
+    fresh, stale, problems = _matching(tref, dref, dev, dtype_name(dtype), formats)
 
     def wanted(p: Plan) -> bool:
         return ((temperature is None or _round(p.temperature) == _round(temperature))
@@ -459,13 +481,13 @@ def find_plan(target: str | os.PathLike, draft: str | os.PathLike, device: str |
         return None, (f"plan {plan.path} is stale ({'; '.join(reasons)}); rebuild it with "
                       f"`{plan.rebuild_command()}`" + _skipped(problems))
     cmd = plan_command(str(target), str(draft), dev.type if dev.type == "cpu" else None, temperature,
-                       top_p, batch_size)
+                       top_p, batch_size, flags=flags)
     return None, f"no plan for this machine and model pair; run `{cmd}` to make one" + _skipped(problems)
 
 
 def load_plan(path: str | os.PathLike, *, target: str | os.PathLike | None = None,
               draft: str | os.PathLike | None = None, device: str | torch.device | None = None,
-              dtype: torch.dtype | str | None = None) -> tuple[Plan, str]:
+              dtype: torch.dtype | str | None = None, formats: Formats | None = None) -> tuple[Plan, str]:
     """An explicitly named plan file (plan=PATH): used even when stale, with a warning in the message.
 
     Raises PlanError when the file cannot be read. target/draft/device/dtype, when given, are what the runtime
@@ -483,6 +505,8 @@ def load_plan(path: str | os.PathLike, *, target: str | os.PathLike | None = Non
         warnings.append(f"it was built for device {plan.device}")
     if dtype is not None and dtype_name(dtype) != plan.dtype:
         warnings.append(f"it was built for dtype {plan.dtype}")
+    if formats is not None and tuple(formats) != plan.formats:
+        warnings.append(f"it was built for weights {_formats_text(plan.formats)}, not {_formats_text(formats)}")
     same_models = tref is not None and dref is not None and \
         (tref.identity, dref.identity) == (plan.target.identity, plan.draft.identity)
     reasons = stale_reasons(plan, target_fp=tref.fingerprint if same_models else None,

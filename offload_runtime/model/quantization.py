@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..timer import median_seconds
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -278,20 +278,6 @@ class KernelTimes:
         return cls(tuple(d["grid"]), None if d["kernel_s"] is None else tuple(d["kernel_s"]), tuple(d["dequant_s"]))
 
 
-def _median_time(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def measure_kernel_times(out_features: int, in_features: int, spec: QuantSpec, dtype: torch.dtype,
                          device: torch.device, grid: tuple[int, ...] = (1, 4, 16, 64, 256),
                          repeats: int = 3) -> KernelTimes:
@@ -325,8 +311,8 @@ def measure_kernel_times(out_features: int, in_features: int, spec: QuantSpec, d
     with torch.inference_mode():
         for n in grid:
             x = torch.randn(n, in_features, generator=g).to(device=device, dtype=dtype)
-            dequant_s.append(_median_time(lambda: quantized_linear(x, w, "l", never), device, repeats))
-            kernel_s.append(_median_time(lambda: quantized_linear(x, w, "l", always), device, repeats))
+            dequant_s.append(median_seconds(lambda: quantized_linear(x, w, "l", never), device, max_repeats=repeats))
+            kernel_s.append(median_seconds(lambda: quantized_linear(x, w, "l", always), device, max_repeats=repeats))
             if kernel_s[-1] >= dequant_s[-1]:
                 break  # the crossover: the kernel's cost grows with the tokens, dequantizing's is mostly fixed
     return KernelTimes(tuple(grid[:len(kernel_s)]), tuple(kernel_s), tuple(dequant_s))

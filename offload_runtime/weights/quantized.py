@@ -271,6 +271,12 @@ def _check_g_idx(ints: LinearInts, prefix: str, quant: CheckpointQuant) -> Linea
 # --- the user's options
 
 
+def quantize_flags(quantize: str | None, group_size: int | None, draft_quantize: str | None) -> str:
+    """The command-line flags that ask for these quantize-on-load options (as plans say how to rebuild them)."""
+    return " ".join(f"--{name} {value}" for name, value in (
+        ("quantize", quantize), ("group-size", group_size), ("draft-quantize", draft_quantize)) if value is not None)
+
+
 def quant_spec_for(args: ModelArgs, quantize: str | None, group_size: int | None, what: str) -> QuantSpec | None:
     """The packed format a model is held in: the checkpoint's own quantization, or `quantize` ("int8" | "int4",
     group-wise with `group_size`, 128 by default) on an unquantized one; None for a float model."""

@@ -396,12 +396,12 @@ def test_profile_plans_with_packed_bytes_and_times_the_chosen_kernels(quant_ckpt
 def test_bench_quant_projection_and_sweep_bytes():
     from helpers import load_tool
 
-    bench = load_tool("bench_quant")
-    r = bench.project_70b_int4(max_tree=128)
-    fp, q = r["fp16 target, int4 draft"], r["int4 target, int4 draft"]
+    bench, projection = load_tool("bench_quant"), load_tool("project_70b")
+    fp, q = (projection.project(25.0, 22.0, 80.0, 900.0, projection.DEFAULT_ACCEPTANCE, s, max_tree=128)
+             for s in projection.SCENARIOS[1:])
     assert q["stream_s"] == pytest.approx((80 - q["resident_layers"]) * q["layer_bytes"] / 25e9)
     assert q["layer_bytes"] < 0.27 * fp["layer_bytes"] and q["resident_layers"] > fp["resident_layers"]
-    assert q["tokens_per_s"] > 3 * fp["tokens_per_s"]
+    assert fp["s_per_token"] > 3 * q["s_per_token"]
     rows = {row.format: row.values for row in bench.bytes_and_sweeps("tiny", bench.QUICK, repeats=1, new_tokens=8)}
     assert rows["int4 g128"]["bytes_vs_bf16"] < 0.3 and 0.45 < rows["int8 g128"]["bytes_vs_bf16"] < 0.55
     assert rows["int4 g128"]["bytes_per_sweep"] == 4 * rows["int4 g128"]["layer_bytes"]

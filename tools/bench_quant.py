@@ -295,46 +295,6 @@ def gpu_rows(repeats: int = 5) -> list[Row]:
     return rows
 
 
-# --- 70B int4 projection (the arithmetic tools/project_70b.py states for fp16, with packed bytes)
-
-
-def project_70b_int4(bandwidth_gbps: float = 25.0, memory_gib: float = 22.0, tflops: float = 80.0,
-                     mem_gbps: float = 900.0, p: list[float] | None = None, max_tree: int = 1024) -> dict[str, Any]:
-    """Llama-3-70B AWQ int4 g128 target with a 4-bit Llama-3-8B draft on a 24 GB PCIe-4 card: residency from
-    the runtime's rule on packed sizes, then the planner's time model with roofline compute (stated
-    assumptions, nothing measured): stream_s = streamed layers x int4 layer bytes / bandwidth."""
-    from planner import optimizer as opt
-    from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, best_trees
-
-    p = list(DEFAULT_ACCEPTANCE) if p is None else p
-    target, draft = ModelArgs.from_name("llama-3-70b"), ModelArgs.from_name("llama-3-8b")
-    dtype, q4 = torch.float16, QuantSpec(4, 128)
-    out: dict[str, Any] = {}
-    for label, tq, dq in (("fp16 target, int4 draft", None, q4), ("int4 target, int4 draft", q4, q4)):
-        res = opt.residency(target, dtype, torch.device("cuda"), draft=draft, budget_bytes=int(memory_gib * 2**30),
-                            batch=1, max_seq_len=2048, max_tree=max_tree, slots=2, offload=True, quant=tq,
-                            draft_quant=dq)
-        lb, db = layer_bytes(target, dtype, tq), layer_bytes(draft, dtype, dq)
-
-        def roofline(params: int, weight_bytes: int) -> opt.Curve:
-            grid = (1, 2048)
-            return opt.Curve(grid, tuple(max(weight_bytes / (mem_gbps * 1e9), 2 * params * n / (tflops * 1e12))
-                                         for n in grid))
-        layer = roofline(target.layer_numel(), lb)
-        dlayer = roofline(draft.layer_numel(), db)
-        level = opt.Curve((1, 2048), tuple(draft.n_layers * float(dlayer(n)) + 2 * draft.vocab_size * draft.dim /
-                                           (mem_gbps * 1e9) for n in (1, 2048)))
-        tm = opt.TimeModel(layer=layer, head=opt.Curve.constant(0.0), host=opt.Curve.constant(5e-3),
-                           draft_level=level, n_layers=target.n_layers, resident=len(res.resident), layer_bytes=lb,
-                           bandwidth=bandwidth_gbps * 1e9, overlap=True)
-        best = opt.optimize(p, tm, max_tree=max_tree, max_depth=16, table=best_trees(p, max_tree, 16)).best
-        out[label] = {"layer_bytes": lb, "draft_bytes": res.budget.fixed["draft"], "resident_layers": len(res.resident),
-                      "stream_s": tm.stream_s, "n": best.n, "depth": best.depth,
-                      "tokens_per_step": best.tokens_per_step, "tokens_per_s": 1 / best.row()["s_per_token"],
-                      "plain_tokens_per_s": 1 / opt.evaluate([-1], 1.0, tm).row()["s_per_token"]}
-    return out
-
-
 # --- report
 
 
@@ -418,12 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--markdown", default=None, help="also append the tables to this file")
     ap.add_argument("--gpu", action="store_true", help="only the CUDA rows (13B sweep, kernel vs dequantize)")
-    ap.add_argument("--project-70b", action="store_true", help="only the 70B int4 projection (no measurement)")
     a = ap.parse_args(argv)
-    if a.project_70b:
-        for label, r in project_70b_int4().items():
-            print(f"{label}: " + ", ".join(f"{k} {v:.4g}" for k, v in r.items()))
-        return 0
     if a.gpu:
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         if name is None:

@@ -875,8 +875,8 @@ def predict(s: Settings, curves: dict[str, opt.Curve], p: Sequence[float], bandw
     notes = []
     for seq_len in dict.fromkeys((s.plan_max_seq_len, min(s.plan_max_seq_len, 2048))):
         try:
-            choice, tm = h.search_card(p, tm, (s.plan_target_name, T), (s.plan_draft_name, s.drafts[s.plan_draft_name]),
-                                       s.dtype, cuda=cuda, budget=budget, max_seq_len=seq_len,
+            choice, tm = h.search_card(p, tm, (s.plan_target_name, T, None),
+                                       (s.plan_draft_name, s.drafts[s.plan_draft_name], None), s.dtype, cuda=cuda, budget=budget, max_seq_len=seq_len,
                                        max_tree=s.plan_max_tree, max_depth=s.plan_max_depth)
             break
         except ResourceError as e:

@@ -195,11 +195,11 @@ def make_prompts(tokenizer: Any, vocab_size: int, count: int, length: int, gener
     return [torch.randint(low, vocab_size, (length,), generator=generator).tolist() for _ in range(count)]
 
 
-def search_card(p: Sequence[float], tm: Any, target: tuple[str, ModelArgs], draft: tuple[str, ModelArgs],
+def search_card(p: Sequence[float], tm: Any, target: tuple[str, ModelArgs, Any], draft: tuple[str, ModelArgs, Any],
                 dtype: torch.dtype, *, cuda: bool, budget: int, max_seq_len: int, max_tree: int, max_depth: int):
     """The planner's pick (planner/pipeline.py `search`: the runtime's residency rule for this device budget, then
-    the optimiser) for shapes known only by name and ModelArgs, batch 1, streaming; returns (BatchChoice, the time
-    model with the chosen resident layers)."""
+    the optimiser) for shapes known only by name, ModelArgs and packed format (a QuantSpec or None), batch 1,
+    streaming; returns (BatchChoice, the time model with the chosen resident layers)."""
     from offload_runtime.api.plans import ModelRef
     from planner import pipeline
 
@@ -207,7 +207,7 @@ def search_card(p: Sequence[float], tm: Any, target: tuple[str, ModelArgs], draf
         return ModelRef(name=name, identity=f"shape:{name}", fingerprint="", path=None)
 
     pair = pipeline.Pair(torch.device("cuda" if cuda else "cpu"), dtype, ref(target[0]), target[1], ref(draft[0]),
-                         draft[1])
+                         draft[1], target[2], draft[2])
     req = pipeline.PlanRequest(model=target[0], max_tree=max_tree, max_depth=max_depth, slots=2, offload=True,
                                batch_size=1, top=5)
     choice, _ = pipeline.search(p, tm, pair, req, budget, max_seq_len)

@@ -1,8 +1,13 @@
-"""Project Llama-2-70B fp16 offloaded s/token on a 24 GB PCIe-4 card from the planner's time model.
+"""Project offloaded s/token of large models on a 24 GB PCIe-4 card from the planner's time model.
 
-Nothing here is measured: copy bandwidth, compute and the draft's level time are stated assumptions, and so is
-the acceptance vector. BENCHMARKS.md labels the result as a projection; tools/device_check.py replaces the
-assumed compute and draft curves with ones measured on a lent GPU (and picks the plan the same way).
+Nothing here is measured: copy bandwidth, compute, the draft's level time and the acceptance vector are stated
+assumptions. BENCHMARKS.md labels the results as projections; tools/device_check.py replaces the assumed compute
+and draft curves with ones measured on a lent GPU (and picks the plan the same way).
+
+Each scenario is a target and a draft by preset shape and packed format. A decoder layer costs max(its weights
+read from device memory, 2 x params x n FLOPs) for n tokens (packed weights are read packed: dequantizing is
+assumed hidden in the read); a draft level costs the whole draft once plus its head. Residency follows the
+runtime's own rule on the formats' bytes, and the planner's search picks the tree.
 
     python tools/project_70b.py [--bandwidth-gbps 25] [--memory-gib 22] [--acceptance 0.8,0.1,...]
 """
@@ -10,41 +15,66 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import harness as h
 import torch
 
 from offload_runtime.model.config import ModelArgs
+from offload_runtime.model.quantization import QuantSpec
 from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE
 from offload_runtime.weights.layout import layer_bytes
 from planner import optimizer as opt
 from planner.acceptance import parse_vector
 
 GRID = (1, 2048)
+INT4 = QuantSpec(4, 128)  # AWQ / GPTQ 4-bit with groups of 128, as the published 70B checkpoints are
 
 
-def roofline_layer(args: ModelArgs, tflops: float, mem_gbps: float) -> opt.Curve:
-    """One decoder layer for n tokens: max(weights read from device memory, 2 x params x n FLOPs)."""
+@dataclass(frozen=True)
+class Scenario:
+    label: str
+    target: str  # a ModelArgs preset
+    draft: str
+    target_quant: QuantSpec | None = None
+    draft_quant: QuantSpec | None = None
+
+
+SCENARIOS = (
+    Scenario("Llama-2-70B fp16 + Llama-2-7B fp16", "llama-2-70b", "llama-2-7b"),
+    Scenario("Llama-3.1-70B fp16 + Llama-3.1-8B int4", "llama-3.1-70b", "llama-3.1-8b", None, INT4),
+    Scenario("Llama-3.1-70B AWQ int4 + Llama-3.1-8B int4", "llama-3.1-70b", "llama-3.1-8b", INT4, INT4),
+)
+
+
+def roofline_layer(args: ModelArgs, weight_bytes: int, tflops: float, mem_gbps: float) -> opt.Curve:
+    """One decoder layer for n tokens: max(its weights read from device memory, 2 x params x n FLOPs)."""
     params = args.layer_numel()
-    return opt.Curve(GRID, tuple(max(2 * params / (mem_gbps * 1e9), 2 * params * n / (tflops * 1e12)) for n in GRID))
+    return opt.Curve(GRID, tuple(max(weight_bytes / (mem_gbps * 1e9), 2 * params * n / (tflops * 1e12))
+                                 for n in GRID))
 
 
-def project(bandwidth_gbps: float, memory_gib: float, tflops: float, mem_gbps: float, p, max_tree: int = 1024,
-            max_depth: int = 20) -> dict:
-    target, draft = ModelArgs.from_name("llama-2-70b"), ModelArgs.from_name("llama-2-7b")
+def project(bandwidth_gbps: float, memory_gib: float, tflops: float, mem_gbps: float, p: Sequence[float],
+            scenario: Scenario = SCENARIOS[0], max_tree: int = 1024, max_depth: int = 20) -> dict[str, Any]:
+    target, draft = ModelArgs.from_name(scenario.target), ModelArgs.from_name(scenario.draft)
     dtype = torch.float16
-    draft_layer = roofline_layer(draft, tflops, mem_gbps)
-    # A draft level: its whole model once (memory-bound at these widths) plus its head, per level.
+    tq, dq = scenario.target_quant, scenario.draft_quant
+    target_layer_b, draft_layer_b = layer_bytes(target, dtype, tq), layer_bytes(draft, dtype, dq)
+    draft_layer = roofline_layer(draft, draft_layer_b, tflops, mem_gbps)
     level = opt.Curve(GRID, tuple(draft.n_layers * float(draft_layer(n)) + 2 * draft.vocab_size * draft.dim /
                                   (mem_gbps * 1e9) for n in GRID))
-    tm = opt.TimeModel(layer=roofline_layer(target, tflops, mem_gbps), head=opt.Curve.constant(0.0),
+    tm = opt.TimeModel(layer=roofline_layer(target, target_layer_b, tflops, mem_gbps), head=opt.Curve.constant(0.0),
                        host=opt.Curve.constant(5e-3), draft_level=level, n_layers=target.n_layers, resident=0,
-                       layer_bytes=layer_bytes(target, dtype), bandwidth=bandwidth_gbps * 1e9, overlap=True)
-    choice, tm = h.search_card(p, tm, ("llama-2-70b", target), ("llama-2-7b", draft), dtype, cuda=True,
-                               budget=int(memory_gib * 2**30), max_seq_len=2048, max_tree=max_tree, max_depth=max_depth)
+                       layer_bytes=target_layer_b, bandwidth=bandwidth_gbps * 1e9, overlap=True)
+    choice, tm = h.search_card(p, tm, (scenario.target, target, tq), (scenario.draft, draft, dq), dtype, cuda=True,
+                               budget=int(memory_gib * 2**30), max_seq_len=2048, max_tree=max_tree,
+                               max_depth=max_depth)
     best = choice.optimum.best
-    return {"resident_layers": len(choice.residency.resident), "stream_s": tm.stream_s, "n": best.n,
-            "depth": best.depth, "tokens_per_step": best.tokens_per_step, "s_per_token": best.s_per_token,
+    return {"scenario": scenario.label, "layer_bytes": target_layer_b,
+            "draft_bytes": choice.residency.budget.fixed["draft"], "resident_layers": len(choice.residency.resident),
+            "n_layers": target.n_layers, "stream_s": tm.stream_s, "n": best.n, "depth": best.depth,
+            "tokens_per_step": best.tokens_per_step, "s_per_token": best.s_per_token,
             "plain_s_per_token": opt.evaluate([-1], 1.0, tm).s_per_token}
 
 
@@ -57,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--acceptance", default=None, help="p[1..W] as 0.8,0.1,...; default: DEFAULT_ACCEPTANCE")
     a = ap.parse_args(argv)
     p = parse_vector(a.acceptance) if a.acceptance else list(DEFAULT_ACCEPTANCE)
-    r = project(a.bandwidth_gbps, a.memory_gib, a.tflops, a.mem_gbps, p)
-    print(f"Llama-2-70B fp16 + Llama-2-7B draft, {a.memory_gib:g} GiB budget, {a.bandwidth_gbps:g} GB/s, "
-          f"{a.tflops:g} TFLOPS, {a.mem_gbps:g} GB/s device memory; acceptance {'given' if a.acceptance else 'DEFAULT_ACCEPTANCE'}")
-    print(f"resident layers {r['resident_layers']}/80, stream {r['stream_s']:.2f} s per sweep")
-    print(f"plain offloaded decoding: {r['plain_s_per_token']:.2f} s/token")
-    print(f"Sequoia tree {r['n']} nodes, depth {r['depth']}: {r['tokens_per_step']:.2f} tokens/step, "
-          f"{r['s_per_token']:.3f} s/token")
+    print(f"{a.memory_gib:g} GiB budget, {a.bandwidth_gbps:g} GB/s copies, {a.tflops:g} TFLOPS, {a.mem_gbps:g} GB/s "
+          f"device memory; acceptance {'given' if a.acceptance else 'DEFAULT_ACCEPTANCE (an assumption)'}")
+    for scenario in SCENARIOS:
+        r = project(a.bandwidth_gbps, a.memory_gib, a.tflops, a.mem_gbps, p, scenario)
+        print(f"{r['scenario']}: layer {r['layer_bytes'] / 1e9:.3g} GB, draft {r['draft_bytes'] / 1e9:.3g} GB, "
+              f"{r['resident_layers']}/{r['n_layers']} resident, stream {r['stream_s']:.2f} s per sweep; plain "
+              f"{r['plain_s_per_token']:.2f} s/token; tree {r['n']} nodes depth {r['depth']}: "
+              f"{r['tokens_per_step']:.2f} tokens/step, {r['s_per_token']:.3f} s/token "
+              f"({1 / r['s_per_token']:.2f} tokens/s)")
     return 0
 
 

@@ -261,17 +261,19 @@ def llama_cpp_speed(label: str, args: ModelArgs, workdir: Path, threads: int, re
 # --- on a GPU (device_check's int4 rows; not run without CUDA)
 
 
-def gpu_rows(repeats: int = 5) -> list[Row]:
-    """int4 vs fp16 on the 13B shape: bytes and time of a streamed sweep, and its efficiency (bytes / s over the
-    pinned copy bandwidth); the int4 kernel vs dequantize + matmul on a 13B MLP linear at 1, 64, 512 tokens."""
+def int4_rows(args: ModelArgs, device: torch.device, bandwidth_Bps: float, repeats: int = 5,
+              float_dtype: torch.dtype = torch.float16, grid: tuple[int, ...] = (1, 64, 512),
+              group_size: int = 128) -> list[Row]:
+    """int4 vs 16-bit layers of one shape streamed from host RAM: bytes and time of a sweep and its efficiency
+    (bytes / s over the copy bandwidth); then the int4 kernel vs dequantize + matmul on its MLP linear at `grid`
+    tokens (device_check runs this on a lent GPU with the 13B shape, and on the CPU with a tiny one)."""
     from offload_runtime.model.quantization import measure_kernel_times
-    from planner.profile import Effort, measure_bandwidth
 
-    dev = torch.device("cuda")
-    args = ModelArgs.from_name("llama-2-13b")
-    bandwidth = measure_bandwidth(dev, Effort())
+    dev = torch.device(device)
     rows = []
-    for label, dtype, quant in (("fp16", torch.float16, None), ("int4 g128", torch.bfloat16, QuantSpec(4, 128))):
+    int4 = QuantSpec(4, group_size)
+    for label, dtype, quant in ((str(float_dtype).removeprefix("torch."), float_dtype, None),
+                                (f"int4 g{group_size}", torch.bfloat16, int4)):
         residency = Residency(True, (), 2, None)
         model = build_model(RandomWeights(args, distinct_layers=False), dev, dtype, residency, quant=quant)
         engine = Engine(model, None, None, max_seq_len=256, residency=residency)
@@ -279,18 +281,19 @@ def gpu_rows(repeats: int = 5) -> list[Row]:
         sweeps = model.layers.resolve_stats()[2:]
         t = statistics.median(s.wall_s for s in sweeps)
         b = model.layers.bytes_per_sweep
-        rows.append(Row("llama-2-13b", label, {"bytes_per_sweep": b, "sweep_ms": t * 1e3,
-                                               "efficiency": b / t / bandwidth}))
+        rows.append(Row(f"{args.n_layers} layers, dim {args.dim}", label,
+                        {"bytes_per_sweep": b, "sweep_ms": t * 1e3, "efficiency": b / t / bandwidth_Bps}))
         del engine, model
-        torch.cuda.empty_cache()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     base = rows[0].values["sweep_ms"]
     for r in rows:
         r.values["sweep_vs_fp16"] = r.values["sweep_ms"] / base
-    times = measure_kernel_times(args.intermediate_size, args.dim, QuantSpec(4, 128), torch.bfloat16, dev,
-                                 grid=(1, 64, 512), repeats=repeats)
+    times = measure_kernel_times(args.intermediate_size, args.dim, int4, torch.bfloat16, dev, grid=grid,
+                                 repeats=repeats)
     for n, d in zip(times.grid, times.dequant_s):
         k = times.kernel_s[times.grid.index(n)] if times.kernel_s and n in times.grid[:len(times.kernel_s)] else None
-        rows.append(Row("llama-2-13b MLP linear", f"{n} tokens",
+        rows.append(Row("MLP linear", f"{n} tokens",
                         {"dequant_matmul_us": d * 1e6, **({"kernel_us": k * 1e6} if k is not None else {})}))
     return rows
 
@@ -384,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         if name is None:
             print("no CUDA device: the GPU rows need one")
             return 1
-        rows = gpu_rows(a.repeats)
+        from planner.profile import Effort, measure_bandwidth
+
+        dev = torch.device("cuda")
+        rows = int4_rows(ModelArgs.from_name("llama-2-13b"), dev, measure_bandwidth(dev, Effort()), a.repeats)
         print(f"### int4 on {name}\n\n" + table(rows, ["bytes_per_sweep", "sweep_ms", "sweep_vs_fp16", "efficiency",
                                                         "kernel_us", "dequant_matmul_us"]))
         return 0

@@ -79,8 +79,8 @@ from planner import profile as prof  # noqa: E402
 
 REPO = h.REPO
 REPORT_VERSION = 1
-SECTIONS = ("environment", "gpu_tests", "h2d_bandwidth", "sweep_efficiency", "verify_scaling", "draft_levels",
-            "accelerate_baseline", "planner_predictions", "batch_throughput")
+SECTIONS = ("environment", "gpu_tests", "h2d_bandwidth", "sweep_efficiency", "int4_layers", "verify_scaling",
+            "draft_levels", "accelerate_baseline", "planner_predictions", "batch_throughput")
 EFFICIENCY_TARGET = 0.9
 PROJECTED_CARD = {"name": "24 GB PCIe-4 card (projected)", "memory_bytes": 24 * 2**30, "bandwidth_Bps": 25e9}
 BUDGET_FRACTION = 0.92  # of a card's memory, as the runtime leaves headroom for the allocator and context
@@ -169,9 +169,10 @@ def full_settings(dtype: torch.dtype, seed: int, max_layers: int | None) -> Sett
         plan_max_seq_len=4096,
         batch_target_name="llama-2-7b shape, 8 layers", batch_target=ModelArgs.from_name("llama-2-7b").replace(n_layers=8),
         batch_draft_layers=1, batch_sizes=(1, 2, 4, 8, 16), batch_new_tokens=16, batch_tree_nodes=32,
-        need_s={"environment": 0, "gpu_tests": 20, "h2d_bandwidth": 5, "sweep_efficiency": 60, "verify_scaling": 25,
+        need_s={"environment": 0, "gpu_tests": 25, "h2d_bandwidth": 5, "sweep_efficiency": 60, "int4_layers": 30,
+                "verify_scaling": 25,
                 "draft_levels": 10, "accelerate_baseline": 45, "planner_predictions": 15, "batch_throughput": 25},
-        pytest_timeout_s=150, default_budget_s=450,
+        pytest_timeout_s=180, default_budget_s=450,
     )
 
 
@@ -561,12 +562,14 @@ def section_gpu_tests(ctx: Context) -> Outcome:
         raise SectionSkipped(f"out of time budget ({ctx.time_left():.0f} s left) for the GPU tests")
     if ctx.compute_mode == "exclusive process":
         raise SectionSkipped("the GPU is in exclusive-process compute mode and this process holds it, so the GPU "
-                             "tests (a second process) cannot start; run `python -m pytest -m gpu tests/test_gpu.py`")
+                             "tests (a second process) cannot start; run `python -m pytest -m gpu tests`")
     if importlib.util.find_spec("pytest") is None:
         raise SectionSkipped(f"pytest is not installed for {sys.executable}; `pip install pytest` to run the GPU tests")
     with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:
         junit = Path(tmp) / "junit.xml"
-        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rs", "-p", "no:cacheprovider",
+        # Every gpu-marked test of the suite (CUDA paths of the model, streaming, quantized layers, the disk tier
+        # and the fault handling), deselected everywhere else.
+        cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rs", "-p", "no:cacheprovider",
                f"--junitxml={junit}"]
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -688,6 +691,30 @@ def section_sweep_efficiency(ctx: Context) -> Outcome:
                         + ", ".join(f"{x['tokens']} tok {x['efficiency']:.2f}" for x in first)
                         + f"; best {res['best_efficiency']:.2f} (target {EFFICIENCY_TARGET}); bitwise across configs "
                           f"{bitwise}", [report.to_text(table)], "ok" if bitwise else "failed")
+
+
+def section_int4_layers(ctx: Context) -> Outcome:
+    """int4 (g128) vs 16-bit layers of the sweep model: bytes per sweep, sweep time and efficiency, and the int4
+    kernel against dequantize + matmul at a few token counts (tools/bench_quant.py int4_rows)."""
+    from bench_quant import int4_rows
+
+    s = ctx.settings
+    bw, bw_source = ctx.bandwidth_for("pinned_best")
+    args = s.target.replace(n_layers=min(s.target.n_layers, 8))  # a sweep's ratios need only a few layers
+    group = 128 if not s.small else 32  # the tiny shape's widths are 64 and 128
+    rows = int4_rows(args, ctx.device, bw, repeats=s.sweep_repeats, float_dtype=s.dtype,
+                     grid=(1, 64, 512) if not s.small else (1, 4, 16), group_size=group)
+    res = {"model": s.target_name, "n_layers": args.n_layers, "bandwidth_Bps": bw, "bandwidth_source": bw_source,
+           "rows": [{"model": r.model, "format": r.format, **r.values} for r in rows]}
+    sweep = {r["format"]: r for r in res["rows"] if "sweep_ms" in r}
+    q = sweep[f"int4 g{group}"]
+    table = Table(f"int4 vs {_dtype_name(s.dtype)}: {s.target_name} shape, {args.n_layers} layers",
+                  [Column("format", "format"), Column("bytes_per_sweep", "bytes/sweep", ".4g"),
+                   Column("sweep_ms", "sweep ms", ".4g"), Column("efficiency", "efficiency", ".3f"),
+                   Column("kernel_us", "kernel us", ".4g"), Column("dequant_matmul_us", "dequant+mm us", ".4g")],
+                  res["rows"])
+    return Outcome(res, f"int4 sweep {q['sweep_vs_fp16']:.2f}x the {_dtype_name(s.dtype)} sweep's time, "
+                        f"efficiency {q['efficiency']:.2f}", [report.to_text(table)])
 
 
 def section_verify_scaling(ctx: Context) -> Outcome:
@@ -944,7 +971,8 @@ def section_batch_throughput(ctx: Context) -> Outcome:
 
 SECTION_FUNCS: dict[str, Callable[[Context], Outcome]] = {
     "environment": section_environment, "gpu_tests": section_gpu_tests, "h2d_bandwidth": section_h2d_bandwidth,
-    "sweep_efficiency": section_sweep_efficiency, "verify_scaling": section_verify_scaling,
+    "sweep_efficiency": section_sweep_efficiency, "int4_layers": section_int4_layers,
+    "verify_scaling": section_verify_scaling,
     "draft_levels": section_draft_levels, "accelerate_baseline": section_accelerate_baseline,
     "planner_predictions": section_planner_predictions, "batch_throughput": section_batch_throughput,
 }

@@ -214,3 +214,44 @@ def write_jsonl(path: Path, rows: list[Any]) -> Path:
 
 def read_jsonl(path: Path) -> list[Any]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# Counts private memory only: code pages of shared libraries (first touched during a load) and mapped checkpoint
+# pages are file-backed page cache, and their count differs between machines and fresh virtual environments by
+# tens of MB, while a second copy of the model is anonymous memory. A thread reads it every half millisecond;
+# what a load holds for longer than a thread switch (5 ms) is seen.
+_PEAK_PROBE = '''
+import json as _json, threading as _threading
+
+def _private_bytes():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return sum(int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssShmem"))
+
+class _PeakProbe:
+    def __init__(self):
+        self.base = self.peak = _private_bytes()
+        self.done = _threading.Event()
+        self.thread = _threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
+
+    def watch(self):
+        while not self.done.wait(0.0005):
+            self.peak = max(self.peak, _private_bytes())
+
+    def growth(self):
+        self.done.set()
+        self.thread.join()
+        return max(self.peak, _private_bytes()) - self.base
+'''
+
+
+def peak_private_growth(setup: str, measured: str, cwd: Path | None = None, timeout: float = 300) -> dict[str, Any]:
+    """Runs `setup` then `measured` (Python source) in a fresh interpreter and returns {"grown": bytes, **result}:
+    how far its private memory (anonymous + shared-memory pages) rose above the level after `setup` at its peak
+    during `measured`. `measured` may set a dict `result` to return more fields."""
+    script = "\n".join([_PEAK_PROBE, setup, "result = {}", "_probe = _PeakProbe()", measured,
+                        "print(_json.dumps({'grown': _probe.growth(), **result}))"])
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

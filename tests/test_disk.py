@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_checkpoint
+from helpers import make_checkpoint, peak_private_growth
 from offload_runtime import Engine
 from offload_runtime.errors import ResourceError, StoreError
 from offload_runtime.model.config import ModelArgs
@@ -351,8 +351,7 @@ def test_cli_one_line_error_for_a_bad_offload_dir(tiny_pair, tmp_path):
 # --- memory
 
 
-RSS_SCRIPT = """
-import json, sys, psutil, torch
+RSS_SETUP = """
 from offload_runtime import Engine
 from offload_runtime.weights import disk
 from offload_runtime.weights.checkpoint import Checkpoint
@@ -361,15 +360,14 @@ if {buffered}:
         raise OSError(22, "Invalid argument")
     disk._open_direct = refuse
 Checkpoint({path!r})  # warm imports and code paths outside the measurement
-before = psutil.Process().memory_info().rss
+"""
+RSS_MEASURED = """
 engine = Engine.from_pretrained({path!r}, dtype="float32", draft=False, offload=True, resident_layers=0,
                                 max_seq_len=16, host_memory={budget}, offload_dir={store!r}, progress=False,
                                 quiet=True)
 engine.generate([3, 4, 5], max_new_tokens=3, temperature=0, ignore_eos=True)
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
 r = engine.residency
-print(json.dumps({{"before": before, "peak": int(hwm.split()[1]) * 1024, "disk": len(r.disk), "host": len(r.host),
-                  "direct": engine.target.layers.disk.direct}}))
+result = dict(disk=len(r.disk), host=len(r.host), direct=engine.target.layers.disk.direct)
 """
 
 
@@ -391,13 +389,11 @@ def test_peak_rss_stays_within_the_host_budget(big, direct_root, buffered):
     budget = 4 * per_file  # 2 staging buffers + 2 host layers, of 24
     assert size > 6 * budget
     store = direct_root / f"rss-{buffered}"  # written in the measured process: the build counts too
-    script = RSS_SCRIPT.format(path=str(big), budget=budget, store=str(store), buffered=buffered)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rss = json.loads(out.stdout.strip().splitlines()[-1])
+    fields = dict(path=str(big), budget=budget, store=str(store), buffered=buffered)
+    rss = peak_private_growth(RSS_SETUP.format(**fields), RSS_MEASURED.format(**fields), cwd=REPO)
     assert rss["host"] == 2 and rss["disk"] == 22 and rss["direct"] is not buffered
     device_part = 2 * layer_bytes(args, torch.float32) + args.global_numel() * 4
-    grown = rss["peak"] - rss["before"]
+    grown = rss["grown"]
     assert grown < budget + device_part + 24e6, (grown, budget, device_part, size)
 
 

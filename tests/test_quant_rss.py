@@ -1,12 +1,9 @@
-"""Peak host memory of quantized loads, measured in a fresh process (VmHWM), as tests/test_streaming.py does."""
-import json
-import subprocess
-import sys
+"""Peak host memory of quantized loads, measured in a fresh process (private memory), as tests/test_streaming.py does."""
 import textwrap
 
 import torch
 
-from helpers import make_checkpoint
+from helpers import make_checkpoint, peak_private_growth
 from quant_helpers import QuantCase, make_quantized_checkpoint
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.quantization import QuantSpec
@@ -17,8 +14,7 @@ BIG = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_att
 
 
 def peak_growth(path, **options) -> int:
-    script = textwrap.dedent(f"""
-        import json, psutil
+    setup = textwrap.dedent(f"""
         from offload_runtime import Engine
         from offload_runtime.weights.checkpoint import Checkpoint
         from offload_runtime.weights.loader import default_kernel
@@ -28,16 +24,12 @@ def peak_growth(path, **options) -> int:
         # The int kernel's timing (once per process and shape, at most 1024 rows of one linear) is not the load's.
         default_kernel(args, quant_spec_for(args, {options.get("quantize")!r}, None, "m"), torch.float16,
                        torch.device("cpu"))
-        before = psutil.Process().memory_info().rss
+    """)
+    measured = textwrap.dedent(f"""
         engine = Engine.from_pretrained({str(path)!r}, dtype="float16", draft=False, offload=True, resident_layers=0,
                                         max_seq_len=16, progress=False, **{options!r})
-        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
-        print(json.dumps({{"before": before, "peak": int(hwm.split()[1]) * 1024}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    rss = json.loads(out.stdout.strip().splitlines()[-1])
-    return rss["peak"] - rss["before"]
-
+    return peak_private_growth(setup, measured)["grown"]
 
 def test_loading_a_quantized_checkpoint_stays_near_its_file_size(tmp_path):
     path, _ = make_quantized_checkpoint(tmp_path / "awq", "llama-mha", QuantCase("awq", group_size=128), **BIG)

@@ -1,13 +1,10 @@
 """Layer streaming on the CPU: the same scheduler as on CUDA, with real copies into staging slots."""
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from helpers import make_checkpoint
+from helpers import make_checkpoint, peak_private_growth
 from offload_runtime.weights import store
 from offload_runtime.weights.layout import layer_bytes
 from offload_runtime import Engine
@@ -130,21 +127,15 @@ def test_peak_rss_while_loading_stays_near_checkpoint_size(tmp_path):
                            num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6, vocab_size=4096)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     assert size > 40e6
-    script = textwrap.dedent(f"""
-        import json, psutil, torch
+    setup = textwrap.dedent(f"""
         from offload_runtime import Engine
         from offload_runtime.weights.checkpoint import Checkpoint
         Checkpoint({str(path)!r})  # warm imports and code paths outside the measurement
-        before = psutil.Process().memory_info().rss
+    """)
+    measured = textwrap.dedent(f"""
         engine = Engine.from_pretrained({str(path)!r}, dtype="float32", draft=False, offload=True,
                                         resident_layers=0, max_seq_len=16, progress=False)
-        # VmHWM belongs to this process image; ru_maxrss would also count the forked parent before exec.
-        hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
-        peak = int(hwm.split()[1]) * 1024
-        print(json.dumps({{"before": before, "peak": peak}}))
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    rss = json.loads(out.stdout.strip().splitlines()[-1])
-    grown = rss["peak"] - rss["before"]
+    grown = peak_private_growth(setup, measured)["grown"]
     # 1.25 x S covers the store (S), the two staging slots and the globals; 16 MB for allocator slack.
     assert grown < 1.25 * size + 16e6, (grown, size)

@@ -217,7 +217,7 @@ class DynamicTree:
     size: int
     depth: int
     width: int | None = None
-    acceptance: AcceptanceModel | None = field(default=None, compare=False)
+    acceptance: AcceptanceModel | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         assert self.size >= 1 and self.depth >= 0 and (self.width is None or self.width >= 1), self

@@ -14,7 +14,9 @@ from offload_runtime.spec.growth import (
 )
 from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, best_first_tree, expected_tokens
 from test_batching import MAX_NEW, PROMPTS, run_batch
-from test_generate import ARCH_CONFIGS, hf_streams  # noqa: F401 (fixture)
+from test_generate import ARCH_CONFIGS, hf_greedy
+
+FAMILIES = ARCH_CONFIGS + ["qwen3-qk-norm"]  # Llama (3 variants), Mistral, Qwen2, Qwen3
 
 # --- growth on its own
 
@@ -105,9 +107,11 @@ def drafts(checkpoints, tmp_path_factory):
     return {name: make_truncated_draft(checkpoints[name], root / name, name) for name in CONFIGS}
 
 
-@pytest.mark.parametrize("name", ARCH_CONFIGS)
-def test_greedy_with_dynamic_trees_equals_transformers(checkpoints, drafts, hf_streams, name):
-    ids, expected = hf_streams[name]
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_with_dynamic_trees_equals_transformers(checkpoints, drafts, name):
+    vocab = CONFIGS[name]["vocab_size"]
+    ids = np.random.default_rng(4).integers(3, vocab, 11).tolist()
+    expected = hf_greedy(checkpoints[name], ids, 64)
     for spec in (DynamicTree(12, 6), DynamicTree(24, 10, width=4, acceptance=PositionalAcceptance((0.7, 0.2)))):
         engine = Engine.from_pretrained(checkpoints[name], dtype="float64", draft=str(drafts[name]), tree=spec)
         result = engine.generate(ids, max_new_tokens=64, temperature=0, ignore_eos=True)[0]
@@ -202,3 +206,21 @@ def test_command_line_tree_flags(tiny_pair):
         with pytest.raises(UsageError, match=pattern):
             load_engine(parse_args(common + flags))
     one_line_error(run("offload_runtime.chat", *common, "--tree", "bushy"), 2, "tree must be one of")
+
+
+def test_ablation_tool_returns_every_family_on_a_tiny_pair(tiny_pair):
+    from helpers import load_tool
+
+    tool = load_tool("ablation_dynamic")
+    target, draft = tiny_pair
+    res = tool.run(target, draft, sizes=[4, 8], temperatures=[0.0], prompts=2, min_prompts=2, tokens=8, depth=4,
+                   width=4, batch=2, log=lambda s: None)
+    rows = res.rows[0.0]
+    assert [r.n for r in rows] == [4, 8] and res.acceptance[0.0]["steps"] > 0
+    for r in rows:
+        for family in ("dynamic", "dp", "kseq", "plain"):
+            mean, _ = r.estimate(family)
+            assert 1 <= mean <= 5 and r.tokens_per_s(family) > 0
+        assert r.measured["plain"]["tokens_per_step"] == 1.0 and r.measured["dynamic"]["nodes"] <= r.n
+    (table,) = tool.tables(res)
+    assert len(table.rows) == 2 and len(tool.claims(res)) == 1

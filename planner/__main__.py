@@ -146,8 +146,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="tree policy: auto measures Sequoia's static tree against trees grown per step and keeps "
                          "the faster (default); static or dynamic plans that one")
     pl.add_argument("--dynamic-sizes", default=None,
-                    help="budgets of dynamic trees to measure, e.g. 16,64,256 (default: 4, 8, ..., 512 up to "
-                         "--max-tree; --quick: 4,16)")
+                    help="budgets of dynamic trees to measure, e.g. 16,64,256 (default: 4, 16, 64, 256, 1024 up to "
+                         "--max-tree and half the context; --quick: 4,16)")
     pl.add_argument("--top", type=_positive_int, default=10, help="candidates in the table (default 10)")
     pl.add_argument("--plot", default=None, help="also plot tokens/s vs tree size into this PNG (needs matplotlib)")
     pl.add_argument("--output", default=None, help="write the plan here too (the store always gets a copy)")

@@ -296,11 +296,14 @@ class PlanResult:
     policy: opt.PolicyChoice | None = None  # static against dynamic trees, when measured
 
 
-DYNAMIC_SIZES = (4, 8, 16, 32, 64, 128, 256, 512)
+# Budgets of dynamic trees the plan measures: one real-engine run each (a quarter of the sizes of tools/ablations'
+# sweep: an offloaded 70B step takes seconds).
+DYNAMIC_SIZES = (4, 16, 64, 256, 1024)
 QUICK_DYNAMIC_SIZES = (4, 16)
 
 
-def dynamic_sizes(req: PlanRequest) -> list[int]:
+def dynamic_sizes(req: PlanRequest, max_seq_len: int) -> list[int]:
+    """The budgets to measure: asked, or the defaults up to --max-tree and half the context window."""
     if req.dynamic_sizes is not None:
         try:
             sizes = sorted({int(x) for x in req.dynamic_sizes.split(",") if x.strip()})
@@ -309,12 +312,12 @@ def dynamic_sizes(req: PlanRequest) -> list[int]:
         if not sizes or sizes[0] < 2:
             raise UsageError(f"--dynamic-sizes needs budgets >= 2 nodes, got {req.dynamic_sizes!r}")
         return sizes
-    return [n for n in (QUICK_DYNAMIC_SIZES if req.quick else DYNAMIC_SIZES) if n <= req.max_tree]
+    return [n for n in (QUICK_DYNAMIC_SIZES if req.quick else DYNAMIC_SIZES) if n <= min(req.max_tree, max_seq_len // 2)]
 
 
 def choose_tree_policy(req: PlanRequest, pair: Pair, tm: opt.TimeModel, best: opt.BatchChoice,
-                       confidence: dict[str, Any] | None, temperature: float, top_p: float, budget: int | None
-                       ) -> tuple[opt.PolicyChoice, dict[str, Any] | None]:
+                       confidence: dict[str, Any] | None, temperature: float, top_p: float, budget: int | None,
+                       max_seq_len: int) -> tuple[opt.PolicyChoice, dict[str, Any] | None]:
     """Measure Sequoia's chosen tree and dynamic trees of several budgets on the real engine (same prompts and seeds),
     predict each one's tokens/s with the time model (draft cost as measured), and keep the faster; with the plan's
     `dynamic` record (budget, calibration, every measurement, the reason)."""
@@ -332,7 +335,7 @@ def choose_tree_policy(req: PlanRequest, pair: Pair, tm: opt.TimeModel, best: op
 
     from .calibrate import measure_trees
 
-    sizes = dynamic_sizes(req)
+    sizes = dynamic_sizes(req, max_seq_len)
     if not sizes:
         return opt.PolicyChoice("static", c, [], f"static: no dynamic budget fits --max-tree {req.max_tree}"), None
     calibration = ConfidenceAcceptance.from_dict(confidence) if confidence else None
@@ -343,7 +346,7 @@ def choose_tree_policy(req: PlanRequest, pair: Pair, tm: opt.TimeModel, best: op
     measured = measure_trees(str(pair.target.path), str(pair.draft.path), [list(c.parents)] + grown,
                              device=pair.device, dtype=pair.dtype, temperature=temperature, top_p=top_p,
                              batch=best.batch, offload=best.residency.offload, gpu_memory=budget,
-                             prompts=2 if req.quick else max(8, best.batch), tokens=12 if req.quick else 48,
+                             prompts=2 if req.quick else max(4, best.batch), tokens=12 if req.quick else 32,
                              seed=req.seed)
     static = opt.evaluate_measured(c.n, c.depth, measured[0], tm, best.batch, parents=c.parents)
     dynamic = [opt.evaluate_measured(n, depth, m, tm, best.batch) for n, m in zip(sizes, measured[1:])]
@@ -448,7 +451,8 @@ def build_plan(req: PlanRequest) -> PlanResult:
     tm_best = tm.with_residency(best.residency)
     res = best.residency
     confidence = acceptance.pop("confidence")
-    choice, dynamic = choose_tree_policy(req, pair, tm_best, best, confidence, temperature, top_p, budget)
+    choice, dynamic = choose_tree_policy(req, pair, tm_best, best, confidence, temperature, top_p, budget,
+                                         max_seq_len)
     figures = {
         "profile": str(profile_path), "profile_created": profile.get("created"),
         "bandwidth_Bps": profile["bandwidth_Bps"], "layer_bytes": profile["layer_bytes"],

@@ -224,3 +224,28 @@ def test_ablation_tool_returns_every_family_on_a_tiny_pair(tiny_pair):
         assert r.measured["plain"]["tokens_per_step"] == 1.0 and r.measured["dynamic"]["nodes"] <= r.n
     (table,) = tool.tables(res)
     assert len(table.rows) == 2 and len(tool.claims(res)) == 1
+
+
+def test_one_draft_forward_per_level_for_the_whole_batch(tiny_pair):
+    """Every row grows its own tree, yet a step runs at most `depth` draft forwards, whatever the batch size."""
+    target, draft = tiny_pair
+    spec = DynamicTree(12, 4)
+    engine = Engine.from_pretrained(target, draft=str(draft), dtype="float64", tree=spec, batch_size=4)
+    forwards, per_step = [0], []
+    real_forward, real_step = engine.draft.forward, engine.decoder.step
+
+    def counting_forward(*args, **kwargs):
+        forwards[0] += 1
+        return real_forward(*args, **kwargs)
+
+    def counting_step(rows):
+        forwards[0] = 0
+        real_step(rows)
+        per_step.append(forwards[0])
+
+    engine.draft.forward, engine.decoder.step = counting_forward, counting_step
+    prompts = [[5, 9, 14], [7, 8], [40, 41, 42], [11, 3, 11]]
+    out = engine.generate(prompts, max_new_tokens=20, temperature=0.9, seed=1, ignore_eos=True)
+    assert len({tuple(r.stats.tree_sizes) for r in out}) > 1  # the rows grew trees of their own
+    # Four rows of trees several levels deep: one forward per row and level would pass the depth at once.
+    assert 2 <= max(per_step) <= spec.depth and len(per_step) < sum(r.stats.steps for r in out)

@@ -175,11 +175,11 @@ def claims(res: Results) -> list[str]:
         losses = [f"{n} ({g * 100:+.0f}%)" for n, g, se in gains if g < -2 * se]
         even = [str(n) for n, g, se in gains if abs(g) <= 2 * se]
         big = [g for n, g, _ in gains if n >= 64]
-        goal = (f"at n >= 64 dynamic gives {min(big) * 100:+.0f}% to {max(big) * 100:+.0f}% tokens per step over DP "
-                f"(goal: +20%)") if big else ""
+        goal = (f" At n >= 64 dynamic gives {min(big) * 100:+.0f}% to {max(big) * 100:+.0f}% tokens per step over DP "
+                f"(goal: +20%).") if big else ""
         speed = [f"{r.n}: {r.tokens_per_s('dynamic') / r.tokens_per_s('dp'):.2f}x" for r in rows]
         out.append(f"{regime(t)}: dynamic ahead (by > 2 s.e.) at n = {', '.join(wins) or 'none'}; behind at "
-                   f"{', '.join(losses) or 'none'}; within noise at {', '.join(even) or 'none'}. {goal}. CPU tokens/s "
+                   f"{', '.join(losses) or 'none'}; within noise at {', '.join(even) or 'none'}.{goal} CPU tokens/s "
                    f"dynamic / DP: {', '.join(speed)}.")
     return out
 

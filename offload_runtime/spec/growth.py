@@ -262,7 +262,6 @@ class TreeGrowth:
         # The draft writes every drawn node's K/V at its own slot, so all of them must fit in the context left.
         self.width = min(spec.max_width, (room - 1) // spec.depth) if spec.depth > 0 else 0
         self.parents: list[int] = [-1]
-        self.ranks: list[int] = [0]
         self.keys: list[float] = [1.0]
         self.tokens: list[int] = [int(root_token)]
         self.ran: list[bool] = [False]
@@ -275,10 +274,9 @@ class TreeGrowth:
         marginal = spec.model.marginal
         self.min_key = DRAW_FLOOR * predicted_floor(tuple(marginal), spec.size, spec.depth) if marginal else 0.0
 
-    def _floor(self) -> float:
-        """Keys at or below this cannot be drawn: the (n-1)-th live key once there are n - 1 nodes, and never less
-        than `min_key`."""
-        existing = self._alive_keys()
+    def _floor(self, existing: np.ndarray) -> float:
+        """Keys at or below this cannot be drawn: the (n-1)-th live key once there are n - 1 (`existing`: the live
+        keys, descending), and never less than `min_key`."""
         return max(existing[self.budget - 1] if len(existing) >= self.budget else 0.0, self.min_key)
 
     @property
@@ -307,7 +305,7 @@ class TreeGrowth:
         keys = np.asarray([self.keys[u] for u in self.frontier])[:, None] * a  # [F, R]
         existing = self._alive_keys()
         # Slots that could still make the n - 1 best: a positive key, above the floor.
-        node, rank = np.nonzero(keys > self._floor())
+        node, rank = np.nonzero(keys > self._floor(existing))
         cand = keys[node, rank]
         # Rank order: key descending, then breadth-first (parent's draw order, then rank).
         order = np.lexsort((rank, node, -cand))
@@ -335,7 +333,6 @@ class TreeGrowth:
                     break
                 new.append(len(self.parents))
                 self.parents.append(u)
-                self.ranks.append(j + 1)
                 self.keys.append(keys[j])
                 self.tokens.append(token)
                 self.ran.append(False)
@@ -348,7 +345,7 @@ class TreeGrowth:
             self.frontier = []
             return dropped
         # Run forward only nodes whose first child could still be drawn (the floor only rises).
-        floor, ceiling = self._floor(), self.spec.model.ceiling
+        floor, ceiling = self._floor(self._alive_keys()), self.spec.model.ceiling
         self.frontier = [u for u in new if self.keys[u] * ceiling > floor]
         return dropped
 

@@ -224,6 +224,9 @@ def test_ablation_tool_returns_every_family_on_a_tiny_pair(tiny_pair):
         assert r.measured["plain"]["tokens_per_step"] == 1.0 and r.measured["dynamic"]["nodes"] <= r.n
     (table,) = tool.tables(res)
     assert len(table.rows) == 2 and len(tool.claims(res)) == 1
+    (keys,) = tool.compare_keys(target, draft, res, sizes=[4], prompts=2, log=lambda s: None)
+    assert set(keys.measured) == set(tool.KEYS) and all(keys.estimate(k)[0] >= 1 for k in tool.KEYS)
+    assert len(tool.keys_table([keys], res).rows) == 1
 
 
 def test_one_draft_forward_per_level_for_the_whole_batch(tiny_pair):

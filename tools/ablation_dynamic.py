@@ -132,6 +132,60 @@ def run(target: Path, draft: Path, *, sizes: Sequence[int], temperatures: Sequen
     return res
 
 
+KEYS = ("confidence", "draft", "positional")
+
+
+@dataclass
+class KeyRow:
+    temperature: float
+    n: int
+    measured: dict[str, dict]  # key name -> measure_trees row
+
+    def estimate(self, key: str) -> tuple[float, float]:
+        return ratio_estimate([tuple(s) for s in self.measured[key]["seqs"]])
+
+    def gain(self, key: str) -> tuple[float, float]:
+        """key / positional - 1, paired (positional keys grow Sequoia's static best-first tree)."""
+        seqs = lambda f: [tuple(s) for s in self.measured[f]["seqs"]]  # noqa: E731
+        return relative_gain(seqs(key), seqs("positional"))
+
+
+def compare_keys(target: Path, draft: Path, res: Results, *, sizes: Sequence[int], prompts: int,
+                 seed: int = 0, log: Callable[[str], None] = print) -> list[KeyRow]:
+    """Dynamic trees keyed three ways, on the acceptance already measured in `res`: by the confidence table, by the
+    draft's own probabilities (EAGLE-2's score), and by the positional vector (which grows Sequoia's tree)."""
+    from offload_runtime.spec.growth import (
+        ConfidenceAcceptance, DraftProbabilities, DynamicTree, PositionalAcceptance,
+    )
+    from planner.calibrate import measure_trees
+
+    out = []
+    for t, a in res.acceptance.items():
+        models = {"confidence": ConfidenceAcceptance.from_dict(a["confidence"]), "draft": DraftProbabilities(),
+                  "positional": PositionalAcceptance(tuple(a["p"]))}
+        for n in sizes:
+            specs = [DynamicTree(n, res.depth, acceptance=m) for m in models.values()]
+            measured = measure_trees(str(target), str(draft), specs, device=torch.device("cpu"), dtype=torch.float32,
+                                     temperature=t, top_p=1.0, batch=res.batch, prompts=prompts, tokens=res.tokens,
+                                     seed=seed)
+            row = KeyRow(t, n, dict(zip(models, measured)))
+            out.append(row)
+            log(f"keys T={t:g} n={n}: " + ", ".join(f"{k} {fmt(row.estimate(k))}" for k in KEYS))
+    return out
+
+
+def keys_table(rows: Sequence[KeyRow], res: Results) -> Table:
+    body = [[regime(r.temperature), str(r.n)] + [fmt(r.estimate(k)) for k in KEYS] +
+            [f"{g * 100:+.1f}% {PLUS_MINUS} {se * 100:.1f}" for g, se in (r.gain(k) for k in KEYS[:2])]
+            for r in rows]
+    return Table("Which key: dynamic trees keyed three ways on the demo pair",
+                 ["setting", "n", "confidence table", "draft probabilities", "positional (= Sequoia)",
+                  "confidence vs positional", "draft vs positional"], body,
+                 [f"tokens per step, depth <= {res.depth}, {res.tokens} tokens per prompt, the same prompts and seeds for "
+                  f"the three keys; a_u(r) = p[r | the draft's top probability at u] (8 bins), the draft's r-th largest "
+                  f"probability, or p[r] whatever u (growth is then Sequoia's best-first search)"])
+
+
 def fmt(est: tuple[float, float]) -> str:
     mean, se = est
     return f"{mean:.3f}" + ("" if math.isnan(se) else f" {PLUS_MINUS} {se:.3f}")
@@ -216,7 +270,8 @@ def machine_line(threads: int) -> str:
             f"transformers {transformers.__version__}, Python {platform.python_version()}")
 
 
-def section(res: Results, command: str, minutes: float, threads: int, image: str | None) -> str:
+def section(res: Results, command: str, minutes: float, threads: int, image: str | None,
+            keys: Sequence[KeyRow] = ()) -> str:
     acc_rows = [[regime(t), str(a["steps"])] + [f"{x:.3f}" for x in a["p"][:4]] +
                 [f"{a['confidence']['table'][0][0]:.2f} - {a['confidence']['table'][-1][0]:.2f}"]
                 for t, a in res.acceptance.items()]
@@ -227,12 +282,23 @@ def section(res: Results, command: str, minutes: float, threads: int, image: str
     parts = [f"## Dynamic trees against Sequoia's DP tree on the demo pair, {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"Machine: {machine_line(threads)}", "", f"Command: `{command}` ({minutes:.1f} min)", "",
              "", format_markdown(acc)]
+    if keys:
+        parts += ["", format_markdown(keys_table(keys, res))]
     for tb in tables(res):
         parts += ["", format_markdown(tb)]
     if image:
         parts += ["", f"![dynamic vs static trees]({image})"]
     parts += ["", "**Where dynamic wins and where it does not.**", ""] + [f"- {c}" for c in claims(res)]
     return "\n".join(parts) + "\n"
+
+
+def load(path: Path) -> tuple[Results, list[KeyRow]]:
+    """A run saved with --json."""
+    data = json.loads(Path(path).read_text())
+    res = Results(data["pair"], data["depth"], data["tokens"], data["batch"],
+                  {float(t): a for t, a in data["acceptance"].items()},
+                  {float(t): [Row(**r) for r in rows] for t, rows in data["rows"].items()})
+    return res, [KeyRow(**k) for k in data.get("keys", [])]
 
 
 def _ints(text: str) -> list[int]:
@@ -254,29 +320,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=32, help="children of the star tree measuring acceptance")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--key-sizes", type=lambda t: _ints(t) if t else [], default=[16, 64], help="sizes at which the three keys are compared "
+                   "(empty: skip)")
+    p.add_argument("--png", default=PNG, help=f"plot file next to BENCHMARKS.md (default {PNG})")
     p.add_argument("--json", default=None, help="also write every measurement here")
     p.add_argument("--no-write", action="store_true", help="print, do not touch BENCHMARKS.md or the plot")
+    p.add_argument("--from-json", default=None, help="report a run saved with --json instead of measuring")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from offload_runtime.api.registry import demo_paths
 
     target, draft = demo_paths()
     t0 = time.perf_counter()
-    res = run(target, draft, sizes=a.sizes, temperatures=a.temperatures, prompts=a.prompts, min_prompts=a.min_prompts,
-              tokens=a.tokens, depth=a.depth, width=a.width, batch=a.batch, log=lambda s: print(s, flush=True))
+    if a.from_json:
+        res, keys = load(Path(a.from_json))
+    else:
+        res = run(target, draft, sizes=a.sizes, temperatures=a.temperatures, prompts=a.prompts,
+                  min_prompts=a.min_prompts, tokens=a.tokens, depth=a.depth, width=a.width, batch=a.batch,
+                  log=lambda s: print(s, flush=True))
+        keys = compare_keys(target, draft, res, sizes=a.key_sizes, prompts=a.prompts,
+                            log=lambda s: print(s, flush=True))
     minutes = (time.perf_counter() - t0) / 60
-    if a.json:
-        Path(a.json).write_text(json.dumps(asdict(res), indent=1))
+    command = ("python tools/ablation_dynamic.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))).strip()
+    if a.from_json:  # the section names the command that measured, and how long it took
+        saved = json.loads(Path(a.from_json).read_text())
+        command, minutes = saved.get("command", command), saved.get("minutes", minutes)
+    elif a.json:
+        Path(a.json).write_text(json.dumps({**asdict(res), "keys": [asdict(k) for k in keys], "command": command,
+                                            "minutes": minutes}, indent=1))
+    if keys:
+        print(format_markdown(keys_table(keys, res)))
     for tb in tables(res):
         print(format_markdown(tb))
     for c in claims(res):
         print(c)
     if not a.no_write:
-        note = plot(res, BENCHMARKS_MD.parent / PNG)
+        note = plot(res, BENCHMARKS_MD.parent / a.png)
         if note:
             print(note)
-        command = "python tools/ablation_dynamic.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-        append_markdown(BENCHMARKS_MD, section(res, command.strip(), minutes, a.threads, None if note else PNG))
+        append_markdown(BENCHMARKS_MD, section(res, command, minutes, a.threads, None if note else a.png, keys))
         print(f"section appended to {BENCHMARKS_MD}")
     return 0
 

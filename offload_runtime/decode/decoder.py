@@ -322,10 +322,11 @@ class Decoder:
         s.target_cached = self.target_cache.keep(
             s.row, s.target_cached, list(range(r.pending)) + [r.pending + u for u in accepted_nodes])
         if self.draft_cache is not None and len(tree) > 1:
-            # The draft ran forward only over internal nodes (a leaf's token was drawn from its parent's
-            # logits, but the leaf itself never went through the draft), so its cache holds K/V for the
-            # accepted path only as far as the path stays on internal nodes. The rest stays pending and
-            # is caught up with the next step's first level.
+            # The draft ran forward only over some nodes (a fixed tree's internal ones; a grown tree's frontier
+            # nodes, some of which end up leaves), each at its own chunk slot; a leaf's token was drawn from its
+            # parent's logits without the leaf going through the draft. So the draft cache holds K/V for the
+            # accepted path only as far as the path stays on nodes that ran. The rest stays pending and is
+            # caught up with the next step's first level.
             catch = len(s.tokens) - 1 - s.draft_cached
             if r.drawn_index is None:
                 ran, index = set(tree.internal), list(range(len(tree)))

@@ -268,6 +268,10 @@ def choose_policy(static: Candidate, dynamic: Sequence[Candidate], forced: str |
     facts = (f"dynamic trees of up to {best.n} nodes (depth <= {best.depth}) give {best.tokens_per_step:.2f} tokens "
              f"per step measured, {best.tokens_per_s:.4g} tokens/s predicted; Sequoia's {static.n}-node tree "
              f"{static.tokens_per_step:.2f} and {static.tokens_per_s:.4g} ({gain * 100:+.1f}% for dynamic)")
+    same = next((c for c in dynamic if c.n == static.n and c is not best), None)
+    if same is not None:
+        facts += (f"; at {static.n} nodes dynamic gives {same.tokens_per_step:.2f} tokens per step, "
+                  f"{same.tokens_per_s:.4g} tokens/s")
     why = "asked for" if forced else ("faster" if policy == "dynamic" else "not faster")
     return PolicyChoice(policy, static, list(dynamic), f"{policy} ({why}): {facts}")
 

@@ -336,6 +336,8 @@ def choose_tree_policy(req: PlanRequest, pair: Pair, tm: opt.TimeModel, best: op
     from .calibrate import measure_trees
 
     sizes = dynamic_sizes(req, max_seq_len)
+    if req.dynamic_sizes is None and c.n >= 2 and sizes:
+        sizes = sorted(set(sizes) | {c.n})  # and at the static tree's own size: the like-for-like comparison
     if not sizes:
         return opt.PolicyChoice("static", c, [], f"static: no dynamic budget fits --max-tree {req.max_tree}"), None
     calibration = ConfidenceAcceptance.from_dict(confidence) if confidence else None

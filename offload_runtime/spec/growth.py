@@ -17,9 +17,10 @@ children and an earlier sibling above a later one: a total order of every potent
 
 Growth, with budget n nodes (root included), depth limit d and level width w:
   1. a forward over level m's nodes gives their Q and so the keys of every level m+1 slot;
-  2. a slot is drawn when fewer than n - 1 drawn nodes and chosen slots rank above it, and fewer than w chosen
-     slots of its level do; each node's chosen slots are ranks 1..k (keys fall with the rank), so its k
-     children are drawn at once, without replacement (Gumbel-top-k, or the top k at temperature 0);
+  2. a slot is drawn when fewer than n - 1 drawn nodes and chosen slots rank above it, fewer than w chosen
+     slots of its level do, and its key is above DRAW_FLOOR times the floor predicted for the step; each node's
+     chosen slots are ranks 1..k (keys fall with the rank), so its k children are drawn at once, without
+     replacement (Gumbel-top-k, or the top k at temperature 0);
   3. after level d (or when nothing more is drawn) the tree keeps the root and the n - 1 highest ranked nodes,
      renumbered breadth-first with siblings in draw order.
 With w = n - 1 this is exactly the n best nodes of the infinite tree of depth <= d under these keys (a best-first
@@ -27,8 +28,9 @@ search); a smaller w bounds each draft forward. Nodes that have already dropped 
 never run through the draft again (their children could only rank lower).
 
 Losslessness. Every decision about a node (drawn? kept?) depends only on the keys, tokens and Q of the nodes
-that rank above it, and on its own key, which is known before it is drawn. The kept tree is closed under
-parent and earlier sibling. spec/verify.py (`_walk`) proves that Sequoia's verifier is lossless for trees so
+that rank above it, on its own key, which is known before it is drawn, and on what is fixed before the step
+(n, d, w, the room left in the context, the predicted floor). The kept tree is closed under parent and earlier
+sibling. spec/verify.py (`_walk`) proves that Sequoia's verifier is lossless for trees so
 grown; it would not be if a node were kept for its own drawn token (e.g. pruned by its own draft probability).
 At temperature 0 the verification is by argmax and any tree is lossless.
 """

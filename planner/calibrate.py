@@ -98,8 +98,7 @@ def measure_trees(target: str, draft: str, trees: Sequence[Any], *, device: torc
     Each request generates past `tokens` and stops at the first step that reaches it, so no counted step is cut
     short by the length budget. tokens_per_step is pooled over sequences (tokens / steps) with a per-sequence
     standard error; draft_s, verify_s and host_s are per step (host_s: the rest of the wall time); nodes is the mean
-    size of the verified trees and draft_nodes the nodes the draft ran per step; seqs holds each sequence's (tokens,
-    steps), for paired comparisons.
+    size of the verified trees and draft_nodes the nodes the draft ran per step.
     """
     import math
 
@@ -148,8 +147,6 @@ def measure_trees(target: str, draft: str, trees: Sequence[Any], *, device: torc
         se = statistics.stdev(infl) / math.sqrt(len(infl)) if len(infl) > 1 else None
         k = max(1, call.steps)
         out.append({"tokens_per_step": R, "se": se, "steps": steps, "sequences": len(stats),
-                    "seqs": [[s.new_tokens, s.steps] for s in stats], "tokens": sum(s.new_tokens for s in stats),
-                    "wall_s": wall,
                     "draft_s": call.draft_s / k, "verify_s": call.sweep_s / k,
                     "host_s": wall / k - (call.draft_s + call.sweep_s) / k,
                     "nodes": statistics.mean(n for s in stats for n in s.tree_sizes),

@@ -2,6 +2,8 @@
 batches equal to sequences alone, and the tree options of the API."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -208,25 +210,40 @@ def test_command_line_tree_flags(tiny_pair):
     one_line_error(run("offload_runtime.chat", *common, "--tree", "bushy"), 2, "tree must be one of")
 
 
-def test_ablation_tool_returns_every_family_on_a_tiny_pair(tiny_pair):
+@pytest.mark.slow
+def test_ablations_dynamic_experiment_returns_every_family(tmp_path):
+    """tools/ablations.py --experiments dynamic in its small mode: each size has the three families and the plain
+    baseline measured on the same prompts, the keys table its three keys, and the section its claims."""
+    import torch
     from helpers import load_tool
 
-    tool = load_tool("ablation_dynamic")
-    target, draft = tiny_pair
-    res = tool.run(target, draft, sizes=[4, 8], temperatures=[0.0], prompts=2, min_prompts=2, tokens=8, depth=4,
-                   width=4, batch=2, log=lambda s: None)
-    rows = res.rows[0.0]
-    assert [r.n for r in rows] == [4, 8] and res.acceptance[0.0]["steps"] > 0
-    for r in rows:
-        for family in ("dynamic", "dp", "kseq", "plain"):
-            mean, _ = r.estimate(family)
-            assert 1 <= mean <= 5 and r.tokens_per_s(family) > 0
-        assert r.measured["plain"]["tokens_per_step"] == 1.0 and r.measured["dynamic"]["nodes"] <= r.n
-    (table,) = tool.tables(res)
-    assert len(table.rows) == 2 and len(tool.claims(res)) == 1
-    (keys,) = tool.compare_keys(target, draft, res, sizes=[4], prompts=2, log=lambda s: None)
-    assert set(keys.measured) == set(tool.KEYS) and all(keys.estimate(k)[0] >= 1 for k in tool.KEYS)
-    assert len(tool.keys_table([keys], res).rows) == 1
+    abl = load_tool("ablations")
+    threads = torch.get_num_threads()
+    try:
+        out = abl.run(["--small", "--no-write", "--experiments", "dynamic", "--plots-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    res = out.results
+    assert set(res.dynamic) == {0.0, 0.6} and not res.sizes and not res.settings
+    for t, rows in res.dynamic.items():
+        assert [r.n for r in rows] == [4, 16] and res.acceptance[(t, 1.0)].confidence["table"]
+        for r in rows:
+            assert set(r.measured) == {"dynamic", "dp", "kseq", "plain"}
+            assert r.measured["plain"].mean == 1.0 and r.speed("plain") == 1.0
+            for fam in ("dynamic", "dp", "kseq"):
+                m = r.measured[fam]
+                assert 1 <= m.mean <= r.n and m.tokens_per_s > 0 and len(m.seqs) == r.prompts
+            assert r.measured["dynamic"].nodes <= r.n and r.measured["dynamic"].draft_nodes > 0
+            assert math.isfinite(r.gain()[0])
+    assert [(k.temperature, k.n) for k in res.keys] == [(0.0, 4), (0.6, 4)]
+    assert all(set(k.measured) == {"confidence", "draft", "positional"} for k in res.keys)
+    titles = [t.title for t in out.tables]
+    assert sum(t.startswith(abl.DYNAMIC_TITLE) for t in titles) == 2 and any(t.startswith(abl.KEYS_TITLE)
+                                                                               for t in titles)
+    assert sum(c.startswith(("greedy (T = 0): dynamic", "T = 0.6, top-p 1: dynamic")) for c in out.claims) == 2
+    section = abl.markdown_section(res, out.tables, machine="M", command=out.command, minutes=1.0, intro=[],
+                                   images=out.images, md_path=tmp_path / "B.md")
+    assert "Dynamic trees against Sequoia's static tree" in section and "The paper's claims" not in section
 
 
 def test_one_draft_forward_per_level_for_the_whole_batch(tiny_pair):

@@ -90,13 +90,15 @@ def measure_step_split(target: str, draft: str, *, device: torch.device, dtype: 
 
 def measure_trees(target: str, draft: str, trees: Sequence[Any], *, device: torch.device, dtype: torch.dtype,
                   temperature: float, top_p: float, batch: int = 1, offload: bool | None = None,
-                  gpu_memory: int | None = None, prompts: int = 8, tokens: int = 48, seed: int = 0
-                  ) -> list[dict[str, Any]]:
+                  gpu_memory: int | None = None, prompts: int = 8, tokens: int = 48, seed: int = 0,
+                  max_seq_len: int | None = None) -> list[dict[str, Any]]:
     """Tokens per step and seconds per step of each tree (a parent array, or a DynamicTree that grows one per step),
     all on the same prompts and seeds, so their differences are the trees' own.
 
     Each request generates past `tokens` and stops at the first step that reaches it, so no counted step is cut
-    short by the length budget. tokens_per_step is pooled over sequences (tokens / steps) with a per-sequence
+    short by the length budget. The context window is `max_seq_len` (default: the model's, at most 4096), as the
+    runtime will have it: a grown tree draws each level within the room left in it (spec/growth.py), so a window
+    cut to the prompts would narrow the trees. tokens_per_step is pooled over sequences (tokens / steps) with a per-sequence
     standard error; draft_s, verify_s and host_s are per step (host_s: the rest of the wall time); nodes is the mean
     size of the verified trees and draft_nodes the nodes the draft ran per step.
     """
@@ -118,12 +120,12 @@ def measure_trees(target: str, draft: str, trees: Sequence[Any], *, device: torc
     specs = [t if isinstance(t, DynamicTree) else Tree.of(t) for t in trees]
     size = max(s.size if isinstance(s, DynamicTree) else len(s) for s in specs)
     depth = max(s.depth if isinstance(s, DynamicTree) else s.max_depth for s in specs)
-    limit = ModelArgs.from_file(target).max_position_embeddings
-    room = max(1, limit - tokens - depth - size - 2)
+    window = max_seq_len or min(ModelArgs.from_file(target).max_position_embeddings, 4096)
+    room = max(1, window - tokens - depth - size - 2)
     ids = [x[-room:] for x in ids]
     engine = Engine.from_pretrained(target, draft=draft, device=device, dtype=dtype, tree=[-1], plan=None, quiet=True,
                                     progress=False, batch_size=batch, offload=offload, gpu_memory=gpu_memory,
-                                    max_seq_len=min(limit, max(map(len, ids)) + tokens + depth + size + 2))
+                                    max_seq_len=window)
     for spec in specs:  # first calls allocate and warm caches: keep them out of the timings
         engine.generate(ids[:1], max_new_tokens=3, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=True,
                         tree=spec)

@@ -349,7 +349,7 @@ def choose_tree_policy(req: PlanRequest, pair: Pair, tm: opt.TimeModel, best: op
                              device=pair.device, dtype=pair.dtype, temperature=temperature, top_p=top_p,
                              batch=best.batch, offload=best.residency.offload, gpu_memory=budget,
                              prompts=2 if req.quick else max(4, best.batch), tokens=12 if req.quick else 32,
-                             seed=req.seed)
+                             seed=req.seed, max_seq_len=max_seq_len)
     static = opt.evaluate_measured(c.n, c.depth, measured[0], tm, best.batch, parents=c.parents)
     dynamic = [opt.evaluate_measured(n, depth, m, tm, best.batch) for n, m in zip(sizes, measured[1:])]
     choice = opt.choose_policy(static, dynamic, forced="dynamic" if req.policy == "dynamic" else None)

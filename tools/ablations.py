@@ -382,7 +382,11 @@ class Runner:
             raise UsageError(f"the context window ({args.max_position_embeddings}) cannot hold --tokens "
                              f"{cfg.tokens} plus a tree of {largest} nodes and a prompt; lower --tokens or the sizes")
         self.prompts = [ids[-room:] for ids in prompts]
-        self.max_seq_len = max(len(x) for x in self.prompts) + cfg.tokens + largest + 2
+        # Grown trees draw each level within the room left in the window (spec/growth.py): give them the model's
+        # whole window, up to what an unnarrowed growth of the largest dynamic size could draw.
+        grown = max(cfg.dynamic_sizes) * cfg.dynamic_depth
+        self.max_seq_len = min(args.max_position_embeddings,
+                               max(len(x) for x in self.prompts) + cfg.tokens + max(largest, grown) + 2)
         self.refs = (resolve_model(str(pair.target))[0], resolve_model(str(pair.draft))[0])
         self.engines: dict[str, object] = {}
 

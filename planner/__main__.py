@@ -12,6 +12,7 @@ Tables go to stdout; notices and progress bars to stderr.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence

@@ -91,9 +91,11 @@ def measure_step_split(target: str, draft: str, *, device: torch.device, dtype: 
 def measure_trees(target: str, draft: str, trees: Sequence[Any], *, device: torch.device, dtype: torch.dtype,
                   temperature: float, top_p: float, batch: int = 1, offload: bool | None = None,
                   gpu_memory: int | None = None, prompts: int = 8, tokens: int = 48, seed: int = 0,
-                  max_seq_len: int | None = None) -> list[dict[str, Any]]:
+                  max_seq_len: int | None = None, engine_options: dict[str, Any] | None = None
+                  ) -> list[dict[str, Any]]:
     """Tokens per step and seconds per step of each tree (a parent array, or a DynamicTree that grows one per step),
-    all on the same prompts and seeds, so their differences are the trees' own.
+    all on the same prompts and seeds, so their differences are the trees' own. `engine_options` load the pair as
+    the plan will (quantized layers, host budget, disk tier).
 
     Each request generates past `tokens` and stops at the first step that reaches it, so no counted step is cut
     short by the length budget. The context window is `max_seq_len` (default: the model's, at most 4096), as the
@@ -125,7 +127,7 @@ def measure_trees(target: str, draft: str, trees: Sequence[Any], *, device: torc
     ids = [x[-room:] for x in ids]
     engine = Engine.from_pretrained(target, draft=draft, device=device, dtype=dtype, tree=[-1], plan=None, quiet=True,
                                     progress=False, batch_size=batch, offload=offload, gpu_memory=gpu_memory,
-                                    max_seq_len=window)
+                                    max_seq_len=window, **(engine_options or {}))
     for spec in specs:  # first calls allocate and warm caches: keep them out of the timings
         engine.generate(ids[:1], max_new_tokens=3, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=True,
                         tree=spec)

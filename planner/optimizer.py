@@ -232,12 +232,12 @@ def evaluate_measured(n: int, depth: int, measured: dict[str, Any], tm: TimeMode
     seconds as measured (a grown tree's draft cost is its own: several draft tokens per level, the growth's
     bookkeeping), its sweep and host time from the time model at the measured mean tree size, like every other
     candidate's."""
-    nodes = float(measured["nodes"])
-    walked = depth + 1
+    nodes, draft_s = float(measured["nodes"]), float(measured["draft_s"])
+    host_s = batch * tm.host_scale * (float(tm.host(nodes)) + tm._warp(depth + 1))  # one warped row per depth walked
+    verify_s = float(tm.t_verify(batch * nodes, draft_s + host_s + tm.overhead_s))  # as step_parts: disk reads ahead
     return Candidate(n=n, depth=depth, batch=batch, tokens_per_step=float(measured["tokens_per_step"]),
-                     draft_s=float(measured["draft_s"]), verify_s=float(tm.t_verify(batch * nodes)),
-                     host_s=batch * tm.host_scale * (float(tm.host(nodes)) + tm._warp(walked)),
-                     overhead_s=tm.overhead_s, parents=tuple(parents))
+                     draft_s=draft_s, verify_s=verify_s, host_s=host_s, overhead_s=tm.overhead_s,
+                     parents=tuple(parents))
 
 
 @dataclass(frozen=True)

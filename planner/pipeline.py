@@ -317,7 +317,7 @@ def dynamic_sizes(req: PlanRequest, max_seq_len: int) -> list[int]:
 
 def choose_tree_policy(req: PlanRequest, pair: Pair, tm: opt.TimeModel, best: opt.BatchChoice,
                        confidence: dict[str, Any] | None, temperature: float, top_p: float, budget: int | None,
-                       max_seq_len: int) -> tuple[opt.PolicyChoice, dict[str, Any] | None]:
+                       max_seq_len: int, options: dict[str, Any]) -> tuple[opt.PolicyChoice, dict[str, Any] | None]:
     """Measure Sequoia's chosen tree and dynamic trees of several budgets on the real engine (same prompts and seeds),
     predict each one's tokens/s with the time model (draft cost as measured), and keep the faster; with the plan's
     `dynamic` record (budget, calibration, every measurement, the reason)."""
@@ -349,7 +349,7 @@ def choose_tree_policy(req: PlanRequest, pair: Pair, tm: opt.TimeModel, best: op
                              device=pair.device, dtype=pair.dtype, temperature=temperature, top_p=top_p,
                              batch=best.batch, offload=best.residency.offload, gpu_memory=budget,
                              prompts=2 if req.quick else max(4, best.batch), tokens=12 if req.quick else 32,
-                             seed=req.seed, max_seq_len=max_seq_len)
+                             seed=req.seed, max_seq_len=max_seq_len, engine_options=options)
     static = opt.evaluate_measured(c.n, c.depth, measured[0], tm, best.batch, parents=c.parents)
     dynamic = [opt.evaluate_measured(n, depth, m, tm, best.batch) for n, m in zip(sizes, measured[1:])]
     choice = opt.choose_policy(static, dynamic, forced="dynamic" if req.policy == "dynamic" else None)
@@ -453,8 +453,11 @@ def build_plan(req: PlanRequest) -> PlanResult:
     tm_best = tm.with_residency(best.residency)
     res = best.residency
     confidence = acceptance.pop("confidence")
+    # The dynamic measurement loads the pair as the plan runs it (as the calibration does).
+    options = {**engine_options(req), "host_memory": host_budget, "prefetch": res.prefetch or None,
+               "read_threads": read_threads, "offload_dir": req.offload_dir}
     choice, dynamic = choose_tree_policy(req, pair, tm_best, best, confidence, temperature, top_p, budget,
-                                         max_seq_len)
+                                         max_seq_len, options)
     figures = {
         "profile": str(profile_path), "profile_created": profile.get("created"),
         "bandwidth_Bps": profile["bandwidth_Bps"], "layer_bytes": profile["layer_bytes"],

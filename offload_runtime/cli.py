@@ -7,7 +7,7 @@ import sys
 import traceback
 from typing import Any, TYPE_CHECKING, Callable, NoReturn, Sequence
 
-from .errors import OffloadError
+from .errors import OffloadError, UsageError
 
 if TYPE_CHECKING:
     from .api.registry import ModelListing
@@ -43,6 +43,10 @@ def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "demo
     add_quantize_args(g)
     g.add_argument("--cache-quantized", action="store_true",
                    help="keep what --quantize made in the runtime's home; later loads read it")
+    g.add_argument("--tree", default="auto", help="auto (the plan's choice), static (Sequoia's tree), dynamic (grown "
+                   "per step from the draft's probabilities), or a parent array: --tree=-1,0,0,1")
+    g.add_argument("--tree-size", type=int, default=None, help="tree budget in nodes, root included (default: plan)")
+    g.add_argument("--tree-depth", type=int, default=None, help="tree depth limit (default: the plan's)")
     g.add_argument("--debug", action="store_true", help="show Python tracebacks")
 
 
@@ -104,7 +108,18 @@ def load_engine(args: argparse.Namespace, batch_size: int = 1, device: str | Non
                                   host_memory=args.host_memory, offload_dir=args.offload_dir,
                                   batch_size=batch_size, plan=plan, progress=sys.stderr.isatty(),
                                   quantize=args.quantize, group_size=args.group_size,
-                                  draft_quantize=args.draft_quantize, cache_quantized=args.cache_quantized)
+                                  draft_quantize=args.draft_quantize, cache_quantized=args.cache_quantized,
+                                  tree=tree_arg(args.tree), tree_size=args.tree_size, tree_depth=args.tree_depth)
+
+
+def tree_arg(text: str) -> str | list[int]:
+    """--tree: a mode name, or a comma-separated parent array (checked, with the other tree options, by the engine)."""
+    if "," not in text and not text.lstrip("-").isdigit():
+        return text
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--tree: cannot read {text!r} as a parent array; write it like -1,0,0,1") from None
 
 
 def run_main(main: Callable[[], int | None], debug: bool | None = None) -> NoReturn:

@@ -12,6 +12,7 @@ Tables go to stdout; notices and progress bars to stderr.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -142,6 +143,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="skip the short real-engine run that scales the time model to measured step times")
     pl.add_argument("--calibration-time", type=_seconds, default=None,
                     help="seconds of real engine steps to calibrate on (default 20; --quick: one reply)")
+    pl.add_argument("--policy", choices=("auto", "static", "dynamic"), default="auto",
+                    help="tree policy: auto measures Sequoia's static tree against trees grown per step and keeps "
+                         "the faster (default); static or dynamic plans that one")
+    pl.add_argument("--dynamic-sizes", default=None,
+                    help="budgets of dynamic trees to measure, e.g. 16,64,256 (default: 4, 16, 64, 256, 1024 up to "
+                         "--max-tree and half the context; --quick: 4,16)")
     pl.add_argument("--top", type=_positive_int, default=10, help="candidates in the table (default 10)")
     pl.add_argument("--plot", default=None, help="also plot tokens/s vs tree size into this PNG (needs matplotlib)")
     pl.add_argument("--output", default=None, help="write the plan here too (the store always gets a copy)")
@@ -185,6 +192,28 @@ def _candidate_rows(rows: Sequence[dict[str, Any]]) -> list[list[Any]]:
 
 CANDIDATE_HEADERS = ("rank", "nodes", "depth", "batch", "tokens/step", "draft ms", "verify ms", "host ms",
                      "s/token", "tokens/s")
+POLICY_HEADERS = ("policy", "nodes", "depth", "tokens/step (measured)", "draft nodes/step", "draft ms", "verify ms",
+                  "host ms", "tokens/s")
+
+
+def _policy_rows(dynamic: dict[str, Any]) -> list[list[Any]]:
+    """The measured policies: Sequoia's tree, then each dynamic budget (tokens/step and draft time measured, sweep and
+    host time from the time model)."""
+    rows = []
+    for name, entry in [("static", dynamic["static"])] + [("dynamic", e) for e in dynamic["candidates"]]:
+        m, pr = entry["measured"], entry["predicted"]
+        se = "" if m["se"] is None or math.isnan(m["se"]) else f" +- {m['se']:.2f}"
+        rows.append([name, entry["n"], pr["depth"], f"{m['tokens_per_step']:.3f}{se}", f"{m['draft_nodes']:.1f}",
+                     _ms(pr["draft_s"]), _ms(pr["verify_s"]), _ms(pr["host_s"]), f"{pr['tokens_per_s']:.4g}"])
+    return rows
+
+
+def _print_policy(plan) -> None:
+    if plan.dynamic is None:
+        print(f"policy      {plan.policy} (dynamic trees not measured)")
+        return
+    print(_table(POLICY_HEADERS, _policy_rows(plan.dynamic)))
+    print(f"policy      {plan.dynamic['reason']}")
 
 
 # --- commands
@@ -244,6 +273,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      [[r["batch"], r["resident"], r["n"], r["depth"], f"{r['tokens_per_s']:.4g}",
                        f"{r['s_per_token']:.4g}"] for r in plan.search["per_batch"]]))
     print(_table(CANDIDATE_HEADERS, _candidate_rows(plan.candidates)))
+    _print_policy(plan)
     print(f"chosen: {plan.summary()}")
     print(f"plan written to {args.output or plan.path}")
     if args.plot is not None:
@@ -313,7 +343,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"machine     {_describe(plan.machine)}")
     print(f"settings    {plan.device}, {plan.dtype}, temperature {plan.temperature:g}, top-p {plan.top_p:g}, "
           f"batch {plan.batch_size}, max_seq_len {plan.max_seq_len}, slots {plan.slots}")
-    print(f"tree        {plan.n} nodes, depth {plan.depth}, level widths {plan.to_dict()['level_widths']}")
+    if plan.policy == "dynamic":
+        d = plan.dynamic
+        print(f"tree        grown per step: up to {d['size']} nodes, depth <= {d['depth']}, keyed by {d['keyed_by']}")
+        print(f"static      {plan.n} nodes, depth {plan.depth} (tree='static' uses it)")
+    else:
+        print(f"tree        {plan.n} nodes, depth {plan.depth}, level widths {plan.to_dict()['level_widths']}")
     print(f"resident    {len(plan.resident_layers)} of {plan.n_layers} layers {plan.resident_layers}"
           f"{'' if plan.offload else ' (nothing streams)'}")
     acc = plan.acceptance
@@ -328,6 +363,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"parents     {plan.tree}")
     if plan.candidates:
         print(_table(CANDIDATE_HEADERS, _candidate_rows(plan.candidates)))
+    _print_policy(plan)
     return 0
 
 

@@ -25,6 +25,7 @@ import torch
 from offload_runtime.api.home import short_hash, store_dir, write_json
 from offload_runtime.api.plans import ModelRef
 from offload_runtime.errors import ContextLengthError, UsageError
+from offload_runtime.spec.growth import ConfidenceAcceptance
 
 # A small, varied prompt set: narrative, instructions, code, facts, dialogue, lists. Short on purpose: the
 # measurement wants many decoding steps in varied contexts, not long prefills.
@@ -84,13 +85,16 @@ class AcceptanceResult:
     tokens_per_step: float  # of the one-level tree: 1 + sum(p)
     elapsed_s: float = 0.0
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    # p by the draft's confidence at the root (spec/growth.py ConfidenceAcceptance.to_dict): what dynamic trees are
+    # keyed by. None in files measured before it was recorded.
+    confidence: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "acceptance", **asdict(self)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AcceptanceResult":
-        fields = {k: data[k] for k in cls.__dataclass_fields__}
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data or k != "confidence"}
         fields["target"] = ModelRef(**data["target"])
         fields["draft"] = ModelRef(**data["draft"])
         return cls(**fields)
@@ -124,6 +128,20 @@ def count_ranks(accepted_ranks: Sequence[tuple[int, ...]], accepted_per_step: Se
         else:
             none += 1
     return counts, none, steps
+
+
+def confidence_pairs(confidence: Sequence[float], accepted_ranks: Sequence[tuple[int, ...]],
+                     accepted_per_step: Sequence[int], max_new_tokens: int) -> list[tuple[float, int]]:
+    """(the draft's top probability at the root, accepted rank or 0) for each step count_ranks counts.
+
+    The decoder records a confidence on every step that drafts a tree, which are exactly the steps counted."""
+    out, generated = [], 0
+    for ranks, accepted in zip(accepted_ranks, accepted_per_step):
+        if max_new_tokens - generated > 1:
+            out.append(ranks[0] if ranks else 0)
+        generated += accepted + 1
+    assert len(out) == len(confidence), (len(out), len(confidence))
+    return list(zip(confidence, out))
 
 
 def estimate(counts: Sequence[int], steps: int) -> tuple[list[float], list[float]]:
@@ -246,26 +264,29 @@ def measure_acceptance(target: ModelRef, draft: ModelRef, *, device: str | torch
         bar = tqdm(total=len(requests), desc="measuring acceptance", unit="prompt", leave=False, file=sys.stderr)
     counts = [0] * width
     none = steps = 0
+    pairs: list[tuple[float, int]] = []
     try:
         for _, result in engine.run(requests):
-            c, n0, s = count_ranks(result.stats.accepted_ranks, result.stats.accepted_per_step, max_new_tokens,
-                                   width)
+            st = result.stats
+            c, n0, s = count_ranks(st.accepted_ranks, st.accepted_per_step, max_new_tokens, width)
             counts = [a + b for a, b in zip(counts, c)]
             none += n0
             steps += s
+            pairs += confidence_pairs(st.root_confidence, st.accepted_ranks, st.accepted_per_step, max_new_tokens)
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
     p, se = estimate(counts, steps)
+    conf = ConfidenceAcceptance.from_counts([c for c, _ in pairs], [r for _, r in pairs], width)
     return AcceptanceResult(
         p=p, se=se, counts=counts, none=none, steps=steps, width=width, temperature=float(temperature),
         top_p=float(top_p), target=target, draft=draft,
         prompts={"source": prompts_source, "count": len(prompts), "sha": prompts_sha(prompts)},
         max_new_tokens=max_new_tokens, seed=seed, device=engine.target.device.type,
         dtype=str(engine.target.dtype).replace("torch.", ""), tokens_per_step=1.0 + sum(p),
-        elapsed_s=time.perf_counter() - t0)
+        elapsed_s=time.perf_counter() - t0, confidence=conf.to_dict())
 
 
 def save_acceptance(result: AcceptanceResult, path: Path | None = None) -> Path:

@@ -86,3 +86,73 @@ def measure_step_split(target: str, draft: str, *, device: torch.device, dtype: 
     out.update(steps=sum(r["steps"] for r in runs), runs=len(runs), wall_s=time.perf_counter() - t0,
                tokens_per_sweep=statistics.mean(r["tokens_per_sweep"] for r in runs))
     return out
+
+
+def measure_trees(target: str, draft: str, trees: Sequence[Any], *, device: torch.device, dtype: torch.dtype,
+                  temperature: float, top_p: float, batch: int = 1, offload: bool | None = None,
+                  gpu_memory: int | None = None, prompts: int = 8, tokens: int = 48, seed: int = 0,
+                  max_seq_len: int | None = None, engine_options: dict[str, Any] | None = None
+                  ) -> list[dict[str, Any]]:
+    """Tokens per step and seconds per step of each tree (a parent array, or a DynamicTree that grows one per step),
+    all on the same prompts and seeds, so their differences are the trees' own. `engine_options` load the pair as
+    the plan will (quantized layers, host budget, disk tier).
+
+    Each request generates past `tokens` and stops at the first step that reaches it, so no counted step is cut
+    short by the length budget. The context window is `max_seq_len` (default: the model's, at most 4096), as the
+    runtime will have it: a grown tree draws each level within the room left in it (spec/growth.py), so a window
+    cut to the prompts would narrow the trees. tokens_per_step is pooled over sequences (tokens / steps) with a per-sequence
+    standard error; draft_s, verify_s and host_s are per step (host_s: the rest of the wall time); nodes is the mean
+    size of the verified trees and draft_nodes the nodes the draft ran per step.
+    """
+    import math
+
+    from offload_runtime.api.engine import Engine
+    from offload_runtime.api.text import load_tokenizer
+    from offload_runtime.model.config import ModelArgs
+    from offload_runtime.model.tree import Tree
+    from offload_runtime.spec.growth import DynamicTree
+
+    tokenizer = load_tokenizer(target)
+    texts = list(BUILTIN_PROMPTS[: max(prompts, batch)])
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(seed)
+        ids = [torch.randint(3, 64, (12,), generator=g).tolist() for _ in texts]
+    else:
+        ids = [list(tokenizer(t).input_ids) for t in texts]
+    specs = [t if isinstance(t, DynamicTree) else Tree.of(t) for t in trees]
+    size = max(s.size if isinstance(s, DynamicTree) else len(s) for s in specs)
+    depth = max(s.depth if isinstance(s, DynamicTree) else s.max_depth for s in specs)
+    window = max_seq_len or min(ModelArgs.from_file(target).max_position_embeddings, 4096)
+    room = max(1, window - tokens - depth - size - 2)
+    ids = [x[-room:] for x in ids]
+    engine = Engine.from_pretrained(target, draft=draft, device=device, dtype=dtype, tree=[-1], plan=None, quiet=True,
+                                    progress=False, batch_size=batch, offload=offload, gpu_memory=gpu_memory,
+                                    max_seq_len=window, **(engine_options or {}))
+    for spec in specs:  # first calls allocate and warm caches: keep them out of the timings
+        engine.generate(ids[:1], max_new_tokens=3, temperature=temperature, top_p=top_p, seed=seed, ignore_eos=True,
+                        tree=spec)
+    out = []
+    for spec in specs:
+        d = spec.depth if isinstance(spec, DynamicTree) else spec.max_depth
+        requests = []
+        for i, x in enumerate(ids):
+            req = engine.request(x, max_new_tokens=tokens + d + 1, temperature=temperature, top_p=top_p,
+                                 seed=seed + i, ignore_eos=True, tree=spec)
+            req.stop_check = lambda r, new: len(r.generated) >= tokens
+            requests.append(req)
+        t0 = time.perf_counter()
+        stats = [result.stats for _, result in sorted(engine.run(requests), key=lambda ir: ir[0])]
+        wall = time.perf_counter() - t0
+        call = engine.last_call
+        steps = sum(s.steps for s in stats)
+        R = sum(s.new_tokens for s in stats) / steps
+        mean_steps = steps / len(stats)
+        infl = [(s.new_tokens - R * s.steps) / mean_steps for s in stats]
+        se = statistics.stdev(infl) / math.sqrt(len(infl)) if len(infl) > 1 else None
+        k = max(1, call.steps)
+        out.append({"tokens_per_step": R, "se": se, "steps": steps, "sequences": len(stats),
+                    "draft_s": call.draft_s / k, "verify_s": call.sweep_s / k,
+                    "host_s": wall / k - (call.draft_s + call.sweep_s) / k,
+                    "nodes": statistics.mean(n for s in stats for n in s.tree_sizes),
+                    "draft_nodes": sum(s.draft_nodes for s in stats) / steps})
+    return out

@@ -226,6 +226,56 @@ def evaluate(tree: Sequence[int], G: float, tm: TimeModel, batch: int = 1) -> Ca
                      overhead_s=parts["overhead_s"], parents=tuple(tree))
 
 
+def evaluate_measured(n: int, depth: int, measured: dict[str, Any], tm: TimeModel, batch: int = 1,
+                      parents: Sequence[int] = ()) -> Candidate:
+    """A tree policy measured on the real engine (planner/calibrate.py measure_trees): its tokens per step and draft
+    seconds as measured (a grown tree's draft cost is its own: several draft tokens per level, the growth's
+    bookkeeping), its sweep and host time from the time model at the measured mean tree size, like every other
+    candidate's."""
+    nodes, draft_s = float(measured["nodes"]), float(measured["draft_s"])
+    host_s = batch * tm.host_scale * (float(tm.host(nodes)) + tm._warp(depth + 1))  # one warped row per depth walked
+    verify_s = float(tm.t_verify(batch * nodes, draft_s + host_s + tm.overhead_s))  # as step_parts: disk reads ahead
+    return Candidate(n=n, depth=depth, batch=batch, tokens_per_step=float(measured["tokens_per_step"]),
+                     draft_s=draft_s, verify_s=verify_s, host_s=host_s, overhead_s=tm.overhead_s,
+                     parents=tuple(parents))
+
+
+@dataclass(frozen=True)
+class PolicyChoice:
+    """Static (Sequoia's tree) or dynamic (grown per step): the faster by predicted tokens/s, ties to static."""
+
+    policy: str
+    static: Candidate  # the static tree, with its measured tokens per step
+    dynamic: list[Candidate]  # each dynamic budget measured
+    reason: str
+
+    @property
+    def best_dynamic(self) -> Candidate | None:
+        return max(self.dynamic, key=lambda c: (c.tokens_per_s, -c.n)) if self.dynamic else None
+
+    @property
+    def chosen(self) -> Candidate:
+        return self.best_dynamic if self.policy == "dynamic" else self.static
+
+
+def choose_policy(static: Candidate, dynamic: Sequence[Candidate], forced: str | None = None) -> PolicyChoice:
+    """Pick the faster policy (or the `forced` one) and say why in one sentence."""
+    best = max(dynamic, key=lambda c: (c.tokens_per_s, -c.n)) if dynamic else None
+    if best is None:
+        return PolicyChoice("static", static, [], "dynamic trees were not measured")
+    gain = best.tokens_per_s / static.tokens_per_s - 1
+    policy = forced or ("dynamic" if gain > 0 else "static")
+    facts = (f"dynamic trees of up to {best.n} nodes (depth <= {best.depth}) give {best.tokens_per_step:.2f} tokens "
+             f"per step measured, {best.tokens_per_s:.4g} tokens/s predicted; Sequoia's {static.n}-node tree "
+             f"{static.tokens_per_step:.2f} and {static.tokens_per_s:.4g} ({gain * 100:+.1f}% for dynamic)")
+    same = next((c for c in dynamic if c.n == static.n and c is not best), None)
+    if same is not None:
+        facts += (f"; at {static.n} nodes dynamic gives {same.tokens_per_step:.2f} tokens per step, "
+                  f"{same.tokens_per_s:.4g} tokens/s")
+    why = "asked for" if forced else ("faster" if policy == "dynamic" else "not faster")
+    return PolicyChoice(policy, static, list(dynamic), f"{policy} ({why}): {facts}")
+
+
 @dataclass(frozen=True)
 class Optimum:
     best: Candidate

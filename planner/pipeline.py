@@ -78,6 +78,8 @@ class PlanRequest:
     quantize: str | None = None  # quantize the target on load: "int8" | "int4" (AWQ / GPTQ need no flag)
     group_size: int | None = None
     draft_quantize: str | None = None
+    policy: str = "auto"  # auto: measure static and dynamic trees and keep the faster; static / dynamic: that one
+    dynamic_sizes: str | None = None  # budgets of dynamic trees to measure, e.g. "16,64,256" (default: 4..512)
     log: Callable[[str], None] = field(default=lambda s: None, repr=False)
     progress: bool = False
 
@@ -266,14 +268,21 @@ def acceptance_vector(req: PlanRequest, pair: Pair, temperature: float, top_p: f
         if spec is None:
             req.log("no weights to measure acceptance with; using the default acceptance vector (an assumption "
                     "shaped like Sequoia's Llama-2 measurements); pass --acceptance to give one")
-        return {"p": list(DEFAULT_ACCEPTANCE), "se": None, "steps": None, "source": "default", "file": None}
+        return {"p": list(DEFAULT_ACCEPTANCE), "se": None, "steps": None, "source": "default", "file": None,
+                "confidence": None}
     if spec is not None:
         if Path(spec).is_file():
             result = acc.read_acceptance(spec)
-            return {"p": result.p, "se": result.se, "steps": result.steps, "source": "given", "file": str(spec)}
-        return {"p": acc.parse_vector(spec), "se": None, "steps": None, "source": "given", "file": None}
+            return {"p": result.p, "se": result.se, "steps": result.steps, "source": "given", "file": str(spec),
+                    "confidence": result.confidence}
+        return {"p": acc.parse_vector(spec), "se": None, "steps": None, "source": "given", "file": None,
+                "confidence": None}
     result, path = ensure_acceptance(req, pair, temperature, top_p, force=req.remeasure)
-    return {"p": result.p, "se": result.se, "steps": result.steps, "source": "measured", "file": str(path)}
+    if result.confidence is None:
+        req.log(f"{path} predates the confidence measurement dynamic trees are keyed by; they use the draft's own "
+                f"probabilities (pass --remeasure to measure it)")
+    return {"p": result.p, "se": result.se, "steps": result.steps, "source": "measured", "file": str(path),
+            "confidence": result.confidence}
 
 
 # --- the plan
@@ -284,6 +293,75 @@ class PlanResult:
     plan: Plan
     time_model: opt.TimeModel  # calibrated, with the chosen resident layers
     choice: opt.BatchChoice
+    policy: opt.PolicyChoice | None = None  # static against dynamic trees, when measured
+
+
+# Budgets of dynamic trees the plan measures: one real-engine run each (a quarter of the sizes of tools/ablations'
+# sweep: an offloaded 70B step takes seconds).
+DYNAMIC_SIZES = (4, 16, 64, 256, 1024)
+QUICK_DYNAMIC_SIZES = (4, 16)
+
+
+def dynamic_sizes(req: PlanRequest, max_seq_len: int) -> list[int]:
+    """The budgets to measure: asked, or the defaults up to --max-tree and half the context window."""
+    if req.dynamic_sizes is not None:
+        try:
+            sizes = sorted({int(x) for x in req.dynamic_sizes.split(",") if x.strip()})
+        except ValueError:
+            raise UsageError(f"--dynamic-sizes: cannot read {req.dynamic_sizes!r}; write it like 16,64,256") from None
+        if not sizes or sizes[0] < 2:
+            raise UsageError(f"--dynamic-sizes needs budgets >= 2 nodes, got {req.dynamic_sizes!r}")
+        return sizes
+    return [n for n in (QUICK_DYNAMIC_SIZES if req.quick else DYNAMIC_SIZES) if n <= min(req.max_tree, max_seq_len // 2)]
+
+
+def choose_tree_policy(req: PlanRequest, pair: Pair, tm: opt.TimeModel, best: opt.BatchChoice,
+                       confidence: dict[str, Any] | None, temperature: float, top_p: float, budget: int | None,
+                       max_seq_len: int, options: dict[str, Any]) -> tuple[opt.PolicyChoice, dict[str, Any] | None]:
+    """Measure Sequoia's chosen tree and dynamic trees of several budgets on the real engine (same prompts and seeds),
+    predict each one's tokens/s with the time model (draft cost as measured), and keep the faster; with the plan's
+    `dynamic` record (budget, calibration, every measurement, the reason)."""
+    c = best.optimum.best
+    static_only = opt.PolicyChoice("static", c, [], "static: only Sequoia's tree was planned (--policy static)")
+    if req.policy == "static":
+        return static_only, None
+    if pair.target.is_preset or pair.draft.is_preset:
+        if req.policy == "dynamic":
+            raise UsageError("dynamic trees are measured on the real models; a shape preset has no weights "
+                             "(give checkpoints, or --policy static)")
+        return opt.PolicyChoice("static", c, [], "static: shape presets have no weights to measure dynamic trees "
+                                                 "on"), None
+    from offload_runtime.spec.growth import ConfidenceAcceptance, DynamicTree
+
+    from .calibrate import measure_trees
+
+    sizes = dynamic_sizes(req, max_seq_len)
+    if req.dynamic_sizes is None and c.n >= 2 and sizes:
+        sizes = sorted(set(sizes) | {c.n})  # and at the static tree's own size: the like-for-like comparison
+    if not sizes:
+        return opt.PolicyChoice("static", c, [], f"static: no dynamic budget fits --max-tree {req.max_tree}"), None
+    calibration = ConfidenceAcceptance.from_dict(confidence) if confidence else None
+    depth = max(1, req.max_depth)
+    grown = [DynamicTree(n, depth, acceptance=calibration) for n in sizes]
+    req.log(f"measuring Sequoia's {c.n}-node tree against dynamic trees of {', '.join(map(str, sizes))} nodes "
+            f"(depth <= {depth}) on the real engine")
+    measured = measure_trees(str(pair.target.path), str(pair.draft.path), [list(c.parents)] + grown,
+                             device=pair.device, dtype=pair.dtype, temperature=temperature, top_p=top_p,
+                             batch=best.batch, offload=best.residency.offload, gpu_memory=budget,
+                             prompts=2 if req.quick else max(4, best.batch), tokens=12 if req.quick else 32,
+                             seed=req.seed, max_seq_len=max_seq_len, engine_options=options)
+    static = opt.evaluate_measured(c.n, c.depth, measured[0], tm, best.batch, parents=c.parents)
+    dynamic = [opt.evaluate_measured(n, depth, m, tm, best.batch) for n, m in zip(sizes, measured[1:])]
+    choice = opt.choose_policy(static, dynamic, forced="dynamic" if req.policy == "dynamic" else None)
+    req.log(choice.reason)
+    top = choice.best_dynamic
+    record = {"size": top.n, "depth": depth, "width": None, "acceptance": confidence,
+              "keyed_by": DynamicTree(top.n, depth, acceptance=calibration).model.describe(),
+              "candidates": [{"n": cand.n, "measured": m, "predicted": cand.row()}
+                             for m, cand in zip(measured[1:], dynamic)],
+              "static": {"n": static.n, "measured": measured[0], "predicted": static.row()},
+              "reason": choice.reason}
+    return choice, record
 
 
 def _calibration_time(req: PlanRequest) -> float:
@@ -374,6 +452,12 @@ def build_plan(req: PlanRequest) -> PlanResult:
     c = best.optimum.best
     tm_best = tm.with_residency(best.residency)
     res = best.residency
+    confidence = acceptance.pop("confidence")
+    # The dynamic measurement loads the pair as the plan runs it (as the calibration does).
+    options = {**engine_options(req), "host_memory": host_budget, "prefetch": res.prefetch or None,
+               "read_threads": read_threads, "offload_dir": req.offload_dir}
+    choice, dynamic = choose_tree_policy(req, pair, tm_best, best, confidence, temperature, top_p, budget,
+                                         max_seq_len, options)
     figures = {
         "profile": str(profile_path), "profile_created": profile.get("created"),
         "bandwidth_Bps": profile["bandwidth_Bps"], "layer_bytes": profile["layer_bytes"],
@@ -385,7 +469,7 @@ def build_plan(req: PlanRequest) -> PlanResult:
         # Quantized targets: the format and up to how many tokens the int kernel runs (the engine follows it).
         "quant": profile.get("quant"), "quant_kernel": profile.get("quant_kernel"),
     }
-    row = c.row()
+    row = choice.chosen.row() if choice.policy == "dynamic" else c.row()
     predicted = {k: row[k] for k in ("tokens_per_step", "step_s", "draft_s", "verify_s", "host_s", "s_per_token",
                                      "tokens_per_s")}
     plan = Plan(
@@ -405,8 +489,9 @@ def build_plan(req: PlanRequest) -> PlanResult:
             "host_memory": host_budget, "prefetch": res.prefetch or None, "read_threads": read_threads,
             "host_layers": list(res.host), "disk_layers": list(res.disk), "disk_Bps": disk_bw,
             "disk_profile": str(disk_path), "offload_dir": req.offload_dir},
+        policy=choice.policy, dynamic=dynamic,
     )
-    return PlanResult(plan, tm_best, best)
+    return PlanResult(plan, tm_best, best, choice)
 
 
 def make_plan(req: PlanRequest, output: str | Path | None = None) -> PlanResult:

@@ -282,8 +282,9 @@ ACC_FLAGS = ["--temperature", "0.8", "--width", "4", "--limit", "6", "--max-new-
 @pytest.fixture(scope="module")
 def planned(home, pair):
     target, draft = pair
+    # Static only: these tests check Sequoia's side (tests/test_dynamic_plans.py plans both policies).
     assert cli.main(["plan", "--model", str(target), "--draft", str(draft), *QUICK, *ACC_FLAGS,
-                     "--max-tree", "48", "--max-depth", "6"]) == 0
+                     "--max-tree", "48", "--max-depth", "6", "--policy", "static"]) == 0
     plans = list((home / "plans").glob("*.json"))
     assert len(plans) == 1
     return read_plan(plans[0])

@@ -8,6 +8,11 @@ Two experiments, each checking one of the paper's claims on our own implementati
   (b) drafting and verification: tokens per step of Sequoia's (without replacement), SpecInfer's (with
       replacement) and top-k drafting on one fixed tree, at temperatures 0, 0.2, ..., 1.2 (top-p 1) and at
       top-p 0.8 and 0.9 (at --top-p-temperature)
+  (c) dynamic trees (--experiments dynamic, not run by default): tokens per step of trees grown per step from the
+      draft's probabilities (spec/growth.py, keyed by the acceptance vector by draft confidence measured with p)
+      against the DP tree and the best k independent sequences of the same size, greedy and at T = 0.6, with
+      each family's tokens/s as a ratio to plain decoding in the same run; and dynamic trees keyed three ways
+      (that table, the draft's own probabilities, the positional p, which grows Sequoia's tree) at a few sizes
 
 Measurement. Tokens per step = mean over target sweeps of (accepted path length + 1), pooled over all steps
 of all sequences (a ratio: tokens / steps). Every request generates past --tokens by the tree's depth + 1
@@ -51,14 +56,19 @@ from offload_runtime.api.text import load_tokenizer
 from offload_runtime.errors import UsageError
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.tree import Tree
+from offload_runtime.spec.growth import ConfidenceAcceptance, DraftProbabilities, DynamicTree, PositionalAcceptance
 from offload_runtime.spec.methods import SAMPLING_METHODS
 from offload_runtime.spec.tree_search import best_trees, chain_tree, expected_tokens, k_sequences_tree
 
 METHODS = SAMPLING_METHODS  # sequoia, specinfer, topk
-TREE_PNG, TEMPERATURE_PNG = "ablation_tree_size.png", "ablation_temperature.png"
+EXPERIMENTS = ("sizes", "methods", "dynamic")
+TREE_PNG, TEMPERATURE_PNG, DYNAMIC_PNG = "ablation_tree_size.png", "ablation_temperature.png", "ablation_dynamic.png"
+DYNAMIC_FAMILIES = ("dynamic", "dp", "kseq")
+KEYS = ("confidence", "draft", "positional")  # what dynamic trees are keyed by, in (c)'s second table
 ACCEPTANCE_SEED = 100_000  # acceptance runs draw from seeds disjoint from the runs they predict
 HELDOUT_EVERY = 20  # the demo recipe holds out every 20th chapter (tools/train_demo_pair.py, Recipe.heldout_every)
 SIZE_TITLE, METHOD_TITLE = "Tokens per step vs tree size", "Tokens per step vs temperature"
+DYNAMIC_TITLE, KEYS_TITLE = "Dynamic vs static trees", "Which key for dynamic trees"
 
 
 # --- estimates: a ratio of sums over independent sequences
@@ -191,6 +201,12 @@ class Measured:
     seqs: list[SeqCount]
     seconds: float
     outputs: list[list[int]] = field(default_factory=list, repr=False)  # each sequence's first `tokens` tokens
+    nodes: float = math.nan  # mean size of the verified trees (grown trees vary)
+    draft_nodes: float = math.nan  # tree nodes run through the draft per step
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(x for x, _ in self.seqs) / self.seconds
 
     @property
     def mean(self) -> float:
@@ -201,19 +217,23 @@ class Measured:
         return ratio_estimate(self.seqs)[1]
 
 
-def measure(engine, tree: Tree, prompts: Sequence[list[int]], tokens: int, temperature: float, top_p: float,
-            seed: int) -> Measured:
-    """Tokens per step of `engine` with `tree` over the prompts (prompt i with seed + i)."""
+def measure(engine, tree: Tree | DynamicTree, prompts: Sequence[list[int]], tokens: int, temperature: float,
+            top_p: float, seed: int) -> Measured:
+    """Tokens per step of `engine` with `tree` (or trees grown per step) over the prompts (prompt i with seed + i)."""
     # Generate past `tokens` by more than one step can emit, and stop at the first step that reaches it: then
     # no counted step is cut by the length budget (which would bias the last step down) and every step drafts
     # the whole tree (the decoder shrinks the tree to one node when one token is left).
-    run = h.run_engine(engine, prompts, tree=tree, tokens=tokens + tree.max_depth + 1, temperature=temperature,
+    depth = tree.depth if isinstance(tree, DynamicTree) else tree.max_depth
+    run = h.run_engine(engine, prompts, tree=tree, tokens=tokens + depth + 1, temperature=temperature,
                        top_p=top_p, seed=seed, stop_at=tokens)
     for r in run.results:
         assert r.finish_reason == "stop", (r.finish_reason, "a step was cut short")
         assert r.stats.new_tokens == sum(a + 1 for a in r.stats.accepted_per_step), "a step's tokens went missing"
+    steps = sum(r.stats.steps for r in run.results)
+    sizes = [n for r in run.results for n in r.stats.tree_sizes]
     return Measured([(r.stats.new_tokens, r.stats.steps) for r in run.results], run.seconds,
-                    [t[:tokens] for t in run.tokens])
+                    [t[:tokens] for t in run.tokens], sum(sizes) / len(sizes) if sizes else math.nan,
+                    sum(r.stats.draft_nodes for r in run.results) / steps if steps else math.nan)
 
 
 def fmt(m: Measured) -> str:
@@ -250,6 +270,10 @@ class Settings:
     prompt_len: int
     seed: int = 0
     device: str = "cpu"
+    dynamic_sizes: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64, 128, 256, 512])
+    dynamic_temperatures: list[float] = field(default_factory=lambda: [0.0, 0.6])
+    dynamic_depth: int = 16  # the depth limit of dynamic and DP trees in (c)
+    key_sizes: list[int] = field(default_factory=lambda: [16, 64])
 
     def prompts_for(self, n: int) -> int:
         if n <= self.full_prompts_until:
@@ -271,7 +295,10 @@ def settings_from(a: argparse.Namespace) -> Settings:
         full_prompts_until=pick(a.full_prompts_until, 64, 64), tokens=tokens,
         batch=pick(a.batch_size, 16, 4), width=pick(a.width, 32, 8), max_depth=pick(a.max_depth, 64, 16),
         method_tree_size=pick(a.method_tree_size, 32, min(16, max(sizes))),
-        acceptance_tokens=pick(a.acceptance_tokens, tokens, tokens), prompt_len=8, seed=a.seed, device=a.device)
+        acceptance_tokens=pick(a.acceptance_tokens, tokens, tokens), prompt_len=8, seed=a.seed, device=a.device,
+        dynamic_sizes=pick(a.dynamic_sizes, [2 ** i for i in range(2, 10)], [4, 16]),
+        dynamic_temperatures=pick(a.dynamic_temperatures, [0.0, 0.6], [0.0, 0.6]),
+        dynamic_depth=pick(a.dynamic_depth, 16, 4), key_sizes=pick(a.key_sizes, [16, 64], [4]))
 
 
 # --- the experiments
@@ -282,6 +309,7 @@ class Acceptance:
     p: list[float]
     steps: int
     seconds: float
+    confidence: dict | None = None  # p by the draft's confidence (planner/acceptance.py): dynamic trees' keys
 
 
 @dataclass
@@ -302,6 +330,33 @@ class SettingRow:
 
 
 @dataclass
+class DynamicRow:
+    n: int
+    prompts: int
+    labels: dict[str, str]  # dp, kseq
+    measured: dict[str, Measured]  # dynamic, dp, kseq, plain (the speed baseline)
+
+    def gain(self) -> tuple[float, float]:
+        """dynamic / DP - 1, paired over the prompts."""
+        return relative_gain(self.measured["dynamic"].seqs, self.measured["dp"].seqs)
+
+    def speed(self, family: str) -> float:
+        """tokens/s as a ratio to plain decoding in the same run."""
+        return self.measured[family].tokens_per_s / self.measured["plain"].tokens_per_s
+
+
+@dataclass
+class KeyRow:
+    temperature: float
+    n: int
+    measured: dict[str, Measured]  # by KEYS
+
+    def gain(self, key: str) -> tuple[float, float]:
+        """key / positional - 1, paired (positional keys grow Sequoia's best-first tree)."""
+        return relative_gain(self.measured[key].seqs, self.measured["positional"].seqs)
+
+
+@dataclass
 class Results:
     pair: Pair
     prompts_source: str
@@ -310,6 +365,8 @@ class Results:
     settings: list[SettingRow] = field(default_factory=list)
     method_tree: Tree = field(default_factory=lambda: Tree([-1]))
     method_tree_source: str = ""
+    dynamic: dict[float, list[DynamicRow]] = field(default_factory=dict)  # by temperature
+    keys: list[KeyRow] = field(default_factory=list)
 
 
 class Runner:
@@ -319,13 +376,17 @@ class Runner:
         self.pair, self.cfg, self.log = pair, cfg, log
         args = ModelArgs.from_file(pair.target)
         # Room in the context window for the prompt, the generated tokens and the largest tree.
-        largest = max(max(cfg.sizes), cfg.method_tree_size)
+        largest = max(max(cfg.sizes), cfg.method_tree_size, max(cfg.dynamic_sizes) + cfg.dynamic_depth)
         room = args.max_position_embeddings - cfg.tokens - largest - 2
         if room < 4:
             raise UsageError(f"the context window ({args.max_position_embeddings}) cannot hold --tokens "
                              f"{cfg.tokens} plus a tree of {largest} nodes and a prompt; lower --tokens or the sizes")
         self.prompts = [ids[-room:] for ids in prompts]
-        self.max_seq_len = max(len(x) for x in self.prompts) + cfg.tokens + largest + 2
+        # Grown trees draw each level within the room left in the window (spec/growth.py): give them the model's
+        # whole window, up to what an unnarrowed growth of the largest dynamic size could draw.
+        grown = max(cfg.dynamic_sizes) * cfg.dynamic_depth
+        self.max_seq_len = min(args.max_position_embeddings,
+                               max(len(x) for x in self.prompts) + cfg.tokens + max(largest, grown) + 2)
         self.refs = (resolve_model(str(pair.target))[0], resolve_model(str(pair.draft))[0])
         self.engines: dict[str, object] = {}
 
@@ -346,12 +407,13 @@ class Runner:
                                    top_p=top_p, width=cfg.width, prompts=self.prompts[: cfg.prompts],
                                    prompts_source="ablations", max_new_tokens=cfg.acceptance_tokens,
                                    seed=ACCEPTANCE_SEED, batch_size=cfg.batch)
-            res.acceptance[key] = Acceptance(list(r.p), r.steps, r.elapsed_s)
+            res.acceptance[key] = Acceptance(list(r.p), r.steps, r.elapsed_s, r.confidence)
             self.log(f"acceptance at T={temperature:g}, top-p {top_p:g}: p[1..4] = "
                      f"{', '.join(f'{x:.3f}' for x in r.p[:4])} ({r.steps} steps, {r.elapsed_s:.1f} s)")
         return res.acceptance[key]
 
-    def run(self, method: str, tree: Tree, n_prompts: int, temperature: float, top_p: float) -> Measured:
+    def run(self, method: str, tree: Tree | DynamicTree, n_prompts: int, temperature: float,
+            top_p: float) -> Measured:
         return measure(self.engine(method), tree, self.prompts[:n_prompts], self.cfg.tokens, temperature, top_p,
                        self.cfg.seed)
 
@@ -397,6 +459,41 @@ class Runner:
                 measured[method] = self.run(method, res.method_tree, cfg.prompts, temperature, top_p)
             res.settings.append(SettingRow(temperature, top_p, measured, expected_tokens(res.method_tree, p)))
             self.log(f"T={temperature:g} top-p {top_p:g}: " + ", ".join(f"{m} {fmt(x)}" for m, x in measured.items()))
+
+    # --- (c) dynamic trees
+
+    def dynamic(self, res: Results, temperature: float) -> None:
+        cfg, d = self.cfg, self.cfg.dynamic_depth
+        acc = self.acceptance(res, temperature, 1.0)
+        conf = ConfidenceAcceptance.from_dict(acc.confidence)
+        table = best_trees(acc.p, max(cfg.dynamic_sizes), d)
+        rows = []
+        for n in cfg.dynamic_sizes:
+            k, l = best_k_sequences(n, acc.p)
+            trees = {"dynamic": DynamicTree(n, d, acceptance=conf), "dp": table.tree(n, d),
+                     "kseq": k_sequences_tree(k, l), "plain": Tree([-1])}
+            count = cfg.prompts_for(n)
+            seen: dict[Tree, Measured] = {}  # identical static trees (small sizes) are measured once
+            measured = {}
+            for fam, tree in trees.items():
+                if isinstance(tree, DynamicTree):
+                    measured[fam] = self.run("sequoia", tree, count, temperature, 1.0)
+                    continue
+                if tree not in seen:
+                    seen[tree] = self.run("sequoia", tree, count, temperature, 1.0)
+                measured[fam] = seen[tree]
+            row = DynamicRow(n, count, {"dp": f"{len(trees['dp'])} nodes, depth {trees['dp'].max_depth}",
+                                        "kseq": f"{k} x {l}"}, measured)
+            rows.append(row)
+            self.log(f"T={temperature:g} size {n}: dynamic {fmt(measured['dynamic'])}, DP {fmt(measured['dp'])}, "
+                     f"k seq {fmt(measured['kseq'])}; dynamic vs DP {fmt_gain(row.gain())} ({count} prompts)")
+        res.dynamic[temperature] = rows
+        for n in cfg.key_sizes:
+            models = {"confidence": conf, "draft": DraftProbabilities(), "positional": PositionalAcceptance(tuple(acc.p))}
+            measured = {key: self.run("sequoia", DynamicTree(n, d, acceptance=m), cfg.prompts, temperature, 1.0)
+                        for key, m in models.items()}
+            res.keys.append(KeyRow(temperature, n, measured))
+            self.log(f"T={temperature:g} keys at size {n}: " + ", ".join(f"{key} {fmt(x)}" for key, x in measured.items()))
 
 
 # --- tables
@@ -540,6 +637,75 @@ def method_claims(res: Results) -> list[str]:
             f"Sequoia is behind by more than two standard errors against: {', '.join(worse)}."]
 
 
+def regime(temperature: float) -> str:
+    return "greedy (T = 0)" if temperature == 0 else f"T = {temperature:g}, top-p 1"
+
+
+def dynamic_table(res: Results, temperature: float, cfg: Settings) -> Table:
+    rows = []
+    for r in res.dynamic[temperature]:
+        m = r.measured
+        rows.append({"n": r.n, **{f: m[f] for f in DYNAMIC_FAMILIES}, "gain": r.gain(), "dp_label": r.labels["dp"],
+                     "kseq_label": r.labels["kseq"], "nodes": m["dynamic"].nodes,
+                     "draft_dyn": m["dynamic"].draft_nodes, "draft_dp": m["dp"].draft_nodes,
+                     **{f"{f}_speed": r.speed(f) for f in DYNAMIC_FAMILIES}, "prompts": r.prompts})
+    d = cfg.dynamic_depth
+    table = res.acceptance[(temperature, 1.0)].confidence["table"]
+    return Table(f"{DYNAMIC_TITLE} on {res.pair.label}, {regime(temperature)}",
+                 [Column("n", "n"), Column("dynamic", "dynamic", fmt), Column("dp", "DP", fmt),
+                  Column("kseq", "k seq", fmt), Column("gain", "dynamic vs DP", fmt_gain), Column("dp_label", "DP tree"),
+                  Column("kseq_label", "k x l"), Column("nodes", "dyn. nodes", ".0f"),
+                  Column("draft_dyn", "draft nodes dyn.", ".0f"), Column("draft_dp", "draft nodes DP", ".0f"),
+                  Column("dynamic_speed", "tokens/s dyn.", report.times), Column("dp_speed", "tokens/s DP", report.times),
+                  Column("kseq_speed", "tokens/s k seq", report.times), Column("prompts", "prompts")], rows,
+                 [f"tokens per step {PLUS_MINUS} one standard error (per-sequence estimate), {cfg.tokens} tokens per "
+                  f"prompt; dynamic vs DP paired over the same prompts and seeds",
+                  f"dynamic: DynamicTree(n, {d}) keyed by the acceptance vector by the draft's confidence (8 bins of its "
+                  f"top probability at the node) measured with the acceptance vector above; DP: best_trees(p, "
+                  f"{max(cfg.dynamic_sizes)}, {d}).tree(n, {d}); k seq as in the size tables; p[1] by confidence bin "
+                  f"goes from {table[0][0]:.2f} (least confident) to {table[-1][0]:.2f} (most)",
+                  "dyn. nodes: mean size of the verified grown trees; draft nodes: tree nodes run through the draft "
+                  "per step",
+                  f"tokens/s: the {cfg.device.upper()}'s for the whole batch ({cfg.batch} rows), as a ratio to plain "
+                  f"decoding (no draft) on the same prompts in the same run"])
+
+
+def keys_table(res: Results, cfg: Settings) -> Table:
+    rows = [{"setting": regime(r.temperature), "n": r.n, **r.measured,
+             **{f"{key}_gain": r.gain(key) for key in KEYS[:2]}} for r in res.keys]
+    return Table(f"{KEYS_TITLE} on {res.pair.label}",
+                 [Column("setting", "setting"), Column("n", "n"), Column("confidence", "confidence table", fmt),
+                  Column("draft", "draft probabilities", fmt), Column("positional", "positional (= Sequoia)", fmt),
+                  Column("confidence_gain", "confidence vs positional", fmt_gain),
+                  Column("draft_gain", "draft vs positional", fmt_gain)], rows,
+                 [f"tokens per step of DynamicTree(n, {cfg.dynamic_depth}) keyed three ways, on the same {cfg.prompts} "
+                  f"prompts and seeds: a_u(r) = p[r | the draft's top probability at u] (8 bins), the draft's own r-th "
+                  "largest probability (EAGLE-2's and SpecExec's score), or p[r] whatever u (growth is then Sequoia's "
+                  "best-first search)"])
+
+
+def dynamic_claims(res: Results) -> list[str]:
+    """Where dynamic trees win and where they do not, by two standard errors of the paired gain."""
+    out = []
+    for t, rows in res.dynamic.items():
+        gains = [(r.n, *r.gain()) for r in rows]
+        wins = [f"{n} ({g * 100:+.0f}%)" for n, g, se in gains if g > 2 * se]
+        losses = [f"{n} ({g * 100:+.0f}%)" for n, g, se in gains if g < -2 * se]
+        even = [str(n) for n, g, se in gains if abs(g) <= 2 * se]
+        big = [g for n, g, _ in gains if n >= 64]
+        goal = (f" At n >= 64 dynamic gives {min(big) * 100:+.0f}% to {max(big) * 100:+.0f}% tokens per step over "
+                "DP (goal: +20%).") if big else ""
+        speed = ", ".join(f"{r.n}: {r.speed('dynamic') / r.speed('dp'):.2f}x" for r in rows)
+        out.append(f"{regime(t)}: dynamic ahead (by > 2 s.e.) at n = {', '.join(wins) or 'none'}; behind at "
+                   f"{', '.join(losses) or 'none'}; within noise at {', '.join(even) or 'none'}.{goal} Tokens/s "
+                   f"dynamic / DP: {speed}.")
+    for key, name in (("confidence", "the confidence table"), ("draft", "the draft's own probabilities")):
+        gains = [f"{regime(r.temperature)} n={r.n}: {fmt_gain(r.gain(key))}" for r in res.keys]
+        if gains:
+            out.append(f"Keyed by {name} against positional keys (Sequoia's tree): {'; '.join(gains)}.")
+    return out
+
+
 # --- plots
 
 
@@ -602,6 +768,27 @@ def plot_methods(plt, res: Results, path: Path) -> None:
     _save(plt, fig, path)
 
 
+DYNAMIC_STYLE = {"dynamic": ("dynamic (grown per step)", "C3"), "dp": ("DP tree (Sequoia)", "C0"),
+                 "kseq": ("best k independent sequences", "C1")}
+
+
+def plot_dynamic(plt, res: Results, path: Path) -> None:
+    temps = list(res.dynamic)
+    fig, axes = plt.subplots(1, len(temps), figsize=(5.2 * len(temps), 4.2), squeeze=False, sharey=True)
+    for ax, t in zip(axes[0], temps):
+        rows = res.dynamic[t]
+        for fam, (label, color) in DYNAMIC_STYLE.items():
+            _errorbars(ax, [r.n for r in rows], [r.measured[fam] for r in rows], label, color)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tree size n (nodes)")
+        ax.set_title(regime(t), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("tokens per step")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"Dynamic vs static trees: {res.pair.label} pair (error bars: 1 s.e.)", fontsize=10)
+    _save(plt, fig, path)
+
+
 def write_plots(res: Results, plots_dir: Path) -> tuple[dict[str, Path], str | None]:
     """({png name: path} written, notice): the notice says why nothing was drawn (no matplotlib)."""
     try:
@@ -612,7 +799,8 @@ def write_plots(res: Results, plots_dir: Path) -> tuple[dict[str, Path], str | N
     import matplotlib.pyplot as plt
 
     images = {}
-    for name, drawn, plot in ((TREE_PNG, res.sizes, plot_tree_sizes), (TEMPERATURE_PNG, res.settings, plot_methods)):
+    for name, drawn, plot in ((TREE_PNG, res.sizes, plot_tree_sizes), (TEMPERATURE_PNG, res.settings, plot_methods),
+                              (DYNAMIC_PNG, res.dynamic, plot_dynamic)):
         if drawn:
             images[name] = plots_dir / name
             plot(plt, res, images[name])
@@ -635,17 +823,23 @@ def markdown_section(res: Results, tables: Sequence[Table], *, machine: str, com
     blocks: list[Table | str] = list(tables)
     # Each plot goes after the last table it draws.
     for title, name, alt in ((SIZE_TITLE, TREE_PNG, "tokens per step vs tree size"),
-                             (METHOD_TITLE, TEMPERATURE_PNG, "tokens per step vs temperature")):
+                             (METHOD_TITLE, TEMPERATURE_PNG, "tokens per step vs temperature"),
+                             (DYNAMIC_TITLE, DYNAMIC_PNG, "dynamic vs static trees")):
         drawn = [i for i, t in enumerate(blocks) if isinstance(t, Table) and t.title.startswith(title)]
         if drawn and name in images:
             blocks.insert(drawn[-1] + 1, report.link(images[name], md_path, alt))
-    claims = ["### The paper's claims against these numbers",
-              "**Claim 1: DP trees keep gaining as they grow; k independent sequences and chains flatten.**",
-              "\n".join(f"- {s}" for s in tree_claims(res)) or "- (tree sizes not run)",
-              "**Claim 2: sampling without replacement holds up at every temperature.**",
-              "\n".join(f"- {s}" for s in method_claims(res)) or "- (methods not run)",
-              "**Where we differ from the paper, and why.** _(to be written after reading the numbers above: a "
-              "small model pair is not Llama-2-7B/70B.)_"]
+    claims = []
+    if res.sizes or res.settings:
+        claims += ["### The paper's claims against these numbers",
+                   "**Claim 1: DP trees keep gaining as they grow; k independent sequences and chains flatten.**",
+                   "\n".join(f"- {s}" for s in tree_claims(res)) or "- (tree sizes not run)",
+                   "**Claim 2: sampling without replacement holds up at every temperature.**",
+                   "\n".join(f"- {s}" for s in method_claims(res)) or "- (methods not run)",
+                   "**Where we differ from the paper, and why.** _(to be written after reading the numbers above: a "
+                   "small model pair is not Llama-2-7B/70B.)_"]
+    if res.dynamic:
+        claims += ["**Dynamic trees against Sequoia's static tree: where they win and where they do not.**",
+                   "\n".join(f"- {s}" for s in dynamic_claims(res))]
     return report.section(f"Sequoia ablations on the {res.pair.label} pair", machine=machine,
                           command=f"`{command}` ({minutes:.1f} min)", intro=intro, blocks=blocks + claims, date=date)
 
@@ -662,7 +856,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--output", type=Path, default=h.BENCHMARKS_MD, help="the Markdown file to append to")
     add("--plots-dir", type=Path, default=None,
         help="where the PNGs go (default: next to --output; with --no-write: no plots)")
-    add("--experiments", type=h.csv(str), default=["sizes", "methods"], help="sizes, methods or both (default both)")
+    add("--experiments", type=h.csv(str), default=["sizes", "methods"],
+        help="any of sizes, methods, dynamic (default sizes,methods)")
     add("--model", default=None, help="target (default: the demo pair; --small: a tiny random pair)")
     add("--draft", default=None, help="draft (with --model)")
     add("--threads", type=int, default=None, help="torch threads (default 2; --small: 1)")
@@ -690,20 +885,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="depth limit of the DP trees (default 64, which does not bind at 512 nodes unless p[1] is near 1: the "
              "tables show each tree's depth)")
     add("--method-tree-size", type=int, default=None, help="tree size of (b) (default 32)")
+    add("--dynamic-sizes", type=h.csv(int), default=None, help="tree sizes of (c) (default 4,8,...,512)")
+    add("--dynamic-temperatures", type=h.csv(float), default=None, help="temperatures of (c) (default 0,0.6)")
+    add("--dynamic-depth", type=int, default=None, help="depth limit of dynamic and DP trees in (c) (default 16)")
+    add("--key-sizes", type=h.csv(int), default=None,
+        help="sizes at which (c) compares the keys of dynamic trees (default 16,64; empty: none)")
     add("--seed", type=int, default=0, help="base seed: prompt i uses seed + i (default 0)")
     add("--debug", action="store_true", help="show Python tracebacks")
     a = p.parse_args(argv)
-    if not a.experiments or any(x not in ("sizes", "methods") for x in a.experiments):
-        p.error("--experiments takes sizes, methods or sizes,methods")
+    if not a.experiments or any(x not in EXPERIMENTS for x in a.experiments):
+        p.error(f"--experiments takes any of {', '.join(EXPERIMENTS)}, comma-separated")
     if (a.model is None) != (a.draft is None):
         p.error("--model and --draft go together")
     h.check_positive(p, a, ("threads", "prompts", "min_prompts", "full_prompts_until", "tokens", "batch_size",
                             "width", "acceptance_tokens", "method_tree_size"))
     if a.sizes is not None and (not a.sizes or min(a.sizes) < 1):
         p.error("--sizes must be whole numbers >= 1")
+    if a.dynamic_sizes is not None and (not a.dynamic_sizes or min(a.dynamic_sizes) < 2):
+        p.error("--dynamic-sizes must be whole numbers >= 2")
+    if a.dynamic_depth is not None and a.dynamic_depth < 1:
+        p.error("--dynamic-depth must be >= 1")
     if a.max_depth is not None and a.max_depth < 0:
         p.error("--max-depth must be >= 0")
-    temps = (a.size_temperatures or []) + (a.temperatures or []) + [a.top_p_temperature]
+    temps = (a.size_temperatures or []) + (a.temperatures or []) + (a.dynamic_temperatures or []) + [a.top_p_temperature]
     if any(t < 0 for t in temps) or any(not 0 < q <= 1 for q in a.top_ps or []):
         p.error("temperatures must be >= 0 and top-p values in (0, 1]")
     if (a.prompts or 2) < 2:
@@ -760,10 +964,16 @@ def run(argv: Sequence[str]) -> Outcome:
                 runner.tree_sizes(res, t)
         if "methods" in a.experiments:
             runner.methods(res)
+        if "dynamic" in a.experiments:
+            for t in cfg.dynamic_temperatures:
+                runner.dynamic(res, t)
         runner.engines.clear()
     tables = [acceptance_table(res, cfg.width)] + [size_table(res, t, cfg) for t in res.sizes]
     if res.settings:
         tables.append(method_table(res, cfg))
+    tables += [dynamic_table(res, t, cfg) for t in res.dynamic]
+    if res.keys:
+        tables.append(keys_table(res, cfg))
     machine = h.machine_description(threads)
     if cfg.device != "cpu":
         machine = f"{torch.cuda.get_device_name(cfg.device)} ({cfg.device}, float32); host: {machine}"
@@ -775,7 +985,7 @@ def run(argv: Sequence[str]) -> Outcome:
              "length budget (requests run past it and stop at the first step that reaches it)",
              "predicted = Sequoia's objective expected_tokens(tree, p) with the acceptance vector measured at "
              f"the same setting on the same prompts (other seeds), {cfg.acceptance_tokens} tokens per prompt"]
-    return Outcome(res, tables, tree_claims(res) + method_claims(res), machine,
+    return Outcome(res, tables, tree_claims(res) + method_claims(res) + dynamic_claims(res), machine,
                    shlex.join(["python", "tools/ablations.py", *argv]), (time.perf_counter() - log.start) / 60,
                    intro, images, notice)
 

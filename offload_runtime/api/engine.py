@@ -26,14 +26,16 @@ from ..model.kv_cache import KVCache
 from ..model.transformer import Transformer
 from ..model.tree import Tree
 from ..residency import Residency
+from ..spec.growth import DynamicTree
 from ..spec.methods import Method
-from ..spec.policy import TreePolicy, default_tree
+from ..spec.policy import TreePolicy, TreeSpec, default_tree, tree_option
 from ..spec.sampling import make_generator
 from ..streaming import StreamedLayers, SweepStats
 from .options import GenerationDefaults, check_seed
 from .text import ChatSession, TextCodec, TextStream, normalise_stop, watch
 
 Prompt = str | Sequence[int]
+TreeOption = Tree | DynamicTree | Sequence[int] | str | None  # per call: a tree, a growth policy, or a mode
 
 
 @dataclass
@@ -116,7 +118,13 @@ class Engine:
         given, the store also serves the host layers, mapped shared, so processes on one machine share them.
         prefetch / read_threads: staging buffers and reader threads of the disk tier (default: the plan's, else 2
         and 4). `engine.residency` tells where each layer lives (.resident, .host, .disk).
-        tree: a parent array (or Tree) every request uses, overriding the plans.
+        tree: "auto" (default) follows the plans: each regime's plan says whether Sequoia's static tree or trees grown
+        per step from the draft's probabilities are faster here (static without a plan); "static" takes the planned
+        static tree; "dynamic" grows each step's tree (spec/growth.py) with the plan's budget and calibration, or the
+        device's default budget keyed by the draft's own probabilities; a parent array (or Tree, or DynamicTree) is
+        used by every request, overriding the plans.
+        tree_size / tree_depth: the budget (nodes, root included; depth limit) of "static" / "dynamic" / "auto" trees,
+        overriding the plan's (a static tree of another size is the best one for the plan's acceptance vector).
         plan: "auto" uses the planner's plans for this machine and model pair, each request the one made for its
         sampling settings (one line on stderr says which, or that none matched and the default tree is used);
         a path uses that plan file; None skips plans.
@@ -144,8 +152,10 @@ class Engine:
         """Per-sweep bytes, time, GB/s and copy waits of the streamed target (empty when nothing streams)."""
         return self.target.layers.resolve_stats() if self.offloaded else []
 
-    def tree_for(self, params: SamplingParams) -> Tree:
-        return self.trees.tree_for(params.temperature, params.top_p)
+    def tree_for(self, params: SamplingParams, mode: str | None = None) -> TreeSpec:
+        """The tree (or growth policy) a request with these settings gets: in `mode` ("auto", "static", "dynamic";
+        None: the engine's)."""
+        return self.trees.tree_for(params.temperature, params.top_p, mode)
 
     # --- text
 
@@ -171,13 +181,18 @@ class Engine:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context window holds "
                                      f"{self.max_seq_len}; shorten the prompt{more}")
 
-    def _prepare(self, req: Request, params: SamplingParams, tree: Tree | Sequence[int] | None) -> None:
+    def _prepare(self, req: Request, params: SamplingParams, tree: TreeOption) -> None:
         req.params = params
-        req.tree = self.tree_for(params) if tree is None or self.draft is None else _as_tree(tree)
+        if tree is None or self.draft is None:
+            req.tree = self.tree_for(params)
+        elif isinstance(tree, str):
+            req.tree = self.tree_for(params, tree_option(tree)[0])
+        else:
+            req.tree = tree if isinstance(tree, DynamicTree) else _as_tree(tree)
         req.rng = make_generator(params.seed)
         req.draft_rng = make_generator(params.seed + 1, self.draft.device if self.draft else "cpu")
 
-    def new_request(self, ids: list[int], *, tree: Tree | Sequence[int] | None = None,
+    def new_request(self, ids: list[int], *, tree: TreeOption = None,
                     **sampling: Any) -> Request:
         """A request for prompt token ids, with sampling settings (defaults from generation_config.json)."""
         self._check_length(ids)
@@ -186,7 +201,7 @@ class Engine:
         self._prepare(req, params, tree)
         return req
 
-    def renew_request(self, req: Request, ids: list[int], *, tree: Tree | Sequence[int] | None = None,
+    def renew_request(self, req: Request, ids: list[int], *, tree: TreeOption = None,
                       **sampling: Any) -> None:
         """The next turn of a conversation on the same request (its cached prefix is kept)."""
         params = self.sampling_params(**sampling)
@@ -196,7 +211,7 @@ class Engine:
     def request(self, prompt: Prompt | None = None, *, messages: Sequence[dict[str, str]] | None = None,
                 max_new_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                 seed: int | None = None, ignore_eos: bool = False, stop: Sequence[str] | str = (),
-                tree: Tree | Sequence[int] | None = None) -> Request:
+                tree: TreeOption = None) -> Request:
         """A request for `run`: a prompt (text or token ids) or chat messages, with its own sampling settings,
         stop strings and (optionally) its own tree."""
         if (prompt is None) == (messages is None):
@@ -253,11 +268,12 @@ class Engine:
     def generate(self, prompts: Prompt | Sequence[Prompt], *, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, seed: int | Sequence[int] | None = None,
                  ignore_eos: bool = False, stop: Sequence[str] | str = (),
-                 tree: Tree | Sequence[int] | None = None) -> Generations:
+                 tree: TreeOption = None) -> Generations:
         """One GenerationResult per prompt. A prompt is a string or a list of token ids.
 
         With several prompts and one seed, prompt i uses seed + i (so it gives the tokens it gives alone with
-        that seed); a list of seeds gives one per prompt. `tree` overrides the planned tree for this call.
+        that seed); a list of seeds gives one per prompt. `tree` overrides the planned tree for this call: a tree, a
+        DynamicTree, or a mode ("static", "dynamic", "auto").
         """
         batch = _as_prompt_list(prompts)
         if isinstance(seed, (list, tuple)):

@@ -19,8 +19,9 @@ from ..model.config import ModelArgs
 from ..model.quantization import KernelChoice, QuantSpec
 from ..model.tree import Tree
 from ..residency import Residency, choose_residency, fixed_device_bytes
+from ..spec.growth import ConfidenceAcceptance, DynamicTree
 from ..spec.methods import get_method
-from ..spec.policy import PlannedTree, TreePolicy, default_tree
+from ..spec.policy import PlannedTree, TreePolicy, default_dynamic, default_tree, tree_option
 from ..weights.checkpoint import Checkpoint, resolve_model_dir
 from ..weights.disk import DEFAULT_PREFETCH, DEFAULT_READ_THREADS, LayerFiles, StoreKey, layout_signature, open_store
 from ..weights.layout import layer_layout
@@ -120,7 +121,7 @@ def _draft_name(model: str, draft: str | os.PathLike | None | bool) -> str | Non
 
 def _planned_trees(plan: str | os.PathLike | None, model: str, draft: str, device: torch.device,
                    dtype: torch.dtype, batch_size: int, max_seq_len: int, quiet: bool,
-                   formats: tuple[str | None, str | None], flags: str) -> list:
+                   formats: tuple[str | None, str | None], flags: str, mode: str = "auto") -> list:
     """The plans to follow (one per sampling regime, made for these weight formats) after dropping those whose
     tree does not fit the window."""
     if plan is None:
@@ -138,6 +139,9 @@ def _planned_trees(plan: str | os.PathLike | None, model: str, draft: str, devic
                         f"window, so {p.regime()} requests use the default tree")
         else:
             kept.append(p)
+    if mode == "dynamic" and not any(p.dynamic and p.dynamic.get("acceptance") for p in kept):
+        message += ("; " if message else "") + ("dynamic trees have no measured calibration here: they are keyed by "
+                                                "the draft's own probabilities (a plan measures one)")
     if message and not quiet:
         print(message, file=sys.stderr)
     return kept
@@ -181,10 +185,22 @@ def planned_kernel(plan: Any, quant: QuantSpec | None) -> KernelChoice | None:
     return KernelChoice(int(measured["max_tokens"]), f"plan {plan.path}")
 
 
+def planned_tree(plan: Any) -> PlannedTree:
+    """What the runtime takes from a plan (api/plans.py Plan): its static tree, its policy, its dynamic budget."""
+    grown = None
+    if plan.dynamic:
+        d = plan.dynamic
+        calibration = ConfidenceAcceptance.from_dict(d["acceptance"]) if d.get("acceptance") else None
+        grown = DynamicTree(int(d["size"]), int(d["depth"]), d.get("width"), calibration)
+    return PlannedTree(plan.temperature, plan.top_p, Tree(plan.tree), str(plan.path), plan.policy, grown,
+                       tuple(plan.acceptance.get("p") or ()))
+
+
 def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None | bool = None,
          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
          offload: bool | None = None, gpu_memory: str | int | None = None, max_seq_len: int | None = None,
-         batch_size: int = 1, tree: Sequence[int] | Tree | None = None, method: Any = "sequoia",
+         batch_size: int = 1, tree: Any = None, tree_size: int | None = None, tree_depth: int | None = None,
+         method: Any = "sequoia",
          plan: str | os.PathLike | None = "auto", slots: int = 2, resident_layers: int | None = None,
          max_chunk: int = 2048, host_memory: str | int | None = None, offload_dir: str | os.PathLike | None = None,
          prefetch: int | None = None, read_threads: int | None = None, progress: bool | None = None,
@@ -200,12 +216,7 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
         if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
             raise UsageError(f"{label} must be a whole number >= {lowest}, got {value!r}")
     spec_method = get_method(method)
-    fixed_tree = None
-    if tree is not None:
-        try:
-            fixed_tree = Tree.of(tree)
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"invalid tree: {e}") from None
+    mode, fixed_tree = tree_option(tree, tree_size, tree_depth)
     target_path, target_ckpt = open_checkpoint(model)
     targs = target_ckpt.args
     if group_size is not None and quantize is None and draft_quantize is None:
@@ -237,9 +248,9 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
             # Plans by the names the user gave, as the planner keyed them.
             formats = (target_quant.label if target_quant else None, draft_quant.label if draft_quant else None)
             plans = _planned_trees(plan, model, draft_name, dev, dt, batch_size, seq_len, quiet, formats,
-                                   quantize_flags(quantize, group_size, draft_quantize))
-            trees = TreePolicy(default_tree(dev), [PlannedTree(p.temperature, p.top_p, Tree(p.tree), str(p.path))
-                                                   for p in plans])
+                                   quantize_flags(quantize, group_size, draft_quantize), mode)
+            trees = TreePolicy(default_tree(dev), [planned_tree(p) for p in plans], mode=mode, size=tree_size,
+                               depth=tree_depth, default_grown=default_dynamic(dev))
         else:
             trees = TreePolicy.one(fixed_tree)
     # The budget the plan for the model's default sampling chose its resident layers for.

@@ -34,7 +34,8 @@ from . import registry
 from .home import short_hash, store_dir, write_json
 from .machine import machine_fingerprint
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the tree policy (static or dynamic) and the dynamic budget; version 1 plans read as static
+READABLE_VERSIONS = (1, 2)
 _EDGE_BYTES = 1 << 20  # data bytes hashed at each end of a shard
 
 
@@ -137,6 +138,10 @@ class Plan:
     # Packed weight formats the plan was made for: target / draft labels (e.g. "int4-g128"; None: float) and the
     # planner flags that asked for them (empty: both models as their checkpoints hold them, unquantized).
     weights: dict[str, Any] = field(default_factory=dict)
+    policy: str = "static"  # "static": every step uses `tree`; "dynamic": each step grows a tree (spec/growth.py)
+    # The measured dynamic budget, even when static won: size, depth, width, acceptance (the calibration, or None),
+    # measured (tokens per step and step times per size), reason (why this policy, in words). None: not measured.
+    dynamic: dict[str, Any] | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     version: int = PLAN_VERSION
     path: Path | None = field(default=None, compare=False)  # where it was read from / written to
@@ -179,10 +184,16 @@ class Plan:
     def default_path(self) -> Path:
         return store_dir("plans") / f"{short_hash(self.key())}.json"
 
+    def describe_tree(self) -> str:
+        if self.policy == "dynamic":
+            d = self.dynamic
+            return f"dynamic trees of up to {d['size']} nodes, depth <= {d['depth']}"
+        return f"{self.n} nodes, depth {self.depth}"
+
     def summary(self) -> str:
         pr = self.predicted
         disk = len(self.storage.get("disk_layers") or [])
-        return (f"{self.n} nodes, depth {self.depth}, {len(self.resident_layers)}/{self.n_layers} resident layers"
+        return (f"{self.describe_tree()}, {len(self.resident_layers)}/{self.n_layers} resident layers"
                 f"{f', {disk} read from disk' if disk else ''}"
                 f"{f', batch {self.batch_size}' if self.batch_size != 1 else ''}, predicted "
                 f"{pr['s_per_token']:.3g} s/token ({pr['tokens_per_step']:.2f} tokens/step, "
@@ -205,9 +216,9 @@ class Plan:
     def from_dict(cls, data: Any, where: str = "plan") -> "Plan":
         if not isinstance(data, dict) or data.get("kind") != "plan":
             raise PlanError(f"{where} is not a planner plan; make one with `python -m planner plan`")
-        if data.get("version") != PLAN_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise PlanError(f"{where} has plan format version {data.get('version')}, this runtime reads "
-                            f"{PLAN_VERSION}; rebuild it with `python -m planner plan`")
+                            f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild it with `python -m planner plan`")
         try:
             optional = {f.name for f in dataclasses.fields(cls)
                         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
@@ -219,6 +230,8 @@ class Plan:
             for k in ("tokens_per_step", "s_per_token", "tokens_per_s"):
                 float(plan.predicted[k])
             _check_kinds(plan)
+            if plan.policy == "dynamic" and plan.dynamic is None:
+                raise KeyError("dynamic")
         except KeyError as e:
             raise PlanError(f"{where} is not a complete plan (no {e.args[0]!r}); rebuild it with "
                             f"`python -m planner plan`") from None
@@ -253,6 +266,9 @@ def _check_kinds(plan: Plan) -> None:
     ]
     kinds += [(name, getattr(plan, name), isinstance(getattr(plan, name), dict))
               for name in ("machine", "acceptance", "figures", "predicted")]
+    d = plan.dynamic
+    kinds += [("policy", plan.policy, plan.policy in ("static", "dynamic")),
+              ("dynamic", d, d is None or (isinstance(d, dict) and whole(d.get("size"), 1) and whole(d.get("depth"), 1)))]
     for role, ref in (("target", plan.target), ("draft", plan.draft)):
         kinds += [(f"{role}.{k}", getattr(ref, k), isinstance(getattr(ref, k), str))
                   for k in ("name", "identity", "fingerprint")]

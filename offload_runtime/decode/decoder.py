@@ -5,8 +5,10 @@ The decoder knows only token ids. Each sequence owns one row of the target's and
 keeps the invariant of `Request`: its last token (the *root*) is not cached yet; tokens[cached:-1] are
 committed but not cached. One target forward per step runs, for every row, that pending chain with the row's
 tree grafted onto its end, so prefill and verification share a sweep. Plain decoding is the same step with a
-one-node tree. Every row has its own tree (its request's) and its own sampling settings; one draft forward
-per tree level serves all rows.
+one-node tree. Every row has its own tree and its own sampling settings; one draft forward per tree level serves
+all rows. A row's tree is either its request's fixed tree, or grown during the draft phase from the draft's own
+probabilities (a `DynamicTree`, spec/growth.py): then the draft phase decides the shape, level by level, and
+the sweep and the verifier see the kept tree like any other.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ..model.batch import RowChunk, build_forward
 from ..model.kv_cache import KVCache
 from ..model.transformer import Transformer
 from ..model.tree import Tree
+from ..spec.growth import DynamicTree, TreeGrowth
 from ..spec.methods import Method, get_method
 from ..spec.sampling import NodeRows
 from .request import Request
@@ -33,10 +36,20 @@ class RowStep:
 
     seq: Request
     pending: int  # committed tokens the target cache lacks: run as a chain in front of the tree
-    tree: Tree | None  # the row's speculation tree this step; None: the sweep only prefills (long chain)
+    tree: Tree | None  # the row's speculation tree this step (a grown row's is set by draft_trees); None with
+    # grow None: the sweep only prefills (a long chain)
     method: Method  # how its children are drawn and verified (greedy at temperature 0)
     tokens: list[int]  # the token of every tree node, node 0 (the root) first; filled by draft_trees
     draft_probs: NodeRows | None = None  # Q at every internal node [n, V] when drafting samples; else None
+    grow: DynamicTree | None = None  # grow this step's tree from the draft's probabilities
+    # Grown rows: each tree node's index in the draft's chunk, and whether the draft ran it (its K/V is cached).
+    # None: a fixed tree, drafted in place (node u at chunk index u; the draft ran exactly its internal nodes).
+    drawn_index: list[int] | None = None
+    draft_ran: list[bool] | None = None
+
+    @property
+    def speculates(self) -> bool:
+        return self.grow is not None or (self.tree is not None and len(self.tree) > 1)
 
 
 @dataclass
@@ -45,8 +58,12 @@ class Growth:
 
     step: RowStep
     catch: int  # tokens the draft cache lacks before the root: they run with level 0
-    chunk: Tree  # the tree grafted on that catch-up chain
+    chunk: Tree  # the tree grafted on that catch-up chain (a grown row's: every node drawn so far)
     tokens: list[int]  # catch-up tokens, then the tree's (filled level by level; -1: not drawn)
+    grower: TreeGrowth | None = None  # a grown row's growth; None: a fixed tree
+    # A grown row's Q (sampling only): for each live node that has children, by chunk index, its row of the level
+    # tensor it was computed in (nothing is copied; a dropped node lets go of its row).
+    q_rows: dict[int, torch.Tensor] | None = None
 
 
 class Decoder:
@@ -72,7 +89,7 @@ class Decoder:
         marks = self.clock.start()
         plan = [self._plan_row(s) for s in live]
         # 1. Draft the trees: one draft forward per level for every row that speculates.
-        self.draft_trees([r for r in plan if r.tree is not None and len(r.tree) > 1])
+        self.draft_trees([r for r in plan if r.speculates])
         marks.mark()
         # 2. The target sweep: every row's pending chain and tree in one forward.
         logits = self.target_sweep(plan, len(rows))  # [B, N, V]
@@ -93,8 +110,12 @@ class Decoder:
         if pending > self.max_chunk:  # too long for one forward: this sweep only prefills
             return RowStep(s, pending, None, method, [])
         room = self.target_cache.max_len - (len(s.tokens) - 1)
-        speculate = (self.draft is not None and len(s.tree) <= room
-                     and s.params.max_new_tokens - len(s.generated) > 1)
+        grow = isinstance(s.tree, DynamicTree)
+        # A grown tree shrinks to the room left (spec/growth.py); a fixed one must fit whole.
+        fits = room > 1 if grow else len(s.tree) <= room
+        speculate = self.draft is not None and fits and s.params.max_new_tokens - len(s.generated) > 1
+        if grow and speculate:
+            return RowStep(s, pending, None, method, [s.tokens[-1]], grow=s.tree)
         tree = s.tree if speculate else ONE_NODE
         return RowStep(s, pending, tree, method, [s.tokens[-1]] + [-1] * (len(tree) - 1))
 
@@ -109,7 +130,8 @@ class Decoder:
     # --- 1. drafting
 
     def draft_trees(self, rows: list[RowStep]) -> None:
-        """Grow each row's tree level by level: fills `tokens` (and `draft_probs` when sampling)."""
+        """Draft each row's tree level by level: fills `tokens` (and `draft_probs` when sampling); a grown row's
+        `tree` is decided here too."""
         if not rows:
             return
         draft, cache = self.draft, self.draft_cache
@@ -121,17 +143,23 @@ class Decoder:
         for r in rows:
             s = r.seq
             catch = s.tokens[s.draft_cached:-1]
+            if r.grow is not None:
+                room = self.draft_cache.max_len - (len(s.tokens) - 1)
+                grower = TreeGrowth(r.grow, s.tokens[-1], room)
+                g = Growth(r, len(catch), grower.tree().graft(len(catch)), catch + grower.tokens, grower)
+                if not r.method.greedy:
+                    g.q_rows = {}
+                growing.append(g)
+                continue
             growing.append(Growth(r, len(catch), r.tree.graft(len(catch)), catch + r.tokens))
             if not r.method.greedy:
                 r.draft_probs = NodeRows(len(r.tree), self.vocab)
-        for level in range(max(r.tree.max_depth for r in rows)):
+        level = 0
+        while True:
             chunks: list[RowChunk | None] = [None] * B
             expanding: dict[int, tuple[Growth, list[int]]] = {}
             for g in growing:
-                tree = g.step.tree
-                if level >= len(tree.levels):
-                    continue
-                nodes = [u for u in tree.levels[level] if tree.children[u]]
+                nodes = self._level_nodes(g, level)
                 if not nodes:
                     continue
                 run = (list(range(g.catch)) if level == 0 else []) + [g.catch + u for u in nodes]
@@ -143,17 +171,79 @@ class Decoder:
             logits = draft.forward(build_forward(chunks, cache.scratch_slot, draft.args.sliding_window,
                                                  draft.device), cache)  # [B, N, Vd]
             for b, (g, nodes) in expanding.items():
-                r, tree = g.step, g.step.tree
-                k = [len(tree.children[u]) for u in nodes]
-                params = r.seq.params
-                drawn = r.method.draw(self._draft_logits(logits[b, : len(nodes)]), params.temperature,
-                                      params.top_p, k, r.seq.draft_rng)
-                if drawn.probs is not None:
-                    r.draft_probs.put(nodes, drawn.probs)
-                for u, row in zip(nodes, drawn.tokens.tolist()):
-                    for j, child in enumerate(tree.children[u]):
-                        token = row[j] if j < len(row) else -1
-                        g.tokens[g.catch + child] = r.tokens[child] = token
+                g.step.seq.stats.draft_nodes += len(nodes)
+                level_logits = self._draft_logits(logits[b, : len(nodes)])
+                if g.grower is None:
+                    self._draw_level(g, nodes, level_logits, level)
+                else:
+                    self._grow_level(g, nodes, level_logits, level)
+            level += 1
+        for g in growing:
+            if g.grower is not None:
+                self._finish_growth(g)
+
+    @staticmethod
+    def _level_nodes(g: Growth, level: int) -> list[int]:
+        """The nodes of this level the draft runs forward: those with children (a fixed tree), or the growth's
+        frontier."""
+        if g.grower is not None:
+            return list(g.grower.frontier)
+        tree = g.step.tree
+        if level >= len(tree.levels):
+            return []
+        return [u for u in tree.levels[level] if tree.children[u]]
+
+    def _draw_level(self, g: Growth, nodes: list[int], logits: torch.Tensor, level: int) -> None:
+        """A fixed tree: draw the children its shape asks for at these nodes."""
+        r, tree, params = g.step, g.step.tree, g.step.seq.params
+        k = [len(tree.children[u]) for u in nodes]
+        drawn = r.method.draw(logits, params.temperature, params.top_p, k, r.seq.draft_rng)
+        if level == 0:
+            probs = drawn.probs if drawn.probs is not None else r.method.draft_probs(logits[:1], 0.0, 1.0)
+            r.seq.stats.root_confidence.append(float(probs[0].max()))
+        if drawn.probs is not None:
+            r.draft_probs.put(nodes, drawn.probs)
+        for u, row in zip(nodes, drawn.tokens.tolist()):
+            for j, child in enumerate(tree.children[u]):
+                token = row[j] if j < len(row) else -1
+                g.tokens[g.catch + child] = r.tokens[child] = token
+
+    def _grow_level(self, g: Growth, nodes: list[int], logits: torch.Tensor, level: int) -> None:
+        """A grown tree: rank the next level's slots from the draft's probabilities, draw the chosen children,
+        and extend the chunk for the next forward."""
+        r, grower, params = g.step, g.grower, g.step.seq.params
+        probs = r.method.draft_probs(logits, params.temperature, params.top_p)
+        width = min(grower.max_children, probs.shape[-1])
+        top = torch.topk(probs, width, dim=-1).values.to(device="cpu", dtype=torch.float64).numpy()
+        if level == 0:
+            r.seq.stats.root_confidence.append(float(top[0, 0]))
+        k = grower.expand(r.grow.model.estimate(top))
+        rows = [i for i, ki in enumerate(k) if ki]
+        drawn: list[list[int]] = [[] for _ in nodes]
+        if rows:
+            chosen = r.method.draw(logits[rows], params.temperature, params.top_p, [k[i] for i in rows],
+                                   r.seq.draft_rng, probs=None if r.method.greedy else probs[rows])
+            for i, row in zip(rows, chosen.tokens.tolist()):
+                drawn[i] = row
+            if g.q_rows is not None:  # Q at each node that gets children: the verifier tests them against it
+                for i in rows:
+                    g.q_rows[nodes[i]] = probs[i: i + 1]
+        for u in grower.add_children(drawn):
+            if g.q_rows is not None:
+                g.q_rows.pop(u, None)  # dropped out of the tree
+        g.chunk = grower.tree().graft(g.catch)
+        g.tokens = g.tokens[: g.catch] + grower.tokens
+
+    def _finish_growth(self, g: Growth) -> None:
+        """The kept tree becomes the row's tree for the sweep and the verifier."""
+        r = g.step
+        grown = g.grower.finish()
+        r.tree, r.tokens = grown.tree, grown.tokens
+        r.drawn_index, r.draft_ran = grown.drawn_index, grown.ran
+        if g.q_rows is not None:
+            r.draft_probs = NodeRows(len(grown.tree), self.vocab)
+            for u in grown.tree.internal:
+                r.draft_probs.put([u], g.q_rows[grown.drawn_index[u]])
 
     def _catch_up_draft(self, s: Request, B: int) -> None:
         """Run a long pending chain (a prompt) through the draft in chunks, so level 0 stays small."""
@@ -232,21 +322,26 @@ class Decoder:
         s.target_cached = self.target_cache.keep(
             s.row, s.target_cached, list(range(r.pending)) + [r.pending + u for u in accepted_nodes])
         if self.draft_cache is not None and len(tree) > 1:
-            # The draft ran forward only over internal nodes (a leaf's token was drawn from its parent's
-            # logits, but the leaf itself never went through the draft), so its cache holds K/V for the
-            # accepted path only as far as the path stays on internal nodes. The rest stays pending and
-            # is caught up with the next step's first level.
+            # The draft ran forward only over some nodes (a fixed tree's internal ones; a grown tree's frontier
+            # nodes, some of which end up leaves), each at its own chunk slot; a leaf's token was drawn from its
+            # parent's logits without the leaf going through the draft. So the draft cache holds K/V for the
+            # accepted path only as far as the path stays on nodes that ran. The rest stays pending and is
+            # caught up with the next step's first level.
             catch = len(s.tokens) - 1 - s.draft_cached
-            ran = set(tree.internal)
+            if r.drawn_index is None:
+                ran, index = set(tree.internal), list(range(len(tree)))
+            else:
+                ran, index = {u for u, done in enumerate(r.draft_ran) if done}, r.drawn_index
             kept = 0
             while kept < len(accepted_nodes) and accepted_nodes[kept] in ran:
                 kept += 1
             s.draft_cached = self.draft_cache.keep(
-                s.row, s.draft_cached, list(range(catch)) + [catch + u for u in accepted_nodes[:kept]])
+                s.row, s.draft_cached, list(range(catch)) + [catch + index[u] for u in accepted_nodes[:kept]])
         s.stats.prefill_tokens += r.pending
         s.stats.steps += 1
         s.stats.accepted_per_step.append(len(emitted) - 1)
         s.stats.accepted_ranks.append(tuple(tree.ranks[u] for u in result.path))
+        s.stats.tree_sizes.append(len(tree))
         s.tokens.extend(emitted)
         s.stats.new_tokens = len(s.generated)
         # The text layer sees every emitted token (it streams them), even on a step that ends the request.

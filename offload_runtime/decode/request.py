@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 
 from ..model.tree import Tree
+from ..spec.growth import DynamicTree
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class SequenceStats:
     prefill_tokens: int = 0  # tokens the target ran as pending chains (prompt, chat turns, cut paths)
     accepted_per_step: list[int] = field(default_factory=list)  # path length (without the bonus) per step
     accepted_ranks: list[tuple[int, ...]] = field(default_factory=list)  # per step: sibling rank of each path node
+    tree_sizes: list[int] = field(default_factory=list)  # per step: nodes of the verified tree (grown trees vary)
+    root_confidence: list[float] = field(default_factory=list)  # per drafted step: the draft's top probability at
+    # the root (warped as sampled; the plain softmax when greedy): planner/acceptance.py bins acceptance by it
+    draft_nodes: int = 0  # tree nodes the draft ran forward, catch-up chains left out
     # Time of the steps this sequence took part in, split by phase (in a batch the rows share them).
     time_s: float = 0.0
     draft_s: float = 0.0  # growing the trees
@@ -71,7 +76,7 @@ class Request:
 
     tokens: list[int]  # prompt + generated so far
     params: SamplingParams
-    tree: Tree = field(default_factory=lambda: Tree([-1]))  # the speculation tree of every step
+    tree: Tree | DynamicTree = field(default_factory=lambda: Tree([-1]))  # every step's tree, or how to grow it
     eos_ids: frozenset[int] = frozenset()
     rng: torch.Generator | None = None  # verification and sampling (CPU)
     draft_rng: torch.Generator | None = None  # drafting noise (the draft's device)

@@ -65,12 +65,21 @@ class Method:
     verifier: Verifier
     greedy: bool = False  # children and verification by argmax: temperature 0
 
+    def draft_probs(self, logits: Tensor, temperature: float, top_p: float) -> Tensor:
+        """The draft's distribution at each row of logits [rows, V]: Q, warped as the target is, when sampling;
+        at temperature 0 the plain softmax (verification never reads it; dynamic trees rank children by it)."""
+        if self.greedy:
+            return torch.softmax(logits.float(), dim=-1)
+        return warp_probs(logits, temperature, top_p).float()
+
     def draw(self, logits: Tensor, temperature: float, top_p: float, k: Sequence[int],
-             generator: torch.Generator) -> Drawn:
-        """Children of each row of draft logits [rows, V]; k[r] of them for row r."""
+             generator: torch.Generator, probs: Tensor | None = None) -> Drawn:
+        """Children of each row of draft logits [rows, V]; k[r] of them for row r. `probs`: draft_probs(logits),
+        when the caller has it already."""
         if self.greedy:  # greedy verification never reads Q, so no warping either
             return Drawn(self.draw_children(logits, k, generator), None)
-        probs = warp_probs(logits, temperature, top_p).float()
+        if probs is None:
+            probs = self.draft_probs(logits, temperature, top_p)
         return Drawn(self.draw_children(probs, k, generator), probs)
 
     def verify(self, tree: Tree, tokens: Sequence[int], logits: Tensor, draft_probs: "Tensor | NodeRows | None",

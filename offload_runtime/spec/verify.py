@@ -2,7 +2,8 @@
 
 The tree is a parent array in breadth-first order: node 0 is the root, whose token is the last token
 already accepted; parents[0] == -1 and parents[i] < i; the children of a node appear in index order,
-which is the order in which the draft sampled them.
+which is the order in which the draft sampled them. The shape may have been grown from the draft's own
+probabilities during the step (dynamic trees): `_walk` proves when that stays lossless.
 
 Definitions (the vLLM rejection-sampler vocabulary):
 - accepted path: the nodes whose tokens the target accepts, walking down from the root: at each node
@@ -134,6 +135,26 @@ def _walk(
     mass), so by induction they emit the residual norm(max(P - Q, 0)) whatever x was. In total
     min(P, Q) + max(P - Q, 0) = P. An accepted child then continues the same argument one level
     down with that child's P, so the whole emitted sequence follows the target.
+
+    Trees whose shape depends on the draft (dynamic trees, spec/growth.py). The argument never uses a
+    shape fixed in advance. Stage j at a node u (testing its j-th child x_j, after x_1..x_{j-1} were
+    tested and rejected) needs only this: conditionally on what came before it (the path to u, x_1..x_{j-1}
+    and the walk's uniforms so far), (a) whether u has a j-th child is already decided, and (b) if it has,
+    x_j is a draw from the Q the walk holds at that point. Then, whatever the number of children turns out
+    to be, the stage-by-stage induction above goes through unchanged, and one level down the same holds at
+    the accepted child. For Sequoia's rule (b) means x_j has law Q without x_1..x_{j-1}: true of the j-th
+    Gumbel-top-k draw whenever (a) holds and no earlier draw at u was left out of the tree. (a) fails if
+    presence looks at x_j itself, or at anything that depends on it: the later draws x_{j+1}, ... (their
+    law depends on x_j), or nodes drawn below any of them. A grown tree satisfies (a) and (b): each node's
+    presence is decided from the keys, tokens and Q of the nodes ranked above it and its own key, which is
+    known before it is drawn (keys never increase along siblings or down the tree, so those nodes are
+    never x_j, its later siblings or their subtrees), and the kept tree is closed under earlier siblings.
+    The target's side (P, the uniforms) never enters the shape. Two prunings that break it, each failing
+    tests/test_dynamic_lossless.py: keeping a later sibling after dropping an earlier one (its law is Q
+    without the dropped token, which this walk does not remove: (b) fails), and keeping a node for its own
+    drawn token, e.g. its draft probability (the walk then tests a selected token, not a drawn one: (a)
+    fails). The same conditions make SpecInfer's rule lossless for grown trees (x_j has law Q whatever came
+    before), and the point-mass rule needs only that the tree not depend on the walk's uniforms.
     """
     tree, token_of = _tree_and_tokens(tree, tokens)
     n = len(tree)

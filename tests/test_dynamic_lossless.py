@@ -17,7 +17,6 @@ patched into the decoder's growth does not.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

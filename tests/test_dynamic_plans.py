@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from offload_runtime import Engine
 from offload_runtime.api.plans import PLAN_VERSION, Plan, read_plan

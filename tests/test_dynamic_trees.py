@@ -15,7 +15,7 @@ from offload_runtime.spec.growth import (
     ConfidenceAcceptance, DraftProbabilities, DynamicTree, PositionalAcceptance, TreeGrowth, predicted_floor,
 )
 from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, best_first_tree, expected_tokens
-from test_batching import MAX_NEW, PROMPTS, run_batch
+from test_batching import MAX_NEW, run_batch
 from test_generate import ARCH_CONFIGS, hf_greedy
 
 FAMILIES = ARCH_CONFIGS + ["qwen3-qk-norm"]  # Llama (3 variants), Mistral, Qwen2, Qwen3

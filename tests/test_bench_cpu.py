@@ -45,6 +45,8 @@ def test_small_mode_measures_every_section(keep_threads):
     assert names[:3] == ["plain", "sequoia", "chain 16"] and names[3].endswith("sequences"), names
     k, l = (int(x) for x in names[3].split(" sequences")[0].split(" x "))
     assert k * l + 1 == 16 and greedy[3]["nodes"] == 16
+    # grown trees with the planned tree's budget, no static expectation
+    assert names[4:] == ["dynamic"] and greedy[4]["nodes"] == 16 and greedy[4]["expected"] is None
     assert all(r["same"].ok for r in greedy)  # trees are lossless at T = 0
     assert all(r["tokens_per_step"] >= 1 for r in trees.rows)
 

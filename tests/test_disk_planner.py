@@ -129,4 +129,8 @@ def test_plan_with_a_host_budget_and_the_engine_following_it(home, tiny_pair, tm
     engine = Engine.from_pretrained(target, draft=str(draft), dtype="float32", plan=str(tmp_path / "disk.json"),
                                     offload_dir=tmp_path / "store", max_seq_len=64, quiet=True)
     assert list(engine.residency.disk) == st["disk_layers"] and engine.residency.prefetch == 1
-    assert engine.target.layers.disk.depth == 1 and engine.tree_for(engine.sampling_params(0.0)) == plan.tree
+    assert engine.target.layers.disk.depth == 1
+    greedy = engine.sampling_params(0.0)
+    assert engine.tree_for(greedy, "static") == plan.tree  # and the plan's policy for its regime
+    chosen = engine.tree_for(greedy)
+    assert chosen == plan.tree if plan.policy == "static" else chosen.size == plan.dynamic["size"]

@@ -5,7 +5,8 @@ Sections (--sections, default all):
   baselines  transformers' greedy `generate` (target alone) and assisted generation (`assistant_model=draft`)
              against our plain decoding and our Sequoia decoding with the planned tree, on the demo pair and on
              the ~100M-parameter random Llama config (bench-100m) with a truncated-copy draft
-  trees      the planned tree against a chain and a k x l tree of the same size, and plain decoding
+  trees      the planned tree against a chain, a k x l tree and grown (dynamic) trees of the same size, and plain
+             decoding
   streaming  the same model resident vs streamed through the slots (0 resident layers): the cost of the copies
   plan       the plan's predicted tokens/step and s/token against a chat-like run that follows the plan, for
              45 s with plain decoding interleaved as the machine-speed reference the calibration also recorded
@@ -33,7 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -43,8 +44,10 @@ import torch
 from report import CHECK, CROSS, Column, Table, sig, sig4, times
 
 from offload_runtime.api.text import load_tokenizer
+from offload_runtime.decode.request import SamplingParams
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.tree import Tree
+from offload_runtime.spec.growth import DynamicTree
 from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, best_trees, chain_tree, expected_tokens, \
     k_sequences_tree
 
@@ -244,6 +247,7 @@ def bench_pair(pair: h.Pair, cfg: Settings, want: set[str], log: h.Log) -> list[
     assisted = assisted_settings(hf_draft)
     clocks = {hf_target: ForwardClock(hf_target), hf_draft: ForwardClock(hf_draft)}
     base_rows, tree_rows = [], []
+    grown: dict[float, DynamicTree] = {}
     for T in cfg.temperatures:
         log(f"[{pair.label}] temperature {T:g}: measuring")
         methods: dict[str, h.Method] = {}
@@ -254,6 +258,10 @@ def bench_pair(pair: h.Pair, cfg: Settings, want: set[str], log: h.Log) -> list[
         for name, tree in trees[T].items():
             if "trees" in want or name == "sequoia":
                 methods[f"ours {name}"] = h.engine_method(engine, tree, prompts, cfg.tokens, T)
+        if "trees" in want:
+            # Grown trees with the budget of the planned static tree, keyed as the plan (or the default) keys them.
+            grown[T] = replace(engine.tree_for(SamplingParams(T, 1.0), "dynamic"), size=len(choices[T].parents))
+            methods["ours dynamic"] = h.engine_method(engine, grown[T], prompts, cfg.tokens, T)
         runs = h.interleaved(methods, cfg.repeats)
         s = {name: h.summarise(r) for name, r in runs.items()}
         if "baselines" in want:
@@ -266,10 +274,13 @@ def bench_pair(pair: h.Pair, cfg: Settings, want: set[str], log: h.Log) -> list[
                                   "sweep_ms": x.sweep_ms, "host_ms": x.host_ms,
                                   "same": h.same_tokens(runs[name], runs["HF generate"]) if T == 0 else None})
         if "trees" in want:
-            for name, tree in [("plain", Tree([-1]))] + list(trees[T].items()):
+            for name, tree in [("plain", Tree([-1]))] + list(trees[T].items()) + [("dynamic", grown[T])]:
                 x = s[f"ours {name}"]
-                tree_rows.append({"tree": name, "T": T, "nodes": len(tree), "depth": tree.max_depth,
-                                  "expected": expected_tokens(tree, choices[T].p), "tokens_per_step": x.tokens_per_step,
+                static = isinstance(tree, Tree)
+                tree_rows.append({"tree": name, "T": T, "nodes": len(tree) if static else tree.size,
+                                  "depth": tree.max_depth if static else tree.depth,
+                                  "expected": expected_tokens(tree, choices[T].p) if static else None,
+                                  "tokens_per_step": x.tokens_per_step,
                                   "tokens_per_s": x.tokens_per_s, "vs_plain": x.tokens_per_s / s["ours plain"].tokens_per_s,
                                   "draft_ms": x.draft_ms, "sweep_ms": x.sweep_ms, "host_ms": x.host_ms,
                                   "same": h.same_tokens(runs[f"ours {name}"], runs["ours plain"]) if T == 0 else None})
@@ -302,6 +313,9 @@ def bench_pair(pair: h.Pair, cfg: Settings, want: set[str], log: h.Log) -> list[
              Column("tokens_per_s", "tokens/s", sig), Column("vs_plain", "vs plain", times), *MS,
              Column("same", "= plain", str)], tree_rows,
             common + [f"planned tree: {tree_note}",
+                      "dynamic: trees grown per step with the planned tree's node budget ("
+                      + "; ".join(f"T={T:g}: {g.describe()}" for T, g in grown.items()) + "); nodes and depth "
+                      "are its budget and depth limit",
                       "expected tokens/step: under the acceptance vector the planned tree was chosen for"]))
     return tables
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import load_tool
+from helpers import load_tool, read_jsonl, run_cli, write_jsonl
 from test_quant import logits, rel_err
 from offload_runtime import Engine
 from offload_runtime.errors import CheckpointError, ConfigError, MissingFileError, UsageError
@@ -132,6 +132,30 @@ def test_a_float32_file_is_the_original_model(files, arch):
     assert rel_err(logits(engine, IDS), expected) < 1e-12
 
 
+def test_llama3_rope_scaling_is_read_from_the_files_rope_factors(tmp_path, monkeypatch):
+    """Llama 3.1+ files carry their RoPE scaling as llama.cpp's per-frequency factors (rope_freqs.weight): the file
+    runs the original model (transformers' GGUF loader ignores them, so the original is the reference here)."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    model = hf_model("llama", seed=4, rope_parameters=rope, max_position_embeddings=131072)
+    path = write(model, tmp_path / "l3.gguf", "F32")
+    with torch.no_grad():
+        expected = model.double()(torch.tensor([IDS])).logits[0]
+    engine = Engine.from_pretrained(path, dtype="float64", draft=False, max_seq_len=64)
+    assert engine.target.args.rope_scaling["factor"] == 8.0
+    assert rel_err(logits(engine, IDS), expected) < 1e-12
+    # Without the scaling (as if rope_freqs were ignored) the model is another one.
+    monkeypatch.setattr(gguf_source, "LLAMA3_SCALINGS", ({**gguf_source.LLAMA3_SCALINGS[0], "factor": 1.0},))
+    with pytest.raises(ConfigError, match="match no llama3 scaling"):
+        Engine.from_pretrained(path, dtype="float64", draft=False)
+    monkeypatch.undo()
+    plain = gguf_source.GGUFSource(path)
+    monkeypatch.setattr(gguf_source.GGUFSource, "_llama3_scaling", lambda self, args: None)
+    unscaled = Engine.from_pretrained(path, dtype="float64", draft=False, max_seq_len=64)
+    assert plain.args.rope_scaling is not None and unscaled.target.args.rope_scaling is None
+    assert rel_err(logits(unscaled, IDS), expected) > 1e-6
+
+
 @pytest.mark.parametrize("types", ["F32", "Q4_K_M"])
 def test_without_the_row_permutation_undone_the_model_is_wrong(files, monkeypatch, types):
     _, paths = files
@@ -167,22 +191,51 @@ def test_streamed_layers_move_the_files_bytes_and_equal_resident(files):
         assert streamed.generate(IDS, max_new_tokens=8, temperature=0, ignore_eos=True)[0].token_ids == a
 
 
-def test_gguf_target_with_a_safetensors_draft_decodes_exactly(files, tmp_path):
+@pytest.fixture(scope="module")
+def draft(files, tmp_path_factory):
+    """A safetensors draft of the llama files: the target's float weights cut to one layer, with the file's own
+    tokenizer (the same vocabulary)."""
     models, paths = files
     path = paths["llama", "Q8_0"]
-    draft = tmp_path / "draft"
-    # The draft: the target's float weights cut to one layer, with the file's own tokenizer.
+    out = tmp_path_factory.mktemp("gguf_draft") / "draft"
     small = hf_model("llama", num_hidden_layers=1)
-    state = {k: v for k, v in models["llama"].state_dict().items() if not k.startswith("model.layers.1.")}
-    small.load_state_dict(state)
-    small.save_pretrained(draft)
-    transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(draft)
+    small.load_state_dict({k: v for k, v in models["llama"].state_dict().items()
+                           if not k.startswith("model.layers.1.")})
+    small.save_pretrained(out)
+    transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(out)
+    return out
+
+
+def test_gguf_target_with_a_safetensors_draft_decodes_exactly(files, draft):
+    _, paths = files
+    path = paths["llama", "Q8_0"]
     plain = Engine.from_pretrained(path, dtype="float64", draft=False)
     spec = Engine.from_pretrained(path, dtype="float64", draft=str(draft), tree=[-1, 0, 0, 1, 1, 2, 3], plan=None)
     a = plain.generate(IDS, max_new_tokens=30, temperature=0, ignore_eos=True)[0]
     b = spec.generate(IDS, max_new_tokens=30, temperature=0, ignore_eos=True)[0]
     assert a.token_ids == b.token_ids
     assert b.stats.steps < 30  # the draft's tokens are accepted
+
+
+def test_the_commands_take_a_gguf_model(files, draft, tmp_path):
+    from planner.models import resolve_model
+
+    _, paths = files
+    path = paths["llama", "Q4_K_M"]
+    home = {"OFFLOAD_RUNTIME_HOME": str(tmp_path / "home")}
+    proc = run_cli("offload_runtime.chat", "--model", path, "--draft", draft, "--device", "cpu", "--temperature", "0",
+                   "--max-new-tokens", "5", "--plan", "none", stdin="the tea\n/quit\n", env=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "[5 tokens" in proc.stderr + proc.stdout
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "the sea"}])
+    proc = run_cli("offload_runtime.batch", "--model", path, "--no-draft", "--input", inp, "--output",
+                   tmp_path / "out.jsonl", "--device", "cpu", "--max-new-tokens", "4", "--temperature", "0", env=home)
+    assert proc.returncode == 0, proc.stderr
+    want = Engine.from_pretrained(path, device="cpu", draft=False).generate("the sea", max_new_tokens=4,
+                                                                               temperature=0, ignore_eos=True)[0]
+    assert read_jsonl(tmp_path / "out.jsonl")[0]["text"] == want.text
+    ref, args, notice = resolve_model(str(path))  # the planner's view: the file's shape and packed types
+    assert notice is None and ref.path == str(path) and args.ggml_types == GGUFSource(path).args.ggml_types
 
 
 def test_tokenizer_and_chat_template_come_from_the_file(files, tmp_path):

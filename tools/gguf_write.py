@@ -8,6 +8,7 @@ package's own quantizers; it has none for the K-quants, so those are random bloc
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +42,25 @@ def permute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
 # come out of random blocks about as large as a trained model's.
 _SCALES = {"Q4_0": (0, 1, 0.01), "Q5_0": (0, 1, 0.005), "Q8_0": (0, 1, 5e-4), "Q4_1": (0, 2, 0.005),
            "Q5_1": (0, 2, 0.003), "Q4_K": (0, 2, 2e-4), "Q5_K": (0, 2, 1e-4), "Q6_K": (208, 1, 3e-4)}
+
+
+def llama3_rope_factors(cfg: Any, head_dim: int) -> torch.Tensor:
+    """llama.cpp's converter's rope_freqs for llama3 scaling: per frequency, original / scaled (float32)."""
+    scaling = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None)
+    base = float(scaling.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    out = []
+    for freq in (1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))).tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray:
@@ -153,6 +173,9 @@ def write_gguf(cfg: Any, sd: dict[str, torch.Tensor], path: Path, types: Callabl
                 if arch == "llama" and hf in ("self_attn.q_proj", "self_attn.k_proj"):
                     b = permute_rows(b, heads if hf == "self_attn.q_proj" else kv_heads)
                 add(f"blk.{i}.{gg}.bias", b, "F32", 0)
+    scaling = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+    if scaling.get("rope_type") == "llama3":
+        add("rope_freqs.weight", llama3_rope_factors(cfg, head_dim), "F32", 0)
     add("output_norm.weight", sd["model.norm.weight"], "F32", 0)
     if not cfg.tie_word_embeddings:
         add("output.weight", sd["lm_head.weight"], embed_type, 99)

@@ -11,7 +11,8 @@ llama.cpp's converter reorders the rows of each head of `attn_q` / `attn_k` for 
 neighbouring dimensions (the HF layout pairs dimension d with d + head_dim / 2). Rows are whole numbers of
 blocks, so the reader undoes it on the packed bytes, exactly as transformers' loader undoes it on the
 dequantized weights: rows (h, d, j) of the file are rows (h, j, d) of the model (j < 2, d < head_dim / 2).
-The qwen2 converter does not permute.
+The qwen2 converter does not permute. Llama 3.1+'s RoPE scaling travels as per-frequency factors
+(`rope_freqs.weight`), matched back to its llama3 parameters (GGUFSource._llama3_scaling).
 
 Reading parses the file's header (with the `gguf` package's GGUFReader, which maps the file but touches only
 the header's pages) and reads tensor bytes with `readinto` straight into the buffers that keep them, as the
@@ -29,12 +30,16 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, MissingFileError
 from ..model.config import ModelArgs
-from ..model.ggml import BY_NAME, DEQUANT_CHUNK, SUPPORTED_TYPES, BlockType, dequantize, supported_names
+from ..model import ggml
+from ..model.ggml import DEQUANT_CHUNK, SUPPORTED_TYPES, BlockType, dequantize, supported_names
 from ..model.quantization import LINEARS
 from .checkpoint import TensorInfo, read_tensor_into
 
 ARCHITECTURES = ("llama", "qwen2")  # GGUF architecture names (Mistral's files say llama)
 PERMUTED_ARCHITECTURES = ("llama",)  # whose converter reorders attn_q / attn_k rows
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's RoPE factors of Llama 3.1+ (see GGUFSource._llama3_scaling)
+LLAMA3_SCALINGS = tuple({"rope_type": "llama3", "factor": f, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192} for f in (8.0, 32.0, 16.0))  # 3.1/3.3; 3.2
 SPLIT = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<total>\d{5})\.gguf$")
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -202,12 +207,12 @@ class GGUFSource:
             raise ConfigError(f"{self.label} holds a {self.arch!r} model; the runtime runs GGUF architectures "
                               f"{', '.join(ARCHITECTURES)} (llama covers Mistral)")
         self.tensors: dict[str, GGUFTensor] = {}
+        self.rope_freqs: GGUFTensor | None = None
         for _, part_tensors in headers:
             for t in part_tensors:
-                if t.name == "rope_freqs.weight":
-                    raise ConfigError(f"{self.label} carries llama.cpp's precomputed RoPE factors (rope_freqs, "
-                                      f"Llama 3.1+ RoPE scaling), which the runtime does not read from GGUF yet; "
-                                      f"use the model's safetensors checkpoint")
+                if t.name == ROPE_FREQS:
+                    self.rope_freqs = t
+                    continue
                 name = _hf_name(t.name)
                 if name is None:
                     raise CheckpointError(f"{self.label} holds tensor {t.name}, which a {self.arch} model does not "
@@ -215,7 +220,33 @@ class GGUFSource:
                 self.tensors[name] = t
         self.metadata = meta
         args = args_from_metadata(meta, self.tensors, self.label)
+        if self.rope_freqs is not None:
+            args = replace(args, rope_scaling=self._llama3_scaling(args))
         self.args = replace(args, ggml_types=self._check_tensors(args))
+
+    def _llama3_scaling(self, args: ModelArgs) -> dict[str, Any]:
+        """The llama3 RoPE scaling whose per-frequency factors the file's rope_freqs holds.
+
+        llama.cpp's converter writes Llama 3.1+'s scaling as factors (the original frequency over the scaled one)
+        and drops its parameters; the published models use the parameter sets of LLAMA3_SCALINGS, so the one
+        whose factors match the file's (to float32 rounding) is the model's. transformers' GGUF loader ignores
+        rope_freqs; the model it was converted from (and llama.cpp) apply it."""
+        from ..model.transformer import rope_inv_freq
+
+        t = self.rope_freqs
+        if t.kind.name != "F32" or t.shape != (args.head_dim // 2,):
+            raise CheckpointError(f"{self.label}: rope_freqs.weight is {t.kind.name} {list(t.shape)}, not F32 "
+                                  f"[{args.head_dim // 2}]; the file is corrupt")
+        factors = torch.empty(t.shape, dtype=torch.float32)
+        self.read_gguf_tensor(t, factors)
+        plain = rope_inv_freq(replace(args, rope_scaling=None))
+        for scaling in LLAMA3_SCALINGS:
+            scaled = rope_inv_freq(replace(args, rope_scaling=scaling))
+            if torch.allclose(plain / scaled, factors, rtol=1e-5, atol=0):
+                return dict(scaling)
+        raise ConfigError(f"{self.label} scales RoPE by factors (rope_freqs.weight) that match no llama3 scaling "
+                          f"the runtime knows (factor {', '.join(str(s['factor']) for s in LLAMA3_SCALINGS)}, "
+                          f"low 1, high 4, original context 8192); use the model's safetensors checkpoint")
 
     def _check_tensors(self, args: ModelArgs) -> tuple[tuple[str, ...], ...]:
         """Every tensor the model needs, in its shape; returns each layer's linears' GGML types."""
@@ -245,12 +276,16 @@ class GGUFSource:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def _heads(self, hf_name: str) -> int | None:
+        """The head count whose rows llama.cpp reordered in tensor `hf_name` (None: it did not reorder them)."""
+        if self.arch not in PERMUTED_ARCHITECTURES or not hf_name.startswith("model.layers."):
+            return None
+        linear = hf_name.split(".", 3)[-1].rpartition(".")[0]
+        return {"self_attn.q_proj": self.args.n_heads, "self_attn.k_proj": self.args.n_kv_heads}.get(linear)
+
     def _unpermute(self, hf_name: str, rows: torch.Tensor) -> torch.Tensor:
         """Rows of attn_q / attn_k in the HF order (see the module docstring); other tensors as they are."""
-        if self.arch not in PERMUTED_ARCHITECTURES:
-            return rows
-        heads = {"self_attn.q_proj": self.args.n_heads, "self_attn.k_proj": self.args.n_kv_heads}.get(
-            hf_name.split(".", 3)[-1].rpartition(".")[0])
+        heads = self._heads(hf_name)
         if heads is None:
             return rows
         n, r = rows.shape[0], rows.numel() // rows.shape[0]
@@ -260,14 +295,17 @@ class GGUFSource:
         """Tensor `name` into `out`: a linear's bytes (`{linear}.{type key}`, uint8 [N, row bytes]) as the file
         has them, rows un-permuted; any other tensor dequantized into out's dtype."""
         stem, _, suffix = name.rpartition(".")
-        if suffix in (t.key for t in SUPPORTED_TYPES.values()):
+        if suffix in ggml.BY_KEY:
             t = self.tensors[f"{stem}.weight"]
-            assert BY_NAME[t.kind.name].key == suffix and out.dtype == torch.uint8, (name, t.kind, out.dtype)
-            if self._unpermute(name, out) is out:
+            assert t.kind.key == suffix and out.dtype == torch.uint8, (name, t.kind, out.dtype)
+            if self._heads(name) is None:
                 return read_tensor_into(t.raw_info(), out)
             return out.copy_(self._unpermute(name, read_tensor_into(t.raw_info(), torch.empty_like(out))))
-        t = self.tensors[name]
-        assert tuple(out.shape) == t.shape, (name, out.shape, t.shape)
+        return self.read_gguf_tensor(self.tensors[name], out, name)
+
+    def read_gguf_tensor(self, t: GGUFTensor, out: torch.Tensor, name: str = "") -> torch.Tensor:
+        """Tensor `t` dequantized into `out` (rows un-permuted when `name` is a q/k projection's)."""
+        assert tuple(out.shape) == t.shape, (t.name, out.shape, t.shape)
         info = t.raw_info()
         rows = info.shape[0]
         # Big tensors (the embeddings) go DEQUANT_CHUNK weights at a time: a chunk of raw bytes in memory at once.
@@ -279,5 +317,7 @@ class GGUFSource:
             part = TensorInfo(t.name, t.file, torch.uint8, (r1 - r0, row_bytes), t.offset + r0 * row_bytes,
                               (r1 - r0) * row_bytes)
             raw = read_tensor_into(part, torch.empty(part.shape, dtype=torch.uint8))
-            dequantize(self._unpermute(name, raw) if rows == r1 - r0 else raw, t.kind, out.dtype, flat[r0:r1])
+            if r1 - r0 < rows:
+                assert self._heads(name) is None, name  # a q/k bias is one chunk: its rows permute as a whole
+            dequantize(self._unpermute(name, raw), t.kind, out.dtype, flat[r0:r1])
         return out

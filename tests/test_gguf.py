@@ -376,3 +376,16 @@ def test_loading_holds_the_files_bytes_once_and_no_dequantized_copy(tmp_path):
     grown = rss["peak"] - rss["before"]
     # Measured here: 12 MB above store + slots; holding the file twice: 135 MB above.
     assert grown < file_layers + slots + file_layers / 2, (grown, file_layers, slots)
+
+
+def test_bench_quant_gguf_rows(tmp_path):
+    bench = load_tool("bench_quant")
+    rows, note = bench.gguf_rows("tiny", bench.QUICK, tmp_path, threads=1, repeats=1, new_tokens=3,
+                                 with_llama_cpp=False)
+    by = {r.format: r.values for r in rows}
+    assert set(by) == {"bf16", "GGUF Q8_0, bfloat16", "GGUF Q8_0, float32", "GGUF Q4_K_M-like, bfloat16",
+                       "GGUF Q4_K_M-like, float32"} and note == ""
+    # Q8_0 is 8.5 bits a weight, the Q4_K_M-like mix (4.5-6.6 bits) less; norms stay in the compute dtype.
+    assert 0.5 < by["GGUF Q8_0, float32"]["bytes_vs_bf16"] < 0.56
+    assert 0.25 < by["GGUF Q4_K_M-like, float32"]["bytes_vs_bf16"] < by["GGUF Q8_0, float32"]["bytes_vs_bf16"]
+    assert all(v["tokens_per_s"] > 0 for v in by.values())

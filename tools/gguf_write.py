@@ -24,6 +24,11 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
+# llama.cpp's quantizer keeps a K-quant only where a row is whole 256-weight super-blocks; elsewhere it falls back
+# (SmolLM2-135M's width 576 is 2.25 of them).
+K_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
 def q4_k_m_types(n_layers: int) -> Callable[[int, str], str]:
     """llama.cpp's Q4_K_M mix: Q4_K everywhere, Q6_K for attn_v and ffn_down in the layers its
     `use_more_bits` picks (the first and last eighth, and every third in between)."""
@@ -122,6 +127,23 @@ def _tokenizer_metadata(writer: Any, vocab_size: int) -> None:
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
+def random_gguf(args: Any, path: Path, types: Callable[[int, str], str] | str, **options: Any) -> Path:
+    """A GGUF file of the runtime's ModelArgs `args` with random blocks in `types` (F16 embeddings of random
+    normal weights, norms of ones): speed only."""
+    import transformers
+
+    from offload_runtime.weights.random import RandomWeights
+
+    cfg = transformers.LlamaConfig(**args.to_hf_config())
+    src = RandomWeights(args, seed=0)
+    sd = {n: src.read_into(n, torch.empty(s)) for n, s in args.global_shapes().items()}
+    for i in range(args.n_layers):
+        for n, s in args.layer_shapes().items():
+            name = f"model.layers.{i}.{n}"
+            sd[name] = torch.ones(s) if len(s) == 1 else torch.empty(s)  # linears: only their shape is used
+    return write_gguf(cfg, sd, path, types, random=True, embed_type="F16", **options)
+
+
 def write_gguf(cfg: Any, sd: dict[str, torch.Tensor], path: Path, types: Callable[[int, str], str] | str = "F32",
                *, name: str = "tiny", embed_type: str = "F32", tokenizer: bool = True, seed: int = 0,
                skip: tuple[str, ...] = (), random: bool = False, arch: str | None = None,
@@ -167,7 +189,10 @@ def write_gguf(cfg: Any, sd: dict[str, torch.Tensor], path: Path, types: Callabl
             w = sd[pre + hf + ".weight"]
             if arch == "llama" and hf in ("self_attn.q_proj", "self_attn.k_proj"):
                 w = permute_rows(w, heads if hf == "self_attn.q_proj" else kv_heads)
-            add(f"blk.{i}.{gg}.weight", w, pick(i, hf), 100 * i + k + 2)
+            kind = pick(i, hf)
+            if kind in K_FALLBACK and w.shape[1] % 256:
+                kind = K_FALLBACK[kind]
+            add(f"blk.{i}.{gg}.weight", w, kind, 100 * i + k + 2)
             if pre + hf + ".bias" in sd:
                 b = sd[pre + hf + ".bias"]
                 if arch == "llama" and hf in ("self_attn.q_proj", "self_attn.k_proj"):

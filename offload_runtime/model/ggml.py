@@ -4,7 +4,9 @@ linear kept in them.
 A GGUF linear W [N, K] is N rows of K / E blocks each; a block holds E weights in B bytes (E = 32 for the legacy
 types, 256 for the K-quants' super-blocks). The runtime keeps such a linear exactly as the file stores it, as
 uint8 [N, K / E * B] under the name `{linear}.{type key}` (`self_attn.q_proj.q4_k`), so a layer's buffer holds the
-file's own bytes and the type travels in the name. Blocks (little-endian, fp16 scales), following ggml-common.h:
+file's own bytes and the type travels in the name. A float linear (F32, F16, BF16: E = 1) is kept as its bytes
+too, so a sweep moves what the file holds whatever the compute dtype. Blocks (little-endian, fp16 scales),
+following ggml-common.h:
 
     Q4_0  d, qs[16]                      w = d (q - 8);      q: low nibbles of qs are weights 0..15, high 16..31
     Q4_1  d, m, qs[16]                   w = d q + m

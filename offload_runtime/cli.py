@@ -24,7 +24,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "demo") -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=default_model, required=default_model is None,
-                   help="checkpoint directory, Hugging Face repo id, or alias (demo, llama-2-70b, ...)")
+                   help="checkpoint directory, GGUF file (.gguf, or a split file's first part), Hugging Face repo id, "
+                        "or alias (demo, llama-2-70b, ...)")
     d = g.add_mutually_exclusive_group()
     d.add_argument("--draft", help="draft model (default: the model family's default draft)")
     d.add_argument("--no-draft", action="store_true", help="plain decoding, no speculation")

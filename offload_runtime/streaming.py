@@ -95,7 +95,10 @@ class StreamedLayers:
 
     @property
     def bytes_per_sweep(self) -> int:
-        return len(self.streamed) * self.store.layer_bytes
+        return sum(self._layer_bytes(i) for i in self.streamed)
+
+    def _layer_bytes(self, layer: int) -> int:
+        return self.store.layout_of(layer).nbytes if layer in self.store.layouts else self.store.layer_bytes
 
     @property
     def disk_bytes_per_sweep(self) -> int:
@@ -109,6 +112,9 @@ class StreamedLayers:
         if not self.slot_copied[slot]:
             return  # already there (as many slots as streamed layers): nothing to move
         self.slot_layer[slot] = layer
+        if self.store.args.ggml_types is not None:  # GGUF layers may differ in layout: the slot's views follow
+            layout = self.store.layout_of(layer)
+            self.slot_views[slot] = layout.views(self.slot_buffers[slot][: layout.nbytes])
         if self.disk is not None and layer in self.disk.layers:
             self._staged[t] = self._disk_issued
             self._disk_issued += 1
@@ -117,7 +123,7 @@ class StreamedLayers:
         self._copy(slot, self.store.buffers[layer])
 
     def _copy(self, slot: int, src: torch.Tensor) -> None:
-        dst = self.slot_buffers[slot]
+        dst = self.slot_buffers[slot][: src.numel()]
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.slot_free[slot])
@@ -179,7 +185,7 @@ class StreamedLayers:
             else:
                 wait_s += self._pending_copy_s
                 self._pending_copy_s = 0.0
-            stats.bytes += self.store.layer_bytes if self.slot_copied[slot] else 0
+            stats.bytes += self._layer_bytes(i) if self.slot_copied[slot] else 0
             yield i, self.slot_views[slot]
             # The consumer has enqueued every kernel that reads this slot: free it, refill it.
             if self.cuda:

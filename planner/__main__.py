@@ -63,7 +63,8 @@ def _batch(text: str) -> int | str:
 
 
 def _common(p: argparse.ArgumentParser, draft_required: bool = False) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory, HF repo id (cached), alias or shape preset")
+    p.add_argument("--model", required=True,
+                   help="checkpoint directory, GGUF file, HF repo id (cached), alias or shape preset")
     p.add_argument("--draft", required=False,
                    help="draft model (default: the model's default draft)" + (" [needed]" if draft_required else ""))
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")

@@ -217,7 +217,7 @@ def measure_acceptance(target: ModelRef, draft: ModelRef, *, device: str | torch
     from offload_runtime.api.engine import Engine
     from offload_runtime.api.options import check_sampling
     from offload_runtime.api.text import load_tokenizer
-    from offload_runtime.model.config import ModelArgs
+    from offload_runtime.weights.gguf import model_args
 
     if target.is_preset or draft.is_preset:
         raise UsageError("measuring acceptance needs the weights of both models; "
@@ -228,7 +228,7 @@ def measure_acceptance(target: ModelRef, draft: ModelRef, *, device: str | torch
         raise UsageError(f"--batch-size must be a whole number >= 1, got {batch_size}")
     check_sampling(temperature, top_p, max_new_tokens)
     t0 = time.perf_counter()
-    args = ModelArgs.from_file(target.path)
+    args = model_args(target.path)
     tokenizer = load_tokenizer(target.path)
     if prompts is None:
         if tokenizer is not None:

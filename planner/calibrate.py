@@ -36,12 +36,12 @@ def measure_step_split(target: str, draft: str, *, device: torch.device, dtype: 
     """
     from offload_runtime.api.engine import Engine
     from offload_runtime.api.text import load_tokenizer
-    from offload_runtime.model.config import ModelArgs
+    from offload_runtime.weights.gguf import model_args
 
     tokenizer = load_tokenizer(target)
     texts = list(BUILTIN_PROMPTS[: max(batch, 2)])
     per_prompt = max(2, tokens)
-    limit = ModelArgs.from_file(target).max_position_embeddings
+    limit = model_args(target).max_position_embeddings
     template_slack = 64  # room for the chat template's tokens around each message
     if tokenizer is None:
         g = torch.Generator().manual_seed(seed)

@@ -11,6 +11,7 @@ from offload_runtime.api.home import short_hash
 from offload_runtime.api.plans import ModelRef, local_ref
 from offload_runtime.errors import MissingFileError
 from offload_runtime.model.config import PRESETS, ModelArgs
+from offload_runtime.weights.gguf import model_args
 
 
 def shape_dict(args: ModelArgs) -> dict[str, Any]:
@@ -25,7 +26,7 @@ def resolve_model(name: str | os.PathLike, *, allow_preset: bool = True) -> tupl
     name = str(name)
     ref = local_ref(name)
     if ref is not None:
-        return ref, ModelArgs.from_file(ref.path), None
+        return ref, model_args(ref.path), None
     preset = registry.preset_for(name) if allow_preset else None
     if preset is not None:
         args = ModelArgs.from_name(preset)

@@ -244,18 +244,72 @@ def llama_cpp_speed(label: str, args: ModelArgs, workdir: Path, threads: int, re
             return f"llama.cpp could not quantize to {qname}"
         llm = llama_cpp.Llama(str(out), n_ctx=256, n_threads=threads, n_batch=64, verbose=False)
         ids = _prompt(args.vocab_size)
-        speeds = []
-        for _ in range(repeats):
-            llm.reset()
-            llm.eval(ids)
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                tok = int(llm.sample(temp=0.0))
-                llm.eval([tok])
-            speeds.append(new_tokens / (time.perf_counter() - t0))
+        speeds = [_llama_cpp_greedy(llm, ids, new_tokens) for _ in range(repeats)]
         rows.append(Row(label, f"llama.cpp {qname}", {"tokens_per_s": statistics.median(speeds)}))
         del llm
     return rows
+
+
+# --- GGUF files: the file's blocks streamed and dequantized by the runtime, llama.cpp on the same files
+
+
+def gguf_rows(label: str, args: ModelArgs, workdir: Path, threads: int, repeats: int, new_tokens: int,
+              with_llama_cpp: bool = True) -> tuple[list[Row], str]:
+    """Bytes per sweep (all layers streamed) and plain greedy tokens/s (whole model resident) of a Q8_0 and a
+    Q4_K_M-like file (llama.cpp's mix, with its fallbacks where rows are not whole 256-weight super-blocks) of
+    random blocks, against the same shape in bf16; llama.cpp on the same files where it imports. Returns the rows
+    and a note ("" or why llama.cpp is missing)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import gguf_write
+
+    files = {"GGUF Q8_0": gguf_write.random_gguf(args, workdir / f"{label}-q8_0.gguf", "Q8_0"),
+             "GGUF Q4_K_M-like": gguf_write.random_gguf(args, workdir / f"{label}-q4_k_m.gguf",
+                                                        gguf_write.q4_k_m_types(args.n_layers))}
+    engines = {"bf16": random_engine(args, torch.bfloat16, None)}
+    streamed = {"bf16": random_engine(args, torch.bfloat16, None, offload=True)}
+    for name, path in files.items():
+        for dtype in ("bfloat16", "float32"):
+            engines[f"{name}, {dtype}"] = Engine.from_pretrained(path, device="cpu", dtype=dtype, draft=False,
+                                                                 plan=None, progress=False, quiet=True)
+        streamed[name] = Engine.from_pretrained(path, device="cpu", dtype="bfloat16", draft=False, plan=None,
+                                                offload=True, resident_layers=0, progress=False, quiet=True)
+    speeds: dict[str, list[float]] = {f: [] for f in engines}
+    for _ in range(repeats):  # interleaved
+        for f, e in engines.items():
+            speeds[f].append(greedy_tokens_per_s(e, new_tokens)[0])
+    base_s = statistics.median(speeds["bf16"])
+    base_b = streamed["bf16"].target.layers.bytes_per_sweep
+    rows = []
+    for f, e in engines.items():
+        s_ = statistics.median(speeds[f])
+        b = streamed[f.split(",")[0]].target.layers.bytes_per_sweep
+        rows.append(Row(label, f, {"bytes_per_sweep": b, "bytes_vs_bf16": b / base_b, "tokens_per_s": s_,
+                                   "vs_bf16": s_ / base_s}))
+    note = ""
+    if with_llama_cpp:
+        try:
+            import llama_cpp
+        except ImportError as e:
+            return rows, f"llama-cpp-python not installed ({e.name})"
+        for name, path in files.items():
+            llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=threads, n_batch=64, verbose=False)
+            got = []
+            for _ in range(repeats):
+                got.append(_llama_cpp_greedy(llm, _prompt(args.vocab_size), new_tokens))
+            rows.append(Row(label, f"llama.cpp {name.removeprefix('GGUF ')}",
+                            {"tokens_per_s": statistics.median(got), "vs_bf16": statistics.median(got) / base_s}))
+            del llm
+    return rows, note
+
+
+def _llama_cpp_greedy(llm: Any, ids: list[int], new_tokens: int) -> float:
+    """llama.cpp's greedy decode tokens/s after the prompt."""
+    llm.reset()
+    llm.eval(ids)
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        llm.eval([int(llm.sample(temp=0.0))])
+    return new_tokens / (time.perf_counter() - t0)
 
 
 # --- on a GPU (device_check's int4 rows; not run without CUDA)
@@ -381,7 +435,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--markdown", default=None, help="also append the tables to this file")
     ap.add_argument("--gpu", action="store_true", help="only the CUDA rows (13B sweep, kernel vs dequantize)")
+    ap.add_argument("--gguf", action="store_true", help="only the GGUF rows (Q8_0, Q4_K_M-like vs bf16, llama.cpp)")
     a = ap.parse_args(argv)
+    if a.gguf:
+        torch.set_num_threads(a.threads)
+        label, args = ("tiny-128", QUICK) if a.quick else ("SmolLM2-135M shape", SMOLLM2_135M)
+        with tempfile.TemporaryDirectory() as tmp:
+            rows, note = gguf_rows(label, args, Path(tmp), a.threads, a.repeats, a.new_tokens, not a.no_llama_cpp)
+        command = "python tools/bench_quant.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        text = (f"### GGUF files on the CPU ({a.threads} torch threads; `{command}`; random blocks; medians of "
+                f"{a.repeats} interleaved repeats, {a.new_tokens} new tokens)\n\n"
+                + table(rows, ["bytes_per_sweep", "bytes_vs_bf16", "tokens_per_s", "vs_bf16"])
+                + (f"\n\nllama.cpp: {note}." if note else ""))
+        print(text)
+        if a.markdown:
+            with open(a.markdown, "a") as f:
+                f.write("\n" + text + "\n")
+        return 0
     if a.gpu:
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
         if name is None:

@@ -107,7 +107,8 @@ class Engine:
     def from_pretrained(cls, model: str | os.PathLike, **options: Any) -> "Engine":
         """Load a target and (optionally) a draft; see api/loading.py `load` for every option.
 
-        model / draft: a checkpoint directory, a Hugging Face repo id, or an alias (`demo`, `llama-2-70b`, ...).
+        model / draft: a checkpoint directory, a GGUF file (or a directory holding one, or the first part of a split
+            file), a Hugging Face repo id, or an alias (`demo`, `llama-2-70b`, ...).
         draft=None takes the model's default draft when it has one; draft=False decodes without one.
         offload: stream the target's layers from host RAM (None: only when it does not fit `gpu_memory`).
         gpu_memory: the device budget ("20GiB"); default: the GPU's free memory (none on the CPU).

@@ -24,6 +24,7 @@ from ..spec.methods import get_method
 from ..spec.policy import PlannedTree, TreePolicy, default_dynamic, default_tree, tree_option
 from ..weights.checkpoint import Checkpoint, resolve_model_dir
 from ..weights.disk import DEFAULT_PREFETCH, DEFAULT_READ_THREADS, LayerFiles, StoreKey, layout_signature, open_store
+from ..weights.gguf import GGUFSource, is_gguf
 from ..weights.layout import layer_layout
 from ..weights.loader import build_model, packed_source
 from ..weights.quantized import quant_spec_for, quantize_flags
@@ -35,11 +36,23 @@ from .plans import find_plans, load_plan, model_fingerprint, model_identity
 from .text import load_tokenizer
 
 
-def open_checkpoint(name: str) -> tuple[Path, Checkpoint]:
-    path = resolve_model_dir(registry.resolve_name(name))
+def open_checkpoint(name: str) -> tuple[Path, Checkpoint | GGUFSource]:
+    """(path, source) of a model: a safetensors checkpoint directory, or a GGUF file (its path: the first file)."""
+    resolved = registry.resolve_name(name)
+    if is_gguf(resolved):
+        source = GGUFSource(resolved)
+        return source.path, source
+    path = resolve_model_dir(resolved)
     ckpt = Checkpoint(path)
     ckpt.validate()
     return path, ckpt
+
+
+def model_tokenizer(path: Path, source: Checkpoint | GGUFSource) -> Any:
+    """The model's tokenizer (None: it ships none); a GGUF file's comes from its metadata, when that has one."""
+    if isinstance(source, GGUFSource) and not source.has_tokenizer:
+        return None
+    return load_tokenizer(path)
 
 
 @dataclass(frozen=True)
@@ -227,8 +240,8 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     seq_len = min(limit, 4096) if max_seq_len is None else max_seq_len
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= limit:
         raise UsageError(f"max_seq_len must be between 1 and the model's context window ({limit}), got {max_seq_len}")
-    tokenizer = load_tokenizer(target_path)
-    defaults = GenerationDefaults.from_dir(target_path)
+    tokenizer = model_tokenizer(target_path, target_ckpt)
+    defaults = GenerationDefaults.from_dir(target_path if target_path.is_dir() else None)
     draft_name = _draft_name(model, draft)
     draft_ckpt, draft_quant = None, None
     if draft_name is None and draft_quantize is not None:
@@ -237,7 +250,7 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
         draft_path, draft_ckpt = open_checkpoint(draft_name)
         draft_quant = quant_spec_for(draft_ckpt.args, draft_quantize, group_size if draft_quantize else None,
                                      f"draft {draft_name}")
-        notice = check_vocab_compatible(targs, draft_ckpt.args, tokenizer, load_tokenizer(draft_path), model,
+        notice = check_vocab_compatible(targs, draft_ckpt.args, tokenizer, model_tokenizer(draft_path, draft_ckpt), model,
                                         draft_name)
         if notice and not quiet:
             print(notice, file=sys.stderr)
@@ -272,6 +285,10 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     target_source, target_quant = packed_source(target_ckpt, target_quant, dev,
                                                 quant_cache_dir(target_path) if cache_quantized and quantize else None)
     disk_store = None
+    if targs.ggml_types is not None and residency.offload and (residency.disk or offload_dir is not None):
+        raise UsageError(f"{model} is a GGUF file, whose layers stream from host RAM only: the disk store "
+                         f"(offload_dir / --offload-dir, or host_memory below the model's size) does not hold GGUF "
+                         f"layers yet; drop those options or give more host memory")
     if residency.offload and (residency.disk or offload_dir is not None):
         disk_store = layer_store(target_path, target_source, dt, target_quant, offload_dir, progress=progress,
                                  quiet=quiet)

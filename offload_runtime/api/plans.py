@@ -30,6 +30,7 @@ from ..errors import MissingFileError, OffloadError
 from ..model.tree import Tree
 from ..spec.sampling import MAX_TEMPERATURE
 from ..weights.checkpoint import find_local_dir
+from ..weights.gguf import gguf_files, is_gguf
 from . import registry
 from .home import short_hash, store_dir, write_json
 from .machine import machine_fingerprint
@@ -77,9 +78,19 @@ def model_identity(path: str | os.PathLike) -> str:
 
 
 def model_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 of config.json and, for each shard, its name, size, safetensors header and first/last MiB of data."""
+    """sha256 of config.json and, for each shard, its name, size, safetensors header and first/last MiB of data;
+    for a GGUF model, of each of its files' name, size and first/last MiB (the first holds the header)."""
     path = Path(path)
     h = hashlib.sha256()
+    if is_gguf(path):
+        for part in gguf_files(path):
+            size = part.stat().st_size
+            h.update(f"\0{part.name}\0{size}\0".encode())
+            with open(part, "rb") as f:
+                h.update(f.read(_EDGE_BYTES))
+                f.seek(max(0, size - _EDGE_BYTES))
+                h.update(f.read(_EDGE_BYTES))
+        return h.hexdigest()
     try:
         h.update(b"config.json\0" + (path / "config.json").read_bytes())
     except OSError:
@@ -392,8 +403,10 @@ def stale_reasons(plan: Plan, *, target_fp: str | None = None, draft_fp: str | N
 
 
 def local_ref(name: str | os.PathLike) -> ModelRef | None:
-    """The reference of a model available locally (a directory, an alias, a repo id in the hub cache)."""
-    path = find_local_dir(registry.resolve_name(str(name)))
+    """The reference of a model available locally (a directory, a GGUF file, an alias, a repo id in the hub
+    cache)."""
+    resolved = registry.resolve_name(str(name))
+    path = gguf_files(resolved)[0] if is_gguf(resolved) else find_local_dir(resolved)
     return None if path is None else ModelRef.of_checkpoint(str(name), path)
 
 

@@ -19,8 +19,17 @@ REPLACEMENT = "\ufffd"  # what a decoder shows for the bytes of a character not 
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The checkpoint's tokenizer through AutoTokenizer, or None when it ships none (token-id prompts only)."""
+    """The checkpoint's tokenizer through AutoTokenizer, or None when it ships none (token-id prompts only). For a
+    GGUF file, transformers builds it (and its chat template) from the file's metadata."""
     path = Path(path)
+    if path.suffix == ".gguf":
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"the tokenizer in {path} could not be built from its metadata ({e}); "
+                                  f"re-download the file") from None
     if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None
     from transformers import AutoTokenizer

@@ -53,6 +53,9 @@ class ModelArgs:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None  # the checkpoint's own dtype, e.g. "bfloat16"
     quantization: CheckpointQuant | None = None  # AWQ / GPTQ checkpoints (config.json's quantization_config)
+    # GGUF files: per decoder layer, the GGML type name of each linear in quantization.LINEARS' order (a file's
+    # layers may differ: Q4_K_M keeps some layers' attn_v / ffn_down in Q6_K); they stay packed (model/ggml.py)
+    ggml_types: tuple[tuple[str, ...], ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:

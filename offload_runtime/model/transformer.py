@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .batch import ForwardBatch
 from .config import ModelArgs
 from .kv_cache import KVCache
+from .ggml import block_type_of, ggml_linear
 from .quantization import KernelChoice, quantized_linear
 
 LayerWeights = Mapping[str, torch.Tensor]
@@ -152,12 +153,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, w: LayerWeights, name: str, kernel: KernelChoice | None = None) -> torch.Tensor:
-    """The one place a layer's weights are used: a float matmul, or a quantized linear (model/quantization.py)
-    by the int kernel or dequantize + matmul, as `kernel` says for this many tokens."""
+    """The one place a layer's weights are used: a float matmul, a quantized linear (model/quantization.py)
+    by the int kernel or dequantize + matmul, as `kernel` says for this many tokens, or a GGUF linear kept in
+    the file's blocks (model/ggml.py: dequantize + matmul)."""
     weight = w.get(name + ".weight")
-    if weight is None:
+    if weight is not None:
+        return F.linear(x, weight, w.get(name + ".bias"))
+    if name + ".qweight" in w:
         return quantized_linear(x, w, name, kernel, w.get(name + ".bias"))
-    return F.linear(x, weight, w.get(name + ".bias"))
+    kind = block_type_of(w, name)
+    assert kind is not None, f"layer weights hold no form of {name}"
+    return ggml_linear(x, w, name, kind, w.get(name + ".bias"))
 
 
 def attention(

@@ -15,6 +15,7 @@ from typing import Mapping
 import torch
 
 from ..model.config import ModelArgs
+from ..model.ggml import ggml_name, ggml_shape
 from ..model.quantization import LINEARS, QuantSpec, linear_tensors
 
 ALIGN_BYTES = 256  # every tensor starts on a boundary that copies and kernels like
@@ -49,13 +50,17 @@ class LayerLayout:
                 for name, s in self.slots.items()}
 
 
-def layer_tensors(args: ModelArgs, dtype: torch.dtype,
-                  quant: QuantSpec | None = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of every tensor one decoder layer holds in this format."""
+def layer_tensors(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = None,
+                  layer: int = 0) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor decoder layer `layer` holds in this format (the layer matters only
+    for GGUF files, whose layers may keep their linears in different GGML types: model/ggml.py)."""
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    ggml = dict(zip(LINEARS, args.ggml_types[layer])) if args.ggml_types is not None else {}
     for name, shape in args.layer_shapes().items():
         linear = name.removesuffix(".weight")
-        if quant is not None and linear in LINEARS:
+        if linear in ggml:
+            out[ggml_name(linear, ggml[linear])] = ggml_shape(ggml[linear], *shape)
+        elif quant is not None and linear in LINEARS:
             for suffix, spec in linear_tensors(shape[0], shape[1], quant).items():
                 out[f"{linear}.{suffix}"] = spec
         else:
@@ -63,23 +68,35 @@ def layer_tensors(args: ModelArgs, dtype: torch.dtype,
     return out
 
 
-def layer_layout(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = None) -> LayerLayout:
+def layer_layout(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = None,
+                 layer: int | None = None) -> LayerLayout:
+    """Decoder layer `layer`'s layout; None: the largest layer's (what a device slot must hold; the layers of
+    every format but GGUF share one layout)."""
+    if layer is None:
+        if args.ggml_types is None:
+            layer = 0
+        else:
+            kinds = {t: i for i, t in enumerate(args.ggml_types)}  # one layer of each distinct mix of types
+            return max((layer_layout(args, dtype, quant, i) for i in kinds.values()), key=lambda lay: lay.nbytes)
     slots: dict[str, Slot] = {}
     offset = 0
-    for name, (shape, dt) in layer_tensors(args, dtype, quant).items():
+    for name, (shape, dt) in layer_tensors(args, dtype, quant, layer).items():
         slots[name] = Slot(offset, tuple(shape), dt)
         offset += -(-math.prod(shape) * dt.itemsize // ALIGN_BYTES) * ALIGN_BYTES
     return LayerLayout(slots, offset, dtype, quant)
 
 
-def layer_bytes(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = None) -> int:
-    """Bytes of one packed decoder layer: what a device slot holds and a sweep copies per streamed layer."""
-    return layer_layout(args, dtype, quant).nbytes
+def layer_bytes(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = None, layer: int | None = None) -> int:
+    """Bytes of one packed decoder layer: what a device slot holds and a sweep copies per streamed layer (None:
+    the largest layer, which is every layer but in GGUF files)."""
+    return layer_layout(args, dtype, quant, layer).nbytes
 
 
 def model_bytes(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = None) -> int:
     """Bytes of a whole model on the device: globals (16-bit or the dtype, never quantized) and every layer."""
-    return args.global_numel() * dtype.itemsize + args.n_layers * layer_bytes(args, dtype, quant)
+    if args.ggml_types is None:
+        return args.global_numel() * dtype.itemsize + args.n_layers * layer_bytes(args, dtype, quant)
+    return args.global_numel() * dtype.itemsize + sum(layer_bytes(args, dtype, quant, i) for i in range(args.n_layers))
 
 
 def buffer_over_bytes(layout: LayerLayout, raw: torch.Tensor) -> torch.Tensor:

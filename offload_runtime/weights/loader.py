@@ -44,7 +44,7 @@ def load_globals(source: WeightSource, dtype: torch.dtype, device: torch.device)
 def load_layer(source: WeightSource, i: int, dtype: torch.dtype, device: torch.device,
                quant: QuantSpec | None = None) -> dict[str, torch.Tensor]:
     """Decoder layer i in one packed buffer on `device` (the same layout a streamed layer has in its slot)."""
-    layout = layer_layout(source.args, dtype, quant)
+    layout = layer_layout(source.args, dtype, quant, i)
     buffer = torch.empty(layout.nbytes, dtype=torch.uint8)
     fill_layer(source, i, layout, buffer)
     views = layout.views(buffer if device.type == "cpu" else buffer.to(device))

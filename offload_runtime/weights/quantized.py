@@ -279,7 +279,13 @@ def quantize_flags(quantize: str | None, group_size: int | None, draft_quantize:
 
 def quant_spec_for(args: ModelArgs, quantize: str | None, group_size: int | None, what: str) -> QuantSpec | None:
     """The packed format a model is held in: the checkpoint's own quantization, or `quantize` ("int8" | "int4",
-    group-wise with `group_size`, 128 by default) on an unquantized one; None for a float model."""
+    group-wise with `group_size`, 128 by default) on an unquantized one; None for a float model and for a GGUF
+    file (its linears stay in the file's blocks: model/ggml.py)."""
+    if args.ggml_types is not None:
+        if quantize is not None or group_size is not None:
+            raise UsageError(f"{what} is a GGUF file, already quantized in its own types; drop --quantize / "
+                             f"--group-size (quantize= / group_size=) for it")
+        return None
     if args.quantization is not None:
         if quantize is not None:
             raise UsageError(f"{what} is already quantized ({args.quantization.label}); drop --quantize / "

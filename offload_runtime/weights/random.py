@@ -47,4 +47,6 @@ class RandomWeights:
             return out.fill_(1.0)
         digest = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
         g = torch.Generator(device=out.device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        if out.dtype == torch.uint8:  # a GGUF linear's blocks (model/ggml.py): random bytes, timed, never trusted
+            return out.random_(0, 256, generator=g)
         return out.normal_(0.0, self.std, generator=g)

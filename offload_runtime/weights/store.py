@@ -87,8 +87,12 @@ class HostLayerStore:
     def __init__(self, args: ModelArgs, dtype: torch.dtype, layer_ids: list[int], pin: bool,
                  quant: QuantSpec | None = None):
         self.args = args
-        self.layout: LayerLayout = layer_layout(args, dtype, quant)
+        self.layout: LayerLayout = layer_layout(args, dtype, quant)  # the largest layer's: what a slot holds
         self.layer_ids = list(layer_ids)
+        # Layers of GGUF files may differ (model/ggml.py); every other format's share the one layout.
+        self.layouts: dict[int, LayerLayout] = {
+            i: layer_layout(args, dtype, quant, i) if args.ggml_types is not None else self.layout
+            for i in self.layer_ids}
         self.buffers: dict[int, torch.Tensor] = {}
         self.pinned = pin
         self._want_pin = pin
@@ -99,14 +103,18 @@ class HostLayerStore:
 
     @property
     def layer_bytes(self) -> int:
+        """The largest layer's bytes (a device slot's size)."""
         return self.layout.nbytes
+
+    def layout_of(self, i: int) -> LayerLayout:
+        return self.layouts[i]
 
     @property
     def nbytes(self) -> int:
-        return self.layer_bytes * len(self.layer_ids)
+        return sum(self.layouts[i].nbytes for i in self.layer_ids)
 
-    def _new_buffer(self) -> torch.Tensor:
-        buf, pinned = alloc_host(self.layout.nbytes, torch.uint8, self._want_pin)
+    def _new_buffer(self, layout: LayerLayout) -> torch.Tensor:
+        buf, pinned = alloc_host(layout.nbytes, torch.uint8, self._want_pin)
         if self._want_pin and not pinned:
             warnings.warn("pinned host memory was refused; streaming from pageable memory (slower copies)",
                           RuntimeWarning, stacklevel=3)
@@ -116,8 +124,8 @@ class HostLayerStore:
     def fill(self, source: WeightSource, progress: Callable[[int], None] | None = None) -> None:
         """Read each layer's tensors straight into its buffer: the model is never held twice."""
         for i in self.layer_ids:
-            buf = self._new_buffer()
-            fill_layer(source, i, self.layout, buf)
+            buf = self._new_buffer(self.layouts[i])
+            fill_layer(source, i, self.layouts[i], buf)
             self.buffers[i] = buf
             if progress:
                 progress(1)

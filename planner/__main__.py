@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from offload_runtime.api.machine import describe_machine
-from offload_runtime.cli import ArgumentParser, add_quantize_args, run_main
+from offload_runtime.cli import DRAFT_HELP, ArgumentParser, add_quantize_args, run_main
 from offload_runtime.errors import UsageError
 
 from . import pipeline
@@ -64,8 +64,7 @@ def _batch(text: str) -> int | str:
 
 def _common(p: argparse.ArgumentParser, draft_required: bool = False) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory, HF repo id (cached), alias or shape preset")
-    p.add_argument("--draft", required=False,
-                   help="draft model (default: the model's default draft)" + (" [needed]" if draft_required else ""))
+    p.add_argument("--draft", required=False, help=DRAFT_HELP + (" [needed]" if draft_required else ""))
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16, float32 (default: as the runtime picks)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
@@ -334,7 +333,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         pair = pipeline.resolve(PlanRequest(model=args.model, draft=args.draft, device=args.device,
                                             dtype=args.dtype, log=_notice))
         plan, msg = find_plan(args.model, args.draft, pair.device, pair.dtype, args.temperature, args.top_p,
-                              target_ref=pair.target, draft_ref=pair.draft)
+                              target_ref=pair.target, draft_ref=pair.draft, formats=pair.formats)
         if plan is None:
             raise UsageError(msg)
     print(f"plan        {plan.path}")

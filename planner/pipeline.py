@@ -22,8 +22,10 @@ from offload_runtime.api.home import short_hash, store_dir, write_json
 from offload_runtime.api.machine import describe_machine, machine_fingerprint
 from offload_runtime.api.options import GenerationDefaults, check_sampling, parse_device, parse_dtype
 from offload_runtime.api.plans import ModelRef, Plan, dtype_name, save_plan
+from offload_runtime.api.self_draft import check_self_draft_fits, is_self_draft, self_draft_quant
 from offload_runtime.errors import ResourceError, UsageError
 from offload_runtime.memory import parse_bytes
+from offload_runtime.residency import device_budget_bytes, fixed_device_bytes
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.quantization import QuantSpec
 from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE
@@ -124,16 +126,23 @@ def resolve(req: PlanRequest) -> Pair:
     draft_name = req.draft
     if draft_name is None and not req.no_draft:
         draft_name = registry.default_draft(req.model)
+    self_draft = is_self_draft(draft_name)
     dref = dargs = None
-    if draft_name is not None:
+    if draft_name is not None and not self_draft:
         dref, dargs, note = resolve_model(draft_name)
         if note:
             req.log(note)
-    both = req.quantize is not None or req.draft_quantize is not None
-    quant = quant_spec_for(targs, req.quantize, req.group_size if both else None, f"model {req.model}")
-    draft_quant = None if dargs is None else quant_spec_for(dargs, req.draft_quantize,
-                                                            req.group_size if req.draft_quantize else None,
-                                                            f"draft {draft_name}")
+    both = req.quantize is not None or req.draft_quantize is not None or self_draft
+    quant = quant_spec_for(targs, req.quantize, req.group_size if req.quantize else None, f"model {req.model}")
+    if self_draft:  # the target's own weights in fewer bits (offload_runtime/api/self_draft.py)
+        draft_quant = self_draft_quant(draft_name, targs, quant, req.group_size, req.draft_quantize, req.model)
+        dref, dargs = ModelRef.of_self_draft(draft_name, tref, draft_quant.label), targs
+    else:
+        if req.group_size is not None and not both:
+            quant_spec_for(targs, None, req.group_size, f"model {req.model}")  # says what --group-size needs
+        draft_quant = None if dargs is None else quant_spec_for(dargs, req.draft_quantize,
+                                                                req.group_size if req.draft_quantize else None,
+                                                                f"draft {draft_name}")
     return Pair(dev, parse_dtype(req.dtype, dev, targs.torch_dtype), tref, targs, dref, dargs, quant, draft_quant)
 
 
@@ -345,7 +354,7 @@ def choose_tree_policy(req: PlanRequest, pair: Pair, tm: opt.TimeModel, best: op
     grown = [DynamicTree(n, depth, acceptance=calibration) for n in sizes]
     req.log(f"measuring Sequoia's {c.n}-node tree against dynamic trees of {', '.join(map(str, sizes))} nodes "
             f"(depth <= {depth}) on the real engine")
-    measured = measure_trees(str(pair.target.path), str(pair.draft.path), [list(c.parents)] + grown,
+    measured = measure_trees(str(pair.target.path), pair.draft.loads_as, [list(c.parents)] + grown,
                              device=pair.device, dtype=pair.dtype, temperature=temperature, top_p=top_p,
                              batch=best.batch, offload=best.residency.offload, gpu_memory=budget,
                              prompts=2 if req.quick else max(4, best.batch), tokens=12 if req.quick else 32,
@@ -386,7 +395,8 @@ def search(p: Sequence[float], tm: opt.TimeModel, pair: Pair, req: PlanRequest, 
             return opt.residency(pair.target_args, pair.dtype, pair.device, draft=pair.draft_args,
                                  budget_bytes=budget, batch=B, max_seq_len=max_seq_len, max_tree=req.max_tree,
                                  slots=req.slots, offload=req.offload, host_budget=host_budget, prefetch=prefetch,
-                                 quant=pair.quant, draft_quant=pair.draft_quant)
+                                 quant=pair.quant, draft_quant=pair.draft_quant,
+                                 draft_shares_globals=pair.draft.is_self_draft)
 
         return opt.optimize_batch(p, tm, batch_sizes(req), residency_of, max_tree=req.max_tree,
                                   max_depth=req.max_depth, top=req.top)
@@ -417,6 +427,13 @@ def build_plan(req: PlanRequest) -> PlanResult:
     max_seq_len = min(limit, 4096) if req.max_seq_len is None else req.max_seq_len
     if max_seq_len > limit:
         raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's context window ({limit})")
+    if pair.draft.is_self_draft:  # before minutes of profiling: the low-bit copy must fit beside the rest
+        fixed = fixed_device_bytes(pair.target_args, pair.dtype, draft_args=pair.draft_args, batch=1,
+                                   max_seq_len=max_seq_len, tree_size=1, max_chunk=1, slots=req.slots,
+                                   on_cuda=pair.device.type == "cuda", quant=pair.quant, draft_quant=pair.draft_quant,
+                                   draft_shares_globals=True)
+        check_self_draft_fits(pair.draft.name, fixed, device_budget_bytes(budget, pair.device), pair.draft_quant,
+                              pair.target_args)
     profile, profile_path = given_profile(req, pair) if req.profile else ensure_profile(req, pair,
                                                                                        force=req.remeasure)
     acceptance = acceptance_vector(req, pair, temperature, top_p)
@@ -437,7 +454,7 @@ def build_plan(req: PlanRequest) -> PlanResult:
         tree = list(best.optimum.best.parents)
         req.log(f"calibrating on {best.optimum.best.n}-node trees with the real engine")
         streamed = best.residency.offload
-        measured = measure_step_split(str(pair.target.path), str(pair.draft.path), device=pair.device,
+        measured = measure_step_split(str(pair.target.path), pair.draft.loads_as, device=pair.device,
                                       dtype=pair.dtype, tree=tree, temperature=temperature, top_p=top_p,
                                       batch=best.batch, offload=streamed, gpu_memory=budget,
                                       host_memory=host_budget, prefetch=best.residency.prefetch or None,

@@ -385,11 +385,25 @@ def batch_sizes(req: PlanRequest) -> list[int]:
     return [int(req.batch_size)]
 
 
+def check_self_draft(pair: Pair, req: PlanRequest, budget: int | None, max_seq_len: int) -> None:
+    """A self-draft's low-bit copy must fit the device beside what the target needs there at the least (one-node
+    trees, batch 1); else one line that suggests fewer bits or an external draft (api/self_draft.py)."""
+    if pair.draft is None or not pair.draft.is_self_draft:
+        return
+    fixed = fixed_device_bytes(pair.target_args, pair.dtype, draft_args=pair.draft_args, batch=1,
+                               max_seq_len=max_seq_len, tree_size=1, max_chunk=1, slots=req.slots,
+                               on_cuda=pair.device.type == "cuda", quant=pair.quant, draft_quant=pair.draft_quant,
+                               draft_shares_globals=True)
+    check_self_draft_fits(pair.draft.name, fixed, device_budget_bytes(budget, pair.device), pair.draft_quant,
+                          pair.target_args)
+
+
 def search(p: Sequence[float], tm: opt.TimeModel, pair: Pair, req: PlanRequest, budget: int | None,
            max_seq_len: int, host_budget: int | None = None) -> tuple[opt.BatchChoice, list[opt.BatchChoice]]:
     """The best (tree, batch, resident layers, and under a host budget: staging buffers) for this time model and
     acceptance vector. Each extra staging buffer takes one layer's room from the host, so a deeper prefetch
     hides more of the reads between sweeps but reads more every sweep: the search weighs the two."""
+    check_self_draft(pair, req, budget, max_seq_len)
     def searched(prefetch: int) -> tuple[opt.BatchChoice, list[opt.BatchChoice]]:
         def residency_of(B: int):
             return opt.residency(pair.target_args, pair.dtype, pair.device, draft=pair.draft_args,
@@ -427,13 +441,7 @@ def build_plan(req: PlanRequest) -> PlanResult:
     max_seq_len = min(limit, 4096) if req.max_seq_len is None else req.max_seq_len
     if max_seq_len > limit:
         raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's context window ({limit})")
-    if pair.draft.is_self_draft:  # before minutes of profiling: the low-bit copy must fit beside the rest
-        fixed = fixed_device_bytes(pair.target_args, pair.dtype, draft_args=pair.draft_args, batch=1,
-                                   max_seq_len=max_seq_len, tree_size=1, max_chunk=1, slots=req.slots,
-                                   on_cuda=pair.device.type == "cuda", quant=pair.quant, draft_quant=pair.draft_quant,
-                                   draft_shares_globals=True)
-        check_self_draft_fits(pair.draft.name, fixed, device_budget_bytes(budget, pair.device), pair.draft_quant,
-                              pair.target_args)
+    check_self_draft(pair, req, budget, max_seq_len)  # before minutes of profiling
     profile, profile_path = given_profile(req, pair) if req.profile else ensure_profile(req, pair,
                                                                                        force=req.remeasure)
     acceptance = acceptance_vector(req, pair, temperature, top_p)

@@ -142,6 +142,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="skip the short real-engine run that scales the time model to measured step times")
     pl.add_argument("--calibration-time", type=_seconds, default=None,
                     help="seconds of real engine steps to calibrate on (default 20; --quick: one reply)")
+    pl.add_argument("--compare-drafts", default=None,
+                    help="plan each of these drafts (comma-separated; e.g. demo-draft,self-int4,self-int8) and plain "
+                         "decoding, and print them ranked by predicted tokens/s (each plan is saved)")
     pl.add_argument("--policy", choices=("auto", "static", "dynamic"), default="auto",
                     help="tree policy: auto measures Sequoia's static tree against trees grown per step and keeps "
                          "the faster (default); static or dynamic plans that one")
@@ -253,7 +256,24 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare_drafts(args: argparse.Namespace) -> int:
+    drafts = [d.strip() for d in args.compare_drafts.split(",") if d.strip()]
+    if not drafts:
+        raise UsageError("--compare-drafts takes draft names, comma-separated: demo-draft,self-int4,self-int8")
+    found = pipeline.compare_drafts(_request(args), drafts)
+    rows = [[o.draft, "-" if o.tokens_per_s is None else f"{o.tokens_per_s:.4g}",
+             "-" if o.tokens_per_step is None else f"{o.tokens_per_step:.3g}",
+             o.plan.describe_tree() if o.plan else ("plain decoding" if o.refused is None else f"refused: {o.refused}")]
+            for o in found.options]
+    print(_table(("draft", "tokens/s", "tokens/step", "tree"), rows))
+    best = found.best
+    print("best: " + ("no draft (--no-draft)" if best.plan is None else f"--draft {best.draft} (plan {best.plan.path})"))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.compare_drafts is not None:
+        return cmd_compare_drafts(args)
     if args.plot is not None:
         _require_matplotlib()
     result = pipeline.make_plan(_request(args), output=args.output)

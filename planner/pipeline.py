@@ -526,3 +526,60 @@ def make_plan(req: PlanRequest, output: str | Path | None = None) -> PlanResult:
     if output is not None:
         save_plan(result.plan, output)
     return result
+
+
+# --- which draft
+
+
+@dataclass
+class DraftOption:
+    """One draft the comparison planned: its plan, or why it could not be planned (does not fit, ...)."""
+
+    draft: str  # a draft name, a self-draft spelling, or "none" (plain decoding)
+    tokens_per_s: float | None  # predicted; None where refused
+    tokens_per_step: float | None
+    plan: Plan | None = None
+    refused: str | None = None  # the one-line reason
+
+
+@dataclass
+class DraftComparison:
+    options: list[DraftOption]
+
+    @property
+    def best(self) -> DraftOption:
+        return max((o for o in self.options if o.tokens_per_s is not None), key=lambda o: o.tokens_per_s)
+
+
+def compare_drafts(req: PlanRequest, drafts: Sequence[str]) -> DraftComparison:
+    """A plan for each draft (external checkpoints and self-drafts alike, each measured and saved like any pair's),
+    and plain decoding with the target's own residency, ranked by predicted tokens/s. A draft that cannot be
+    planned here (a self-draft too large for the device budget, ...) is listed with its one-line reason."""
+    from offload_runtime.errors import OffloadError
+
+    def for_draft(name: str | None) -> PlanRequest:  # --group-size is the self-drafts' unless something else is quantized
+        uses_group = (name is not None and is_self_draft(name)) or req.quantize or req.draft_quantize
+        return dataclasses.replace(req, draft=name, no_draft=name is None,
+                                   group_size=req.group_size if uses_group else None)
+
+    options, plain = [], None
+    for name in drafts:
+        try:
+            result = make_plan(for_draft(name))
+        except OffloadError as e:
+            options.append(DraftOption(name, None, None, refused=str(e)))
+            req.log(f"draft {name}: not planned: {e}")
+            continue
+        plan = result.plan
+        options.append(DraftOption(name, plan.predicted["tokens_per_s"], plan.predicted["tokens_per_step"], plan))
+        if plain is None:  # the same time model, with the residency the target gets when nothing drafts
+            pair = resolve(for_draft(None))
+            alone = opt.residency(pair.target_args, pair.dtype, pair.device, draft=None,
+                                  budget_bytes=plan.gpu_memory, batch=1, max_seq_len=plan.max_seq_len, max_tree=1,
+                                  slots=req.slots, offload=req.offload,
+                                  host_budget=plan.storage.get("host_memory"), quant=pair.quant)
+            row = opt.evaluate([-1], 1.0, result.time_model.with_residency(alone)).row()
+            plain = DraftOption("none", row["tokens_per_s"], 1.0)
+    if plain is None:
+        raise UsageError("none of the drafts could be planned: " + "; ".join(f"{o.draft}: {o.refused}" for o in options))
+    return DraftComparison(options + [plain])

@@ -122,3 +122,24 @@ def test_chat_refuses_a_self_draft_with_draft_quantize_in_one_line(checkpoints):
     proc = run_cli("offload_runtime.chat", "--model", checkpoints["llama-mha"], "--draft", "self-int4",
                    "--draft-quantize", "int4", stdin="hi\n")
     one_line_error(proc, 2, "already says how the draft is quantized")
+
+
+def test_planner_compares_an_external_draft_self_drafts_and_no_draft(tiny_pair, tmp_path, monkeypatch):
+    from planner.pipeline import PlanRequest, compare_drafts
+
+    monkeypatch.setenv("OFFLOAD_RUNTIME_HOME", str(tmp_path))
+    target, draft = tiny_pair
+    req = PlanRequest(model=str(target), device="cpu", dtype="float32", temperature=0.0, quick=True, grid="1,2,4,8",
+                      prefix=8, max_tree=8, max_depth=3, no_calibrate=True, group_size=32, max_new_tokens=8, limit=2,
+                      policy="static")
+    found = compare_drafts(req, [str(draft), "self-int4", "self"])
+    by = {o.draft: o for o in found.options}
+    assert list(by) == [str(draft), "self-int4", "self", "none"]
+    assert by["self"].plan is None and "add --quantize" in by["self"].refused  # listed with its reason
+    assert by["none"].tokens_per_step == 1.0 and by["none"].tokens_per_s > 0
+    # Each planned draft has its own measured plan, which its engine follows.
+    assert by["self-int4"].plan.acceptance["source"] == "measured" and by["self-int4"].plan.draft.is_self_draft
+    assert by["self-int4"].plan.path != by[str(draft)].plan.path
+    assert Engine.from_pretrained(target, draft="self-int4", group_size=32, dtype="float32").plans == \
+        [by["self-int4"].plan]
+    assert found.best.tokens_per_s == max(o.tokens_per_s for o in found.options if o.tokens_per_s is not None)

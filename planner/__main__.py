@@ -263,11 +263,13 @@ def cmd_compare_drafts(args: argparse.Namespace) -> int:
     found = pipeline.compare_drafts(_request(args), drafts)
     rows = [[o.draft, "-" if o.tokens_per_s is None else f"{o.tokens_per_s:.4g}",
              "-" if o.tokens_per_step is None else f"{o.tokens_per_step:.3g}",
-             o.plan.describe_tree() if o.plan else ("plain decoding" if o.refused is None else f"refused: {o.refused}")]
+             (o.plan.describe_tree() + (" (= plain decoding)" if o.plan.policy == "static" and o.plan.n == 1 else ""))
+             if o.plan else ("plain decoding" if o.refused is None else f"refused: {o.refused}")]
             for o in found.options]
     print(_table(("draft", "tokens/s", "tokens/step", "tree"), rows))
     best = found.best
-    print("best: " + ("no draft (--no-draft)" if best.plan is None else f"--draft {best.draft} (plan {best.plan.path})"))
+    speculates = best.plan is not None and (best.plan.policy == "dynamic" or best.plan.n > 1)
+    print("best: " + (f"--draft {best.draft} (plan {best.plan.path})" if speculates else "no draft (--no-draft)"))
     return 0
 
 

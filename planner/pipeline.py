@@ -548,7 +548,9 @@ class DraftComparison:
 
     @property
     def best(self) -> DraftOption:
-        return max((o for o in self.options if o.tokens_per_s is not None), key=lambda o: o.tokens_per_s)
+        """The fastest predicted; on a tie, no draft (a draft that gains nothing costs its memory)."""
+        return max((o for o in self.options if o.tokens_per_s is not None),
+                   key=lambda o: (o.tokens_per_s, o.draft == "none"))
 
 
 def compare_drafts(req: PlanRequest, drafts: Sequence[str]) -> DraftComparison:
@@ -582,4 +584,9 @@ def compare_drafts(req: PlanRequest, drafts: Sequence[str]) -> DraftComparison:
             plain = DraftOption("none", row["tokens_per_s"], 1.0)
     if plain is None:
         raise UsageError("none of the drafts could be planned: " + "; ".join(f"{o.draft}: {o.refused}" for o in options))
+    # A one-node plan drafts nothing: it is plain decoding, whatever its own profile's timings (each pair's profile
+    # is measured on its own, so on a busy machine their target curves differ by noise).
+    for o in options:
+        if o.plan is not None and o.plan.policy == "static" and o.plan.n == 1:
+            o.tokens_per_s = plain.tokens_per_s
     return DraftComparison(options + [plain])

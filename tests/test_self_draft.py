@@ -143,3 +143,18 @@ def test_planner_compares_an_external_draft_self_drafts_and_no_draft(tiny_pair, 
     assert Engine.from_pretrained(target, draft="self-int4", group_size=32, dtype="float32").plans == \
         [by["self-int4"].plan]
     assert found.best.tokens_per_s == max(o.tokens_per_s for o in found.options if o.tokens_per_s is not None)
+
+
+def test_the_draft_flag_takes_a_self_draft(checkpoints):
+    """chat, batch and serve share add_model_args / load_engine: --draft self-int8 --group-size 32 reaches the engine."""
+    from offload_runtime.cli import ArgumentParser, add_model_args, add_sampling_args, load_engine
+
+    p = ArgumentParser()
+    add_model_args(p)
+    add_sampling_args(p)
+    args = p.parse_args(["--model", str(checkpoints["llama-mha"]), "--draft", "self-int8", "--group-size", "32",
+                         "--dtype", "float32", "--device", "cpu", "--plan", "none"])
+    engine = load_engine(args)
+    _, dw = next(engine.draft.layers.sweep())
+    assert dw["mlp.up_proj.qweight"].dtype == torch.int8 and dw["mlp.up_proj.scales"].shape == (64 // 32, 96)
+    assert engine.draft.globals is engine.target.globals

@@ -21,13 +21,17 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+DRAFT_HELP = ("draft model (default: the model family's default draft), or the target's own low-bit copy: "
+              "self-int4, self-int8 (quantized on load, --group-size applies), self (the target's --quantize weights)")
+
+
 def add_model_args(p: argparse.ArgumentParser, default_model: str | None = "demo") -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=default_model, required=default_model is None,
                    help="checkpoint directory, GGUF file (.gguf, or a split file's first part), Hugging Face repo id, "
                         "or alias (demo, llama-2-70b, ...)")
     d = g.add_mutually_exclusive_group()
-    d.add_argument("--draft", help="draft model (default: the model family's default draft)")
+    d.add_argument("--draft", help=DRAFT_HELP)
     d.add_argument("--no-draft", action="store_true", help="plain decoding, no speculation")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument("--dtype", default=None, help="float16, bfloat16, float32 or float64 (default: auto)")

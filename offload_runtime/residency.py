@@ -76,9 +76,11 @@ def spread(n_layers: int, count: int) -> tuple[int, ...]:
 
 def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: ModelArgs | None, batch: int,
                        max_seq_len: int, tree_size: int, max_chunk: int, slots: int, on_cuda: bool,
-                       quant: QuantSpec | None = None, draft_quant: QuantSpec | None = None) -> dict[str, int]:
+                       quant: QuantSpec | None = None, draft_quant: QuantSpec | None = None,
+                       draft_shares_globals: bool = False) -> dict[str, int]:
     """Everything the device holds besides resident target layers; `quant` / `draft_quant`: the target's and the
-    draft's packed formats (None: float layers)."""
+    draft's packed formats (None: float layers); `draft_shares_globals`: the draft uses the target's embedding, norm
+    and head (a self-draft), so only its layers count."""
     size = dtype.itemsize
     tokens = max(tree_size, min(max_chunk, max_seq_len))
     act = activation_bytes(args, tokens, max_seq_len, dtype, batch)
@@ -97,9 +99,18 @@ def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: Model
         widest = max(math.prod(s) for a in (args, draft_args) if a is not None for s in a.layer_shapes().values())
         fixed["dequantize scratch"] = widest * (4 + size)
     if draft_args is not None:
-        fixed["draft"] = model_bytes(draft_args, dtype, draft_quant)
+        fixed["draft"] = draft_args.n_layers * layer_bytes(draft_args, dtype, draft_quant) if draft_shares_globals \
+            else model_bytes(draft_args, dtype, draft_quant)
         fixed["draft KV cache"] = draft_args.kv_bytes_per_token(dtype) * batch * (max_seq_len + 1)
     return fixed
+
+
+def device_budget_bytes(budget_bytes: int | None, device: torch.device) -> int | None:
+    """The device memory a load may plan with: the given budget, else (CUDA) the free memory less headroom for
+    the allocator and the CUDA context; None on the CPU without a budget (no limit is simulated)."""
+    if budget_bytes is None and device.type == "cuda":
+        return int(device_free_memory(device) * 0.92)
+    return budget_bytes
 
 
 def choose_residency(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, offload: bool | None,
@@ -114,8 +125,7 @@ def choose_residency(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
     layers exceed the host budget).
     """
     per_layer = layer_bytes(args, dtype, quant)
-    if budget_bytes is None and device.type == "cuda":
-        budget_bytes = int(device_free_memory(device) * 0.92)  # headroom for the allocator and CUDA context
+    budget_bytes = device_budget_bytes(budget_bytes, device)
     no_slots = {k: v for k, v in fixed.items() if k != "staging slots"}
     if offload is None:
         whole = sum(no_slots.values()) + args.n_layers * per_layer

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from offload_runtime.api.machine import describe_machine
-from offload_runtime.cli import ArgumentParser, add_quantize_args, run_main
+from offload_runtime.cli import DRAFT_HELP, ArgumentParser, add_quantize_args, run_main
 from offload_runtime.errors import UsageError
 
 from . import pipeline
@@ -65,8 +65,7 @@ def _batch(text: str) -> int | str:
 def _common(p: argparse.ArgumentParser, draft_required: bool = False) -> None:
     p.add_argument("--model", required=True,
                    help="checkpoint directory, GGUF file, HF repo id (cached), alias or shape preset")
-    p.add_argument("--draft", required=False,
-                   help="draft model (default: the model's default draft)" + (" [needed]" if draft_required else ""))
+    p.add_argument("--draft", required=False, help=DRAFT_HELP + (" [needed]" if draft_required else ""))
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float16, bfloat16, float32 (default: as the runtime picks)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's)")
@@ -144,6 +143,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="skip the short real-engine run that scales the time model to measured step times")
     pl.add_argument("--calibration-time", type=_seconds, default=None,
                     help="seconds of real engine steps to calibrate on (default 20; --quick: one reply)")
+    pl.add_argument("--compare-drafts", default=None,
+                    help="plan each of these drafts (comma-separated; e.g. demo-draft,self-int4,self-int8) and plain "
+                         "decoding, and print them ranked by predicted tokens/s (each plan is saved)")
     pl.add_argument("--policy", choices=("auto", "static", "dynamic"), default="auto",
                     help="tree policy: auto measures Sequoia's static tree against trees grown per step and keeps "
                          "the faster (default); static or dynamic plans that one")
@@ -255,7 +257,26 @@ def cmd_acceptance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare_drafts(args: argparse.Namespace) -> int:
+    drafts = [d.strip() for d in args.compare_drafts.split(",") if d.strip()]
+    if not drafts:
+        raise UsageError("--compare-drafts takes draft names, comma-separated: demo-draft,self-int4,self-int8")
+    found = pipeline.compare_drafts(_request(args), drafts)
+    rows = [[o.draft, "-" if o.tokens_per_s is None else f"{o.tokens_per_s:.4g}",
+             "-" if o.tokens_per_step is None else f"{o.tokens_per_step:.3g}",
+             (o.plan.describe_tree() + (" (= plain decoding)" if o.plan.policy == "static" and o.plan.n == 1 else ""))
+             if o.plan else ("plain decoding" if o.refused is None else f"refused: {o.refused}")]
+            for o in found.options]
+    print(_table(("draft", "tokens/s", "tokens/step", "tree"), rows))
+    best = found.best
+    speculates = best.plan is not None and (best.plan.policy == "dynamic" or best.plan.n > 1)
+    print("best: " + (f"--draft {best.draft} (plan {best.plan.path})" if speculates else "no draft (--no-draft)"))
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.compare_drafts is not None:
+        return cmd_compare_drafts(args)
     if args.plot is not None:
         _require_matplotlib()
     result = pipeline.make_plan(_request(args), output=args.output)
@@ -335,7 +356,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         pair = pipeline.resolve(PlanRequest(model=args.model, draft=args.draft, device=args.device,
                                             dtype=args.dtype, log=_notice))
         plan, msg = find_plan(args.model, args.draft, pair.device, pair.dtype, args.temperature, args.top_p,
-                              target_ref=pair.target, draft_ref=pair.draft)
+                              target_ref=pair.target, draft_ref=pair.draft, formats=pair.formats)
         if plan is None:
             raise UsageError(msg)
     print(f"plan        {plan.path}")

@@ -251,7 +251,7 @@ def measure_acceptance(target: ModelRef, draft: ModelRef, *, device: str | torch
                                  f"of {limit}; lower it")
     ids = [x[-room:] for x in ids]
     max_seq_len = max(len(x) for x in ids) + max_new_tokens + width + 2
-    engine = Engine.from_pretrained(target.path, draft=draft.path, device=device, dtype=dtype,
+    engine = Engine.from_pretrained(target.path, draft=draft.loads_as, device=device, dtype=dtype,
                                     tree=[-1] + [0] * width, plan=None, max_seq_len=max_seq_len,
                                     batch_size=min(batch_size, len(ids)), progress=progress,
                                     **(engine_options or {}))

@@ -372,7 +372,7 @@ def residency(target: ModelArgs, dtype: torch.dtype, device: torch.device, *, dr
               budget_bytes: int | None, batch: int, max_seq_len: int, max_tree: int, slots: int = 2,
               max_chunk: int = 2048, offload: bool | None = None, host_budget: int | None = None,
               prefetch: int = DEFAULT_PREFETCH, quant: QuantSpec | None = None,
-              draft_quant: QuantSpec | None = None) -> Residency:
+              draft_quant: QuantSpec | None = None, draft_shares_globals: bool = False) -> Residency:
     """Which target layers stay on the device, by the runtime's own rule (offload_runtime/residency.py).
 
     The device must hold the largest tree the search may pick (`max_tree`), B KV caches of `max_seq_len`, the
@@ -385,7 +385,7 @@ def residency(target: ModelArgs, dtype: torch.dtype, device: torch.device, *, dr
         draft_quant = draft_quant or quant_spec_for(draft, None, None, "draft")
     fixed = fixed_device_bytes(target, dtype, draft_args=draft, batch=batch, max_seq_len=max_seq_len,
                                tree_size=max_tree, max_chunk=max_chunk, slots=slots, on_cuda=device.type == "cuda",
-                               quant=quant, draft_quant=draft_quant)
+                               quant=quant, draft_quant=draft_quant, draft_shares_globals=draft_shares_globals)
     return choose_residency(target, dtype, device, offload=offload, budget_bytes=budget_bytes, fixed=fixed,
                             slots=slots, host_budget=host_budget, prefetch=prefetch, quant=quant)
 

@@ -22,8 +22,10 @@ from offload_runtime.api.home import short_hash, store_dir, write_json
 from offload_runtime.api.machine import describe_machine, machine_fingerprint
 from offload_runtime.api.options import GenerationDefaults, check_sampling, parse_device, parse_dtype
 from offload_runtime.api.plans import ModelRef, Plan, dtype_name, save_plan
+from offload_runtime.api.self_draft import check_self_draft_fits, is_self_draft, self_draft_quant
 from offload_runtime.errors import ResourceError, UsageError
 from offload_runtime.memory import parse_bytes
+from offload_runtime.residency import device_budget_bytes, fixed_device_bytes
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.quantization import QuantSpec
 from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE
@@ -124,16 +126,23 @@ def resolve(req: PlanRequest) -> Pair:
     draft_name = req.draft
     if draft_name is None and not req.no_draft:
         draft_name = registry.default_draft(req.model)
+    self_draft = is_self_draft(draft_name)
     dref = dargs = None
-    if draft_name is not None:
+    if draft_name is not None and not self_draft:
         dref, dargs, note = resolve_model(draft_name)
         if note:
             req.log(note)
-    both = req.quantize is not None or req.draft_quantize is not None
-    quant = quant_spec_for(targs, req.quantize, req.group_size if both else None, f"model {req.model}")
-    draft_quant = None if dargs is None else quant_spec_for(dargs, req.draft_quantize,
-                                                            req.group_size if req.draft_quantize else None,
-                                                            f"draft {draft_name}")
+    both = req.quantize is not None or req.draft_quantize is not None or self_draft
+    quant = quant_spec_for(targs, req.quantize, req.group_size if req.quantize else None, f"model {req.model}")
+    if self_draft:  # the target's own weights in fewer bits (offload_runtime/api/self_draft.py)
+        draft_quant = self_draft_quant(draft_name, targs, quant, req.group_size, req.draft_quantize, req.model)
+        dref, dargs = ModelRef.of_self_draft(draft_name, tref, draft_quant.label), targs
+    else:
+        if req.group_size is not None and not both:
+            quant_spec_for(targs, None, req.group_size, f"model {req.model}")  # says what --group-size needs
+        draft_quant = None if dargs is None else quant_spec_for(dargs, req.draft_quantize,
+                                                                req.group_size if req.draft_quantize else None,
+                                                                f"draft {draft_name}")
     return Pair(dev, parse_dtype(req.dtype, dev, targs.torch_dtype), tref, targs, dref, dargs, quant, draft_quant)
 
 
@@ -345,7 +354,7 @@ def choose_tree_policy(req: PlanRequest, pair: Pair, tm: opt.TimeModel, best: op
     grown = [DynamicTree(n, depth, acceptance=calibration) for n in sizes]
     req.log(f"measuring Sequoia's {c.n}-node tree against dynamic trees of {', '.join(map(str, sizes))} nodes "
             f"(depth <= {depth}) on the real engine")
-    measured = measure_trees(str(pair.target.path), str(pair.draft.path), [list(c.parents)] + grown,
+    measured = measure_trees(str(pair.target.path), pair.draft.loads_as, [list(c.parents)] + grown,
                              device=pair.device, dtype=pair.dtype, temperature=temperature, top_p=top_p,
                              batch=best.batch, offload=best.residency.offload, gpu_memory=budget,
                              prompts=2 if req.quick else max(4, best.batch), tokens=12 if req.quick else 32,
@@ -376,17 +385,32 @@ def batch_sizes(req: PlanRequest) -> list[int]:
     return [int(req.batch_size)]
 
 
+def check_self_draft(pair: Pair, req: PlanRequest, budget: int | None, max_seq_len: int) -> None:
+    """A self-draft's low-bit copy must fit the device beside what the target needs there at the least (one-node
+    trees, batch 1); else one line that suggests fewer bits or an external draft (api/self_draft.py)."""
+    if pair.draft is None or not pair.draft.is_self_draft:
+        return
+    fixed = fixed_device_bytes(pair.target_args, pair.dtype, draft_args=pair.draft_args, batch=1,
+                               max_seq_len=max_seq_len, tree_size=1, max_chunk=1, slots=req.slots,
+                               on_cuda=pair.device.type == "cuda", quant=pair.quant, draft_quant=pair.draft_quant,
+                               draft_shares_globals=True)
+    check_self_draft_fits(pair.draft.name, fixed, device_budget_bytes(budget, pair.device), pair.draft_quant,
+                          pair.target_args)
+
+
 def search(p: Sequence[float], tm: opt.TimeModel, pair: Pair, req: PlanRequest, budget: int | None,
            max_seq_len: int, host_budget: int | None = None) -> tuple[opt.BatchChoice, list[opt.BatchChoice]]:
     """The best (tree, batch, resident layers, and under a host budget: staging buffers) for this time model and
     acceptance vector. Each extra staging buffer takes one layer's room from the host, so a deeper prefetch
     hides more of the reads between sweeps but reads more every sweep: the search weighs the two."""
+    check_self_draft(pair, req, budget, max_seq_len)
     def searched(prefetch: int) -> tuple[opt.BatchChoice, list[opt.BatchChoice]]:
         def residency_of(B: int):
             return opt.residency(pair.target_args, pair.dtype, pair.device, draft=pair.draft_args,
                                  budget_bytes=budget, batch=B, max_seq_len=max_seq_len, max_tree=req.max_tree,
                                  slots=req.slots, offload=req.offload, host_budget=host_budget, prefetch=prefetch,
-                                 quant=pair.quant, draft_quant=pair.draft_quant)
+                                 quant=pair.quant, draft_quant=pair.draft_quant,
+                                 draft_shares_globals=pair.draft.is_self_draft)
 
         return opt.optimize_batch(p, tm, batch_sizes(req), residency_of, max_tree=req.max_tree,
                                   max_depth=req.max_depth, top=req.top)
@@ -417,6 +441,7 @@ def build_plan(req: PlanRequest) -> PlanResult:
     max_seq_len = min(limit, 4096) if req.max_seq_len is None else req.max_seq_len
     if max_seq_len > limit:
         raise UsageError(f"--max-seq-len {max_seq_len} exceeds the model's context window ({limit})")
+    check_self_draft(pair, req, budget, max_seq_len)  # before minutes of profiling
     profile, profile_path = given_profile(req, pair) if req.profile else ensure_profile(req, pair,
                                                                                        force=req.remeasure)
     acceptance = acceptance_vector(req, pair, temperature, top_p)
@@ -437,7 +462,7 @@ def build_plan(req: PlanRequest) -> PlanResult:
         tree = list(best.optimum.best.parents)
         req.log(f"calibrating on {best.optimum.best.n}-node trees with the real engine")
         streamed = best.residency.offload
-        measured = measure_step_split(str(pair.target.path), str(pair.draft.path), device=pair.device,
+        measured = measure_step_split(str(pair.target.path), pair.draft.loads_as, device=pair.device,
                                       dtype=pair.dtype, tree=tree, temperature=temperature, top_p=top_p,
                                       batch=best.batch, offload=streamed, gpu_memory=budget,
                                       host_memory=host_budget, prefetch=best.residency.prefetch or None,
@@ -501,3 +526,67 @@ def make_plan(req: PlanRequest, output: str | Path | None = None) -> PlanResult:
     if output is not None:
         save_plan(result.plan, output)
     return result
+
+
+# --- which draft
+
+
+@dataclass
+class DraftOption:
+    """One draft the comparison planned: its plan, or why it could not be planned (does not fit, ...)."""
+
+    draft: str  # a draft name, a self-draft spelling, or "none" (plain decoding)
+    tokens_per_s: float | None  # predicted; None where refused
+    tokens_per_step: float | None
+    plan: Plan | None = None
+    refused: str | None = None  # the one-line reason
+
+
+@dataclass
+class DraftComparison:
+    options: list[DraftOption]
+
+    @property
+    def best(self) -> DraftOption:
+        """The fastest predicted; on a tie, no draft (a draft that gains nothing costs its memory)."""
+        return max((o for o in self.options if o.tokens_per_s is not None),
+                   key=lambda o: (o.tokens_per_s, o.draft == "none"))
+
+
+def compare_drafts(req: PlanRequest, drafts: Sequence[str]) -> DraftComparison:
+    """A plan for each draft (external checkpoints and self-drafts alike, each measured and saved like any pair's),
+    and plain decoding with the target's own residency, ranked by predicted tokens/s. A draft that cannot be
+    planned here (a self-draft too large for the device budget, ...) is listed with its one-line reason."""
+    from offload_runtime.errors import OffloadError
+
+    def for_draft(name: str | None) -> PlanRequest:  # --group-size is the self-drafts' unless something else is quantized
+        uses_group = (name is not None and is_self_draft(name)) or req.quantize or req.draft_quantize
+        return dataclasses.replace(req, draft=name, no_draft=name is None,
+                                   group_size=req.group_size if uses_group else None)
+
+    options, plain = [], None
+    for name in drafts:
+        try:
+            result = make_plan(for_draft(name))
+        except OffloadError as e:
+            options.append(DraftOption(name, None, None, refused=str(e)))
+            req.log(f"draft {name}: not planned: {e}")
+            continue
+        plan = result.plan
+        options.append(DraftOption(name, plan.predicted["tokens_per_s"], plan.predicted["tokens_per_step"], plan))
+        if plain is None:  # the same time model, with the residency the target gets when nothing drafts
+            pair = resolve(for_draft(None))
+            alone = opt.residency(pair.target_args, pair.dtype, pair.device, draft=None,
+                                  budget_bytes=plan.gpu_memory, batch=1, max_seq_len=plan.max_seq_len, max_tree=1,
+                                  slots=req.slots, offload=req.offload,
+                                  host_budget=plan.storage.get("host_memory"), quant=pair.quant)
+            row = opt.evaluate([-1], 1.0, result.time_model.with_residency(alone)).row()
+            plain = DraftOption("none", row["tokens_per_s"], 1.0)
+    if plain is None:
+        raise UsageError("none of the drafts could be planned: " + "; ".join(f"{o.draft}: {o.refused}" for o in options))
+    # A one-node plan drafts nothing: it is plain decoding, whatever its own profile's timings (each pair's profile
+    # is measured on its own, so on a busy machine their target curves differ by noise).
+    for o in options:
+        if o.plan is not None and o.plan.policy == "static" and o.plan.n == 1:
+            o.tokens_per_s = plain.tokens_per_s
+    return DraftComparison(options + [plain])

@@ -305,3 +305,24 @@ def test_plots_are_written_or_skipped_with_a_notice(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     images, notice = abl.write_plots(res, tmp_path / "b")
     assert images == {} and "pip install" in notice and not (tmp_path / "b").exists()
+
+
+def test_drafts_experiment_compares_the_trained_draft_with_self_drafts():
+    threads = torch.get_num_threads()
+    try:
+        out = abl.run(["--small", "--no-write", "--experiments", "drafts"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = out.results.drafts
+    assert [(r.temperature, r.draft) for r in rows] == [(t, d) for t in (0.0, 0.6)
+                                                        for d in ("trained", "self-int4", "self-int8")]
+    for r in rows:
+        assert 1 <= r.measured["static"].mean <= r.n and r.measured["plain"].mean == 1.0, r
+    # Greedy is lossless whatever drafts: every draft's tokens are plain decoding's.
+    greedy = [r for r in rows if r.temperature == 0.0]
+    assert all(r.measured[k].outputs == greedy[0].measured["plain"].outputs for r in greedy for k in ("static", "dynamic"))
+    # The int8 copy of the small target agrees with it more than its noised 2-layer draft does.
+    assert greedy[2].measured["static"].mean > greedy[0].measured["static"].mean
+    table = next(t for t in out.tables if t.title.startswith(abl.DRAFTS_TITLE))
+    assert [row["draft"] for row in table.rows] == [r.draft for r in rows]
+    assert any("self-int4 gives" in c for c in out.claims)

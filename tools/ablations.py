@@ -13,6 +13,10 @@ Two experiments, each checking one of the paper's claims on our own implementati
       against the DP tree and the best k independent sequences of the same size, greedy and at T = 0.6, with
       each family's tokens/s as a ratio to plain decoding in the same run; and dynamic trees keyed three ways
       (that table, the draft's own probabilities, the positional p, which grows Sequoia's tree) at a few sizes
+  (d) drafts (--experiments drafts, not run by default): the pair's trained draft against the target's own low-bit
+      copies (self-int4, self-int8: offload_runtime/api/self_draft.py), greedy and at T = 0.6: each one's acceptance
+      vector, tokens per step of its DP tree and of dynamic trees of the same budget, and tokens/s as a ratio to
+      plain decoding in the same run
 
 Measurement. Tokens per step = mean over target sweeps of (accepted path length + 1), pooled over all steps
 of all sequences (a ratio: tokens / steps). Every request generates past --tokens by the tree's depth + 1
@@ -61,7 +65,8 @@ from offload_runtime.spec.methods import SAMPLING_METHODS
 from offload_runtime.spec.tree_search import best_trees, chain_tree, expected_tokens, k_sequences_tree
 
 METHODS = SAMPLING_METHODS  # sequoia, specinfer, topk
-EXPERIMENTS = ("sizes", "methods", "dynamic")
+EXPERIMENTS = ("sizes", "methods", "dynamic", "drafts")
+SELF_DRAFTS = ("self-int4", "self-int8")  # (d)'s self-drafts, against the pair's own draft
 TREE_PNG, TEMPERATURE_PNG, DYNAMIC_PNG = "ablation_tree_size.png", "ablation_temperature.png", "ablation_dynamic.png"
 DYNAMIC_FAMILIES = ("dynamic", "dp", "kseq")
 KEYS = ("confidence", "draft", "positional")  # what dynamic trees are keyed by, in (c)'s second table
@@ -69,6 +74,7 @@ ACCEPTANCE_SEED = 100_000  # acceptance runs draw from seeds disjoint from the r
 HELDOUT_EVERY = 20  # the demo recipe holds out every 20th chapter (tools/train_demo_pair.py, Recipe.heldout_every)
 SIZE_TITLE, METHOD_TITLE = "Tokens per step vs tree size", "Tokens per step vs temperature"
 DYNAMIC_TITLE, KEYS_TITLE = "Dynamic vs static trees", "Which key for dynamic trees"
+DRAFTS_TITLE = "Trained draft vs self-drafts"
 
 
 # --- estimates: a ratio of sums over independent sequences
@@ -274,6 +280,8 @@ class Settings:
     dynamic_temperatures: list[float] = field(default_factory=lambda: [0.0, 0.6])
     dynamic_depth: int = 16  # the depth limit of dynamic and DP trees in (c)
     key_sizes: list[int] = field(default_factory=lambda: [16, 64])
+    draft_sizes: list[int] = field(default_factory=lambda: [32])  # (d)'s tree budgets
+    draft_group_size: int | None = None  # the self-drafts' quantization groups (None: the runtime's default)
 
     def prompts_for(self, n: int) -> int:
         if n <= self.full_prompts_until:
@@ -298,7 +306,8 @@ def settings_from(a: argparse.Namespace) -> Settings:
         acceptance_tokens=pick(a.acceptance_tokens, tokens, tokens), prompt_len=8, seed=a.seed, device=a.device,
         dynamic_sizes=pick(a.dynamic_sizes, [2 ** i for i in range(2, 10)], [4, 16]),
         dynamic_temperatures=pick(a.dynamic_temperatures, [0.0, 0.6], [0.0, 0.6]),
-        dynamic_depth=pick(a.dynamic_depth, 16, 4), key_sizes=pick(a.key_sizes, [16, 64], [4]))
+        dynamic_depth=pick(a.dynamic_depth, 16, 4), key_sizes=pick(a.key_sizes, [16, 64], [4]),
+        draft_sizes=pick(a.draft_sizes, [32], [8]), draft_group_size=pick(a.group_size, None, 32))
 
 
 # --- the experiments
@@ -357,6 +366,18 @@ class KeyRow:
 
 
 @dataclass
+class DraftRow:
+    draft: str  # "trained" (the pair's draft) or a self-draft spelling
+    temperature: float
+    n: int
+    acceptance: Acceptance
+    measured: dict[str, Measured]  # static (the DP tree for this draft's p), dynamic, plain (the speed baseline)
+
+    def speed(self, kind: str) -> float:
+        return self.measured[kind].tokens_per_s / self.measured["plain"].tokens_per_s
+
+
+@dataclass
 class Results:
     pair: Pair
     prompts_source: str
@@ -367,6 +388,8 @@ class Results:
     method_tree_source: str = ""
     dynamic: dict[float, list[DynamicRow]] = field(default_factory=dict)  # by temperature
     keys: list[KeyRow] = field(default_factory=list)
+    drafts: list[DraftRow] = field(default_factory=list)
+    draft_acceptance: dict[str, dict[tuple[float, float], Acceptance]] = field(default_factory=dict)  # self-drafts
 
 
 class Runner:
@@ -390,32 +413,48 @@ class Runner:
         self.refs = (resolve_model(str(pair.target))[0], resolve_model(str(pair.draft))[0])
         self.engines: dict[str, object] = {}
 
-    def engine(self, method: str):
-        if method not in self.engines:
-            self.engines[method] = h.load_engine(self.pair, draft=True, max_seq_len=self.max_seq_len,
-                                                 device=self.cfg.device, tree=[-1], method=method,
-                                                 batch_size=self.cfg.batch)
-        return self.engines[method]
+    def self_options(self, draft: str | None) -> dict:
+        """Engine options of a self-draft (its group size); none for the pair's draft."""
+        g = self.cfg.draft_group_size
+        return {"group_size": g} if draft is not None and g is not None else {}
 
-    def acceptance(self, res: Results, temperature: float, top_p: float) -> Acceptance:
+    def engine(self, method: str, draft: str | None = None):
+        """The pair's engine for `method`, drafting with the pair's draft or the self-draft `draft`."""
+        key = (method, draft)
+        if key not in self.engines:
+            self.engines[key] = h.load_engine(self.pair, draft=True if draft is None else draft,
+                                              max_seq_len=self.max_seq_len, device=self.cfg.device, tree=[-1],
+                                              method=method, batch_size=self.cfg.batch, **self.self_options(draft))
+        return self.engines[key]
+
+    def acceptance(self, res: Results, temperature: float, top_p: float, draft: str | None = None) -> Acceptance:
+        """The acceptance vector at this setting of the pair's draft (kept in res.acceptance) or of a self-draft."""
+        from offload_runtime.api.plans import ModelRef
+        from offload_runtime.api.self_draft import self_draft_quant
         from planner.acceptance import measure_acceptance
 
+        store = res.acceptance if draft is None else res.draft_acceptance.setdefault(draft, {})
         key = (temperature, top_p)
-        if key not in res.acceptance:
+        if key not in store:
             cfg = self.cfg
-            r = measure_acceptance(*self.refs, device=cfg.device, dtype="float32", temperature=temperature,
+            tref, dref = self.refs
+            if draft is not None:
+                quant = self_draft_quant(draft, ModelArgs.from_file(self.pair.target), None, cfg.draft_group_size,
+                                         None, str(self.pair.target))
+                dref = ModelRef.of_self_draft(draft, tref, quant.label)
+            r = measure_acceptance(tref, dref, device=cfg.device, dtype="float32", temperature=temperature,
                                    top_p=top_p, width=cfg.width, prompts=self.prompts[: cfg.prompts],
                                    prompts_source="ablations", max_new_tokens=cfg.acceptance_tokens,
-                                   seed=ACCEPTANCE_SEED, batch_size=cfg.batch)
-            res.acceptance[key] = Acceptance(list(r.p), r.steps, r.elapsed_s, r.confidence)
-            self.log(f"acceptance at T={temperature:g}, top-p {top_p:g}: p[1..4] = "
+                                   seed=ACCEPTANCE_SEED, batch_size=cfg.batch, engine_options=self.self_options(draft))
+            store[key] = Acceptance(list(r.p), r.steps, r.elapsed_s, r.confidence)
+            self.log(f"acceptance of {draft or 'the draft'} at T={temperature:g}, top-p {top_p:g}: p[1..4] = "
                      f"{', '.join(f'{x:.3f}' for x in r.p[:4])} ({r.steps} steps, {r.elapsed_s:.1f} s)")
-        return res.acceptance[key]
+        return store[key]
 
     def run(self, method: str, tree: Tree | DynamicTree, n_prompts: int, temperature: float,
-            top_p: float) -> Measured:
-        return measure(self.engine(method), tree, self.prompts[:n_prompts], self.cfg.tokens, temperature, top_p,
-                       self.cfg.seed)
+            top_p: float, draft: str | None = None) -> Measured:
+        return measure(self.engine(method, draft), tree, self.prompts[:n_prompts], self.cfg.tokens, temperature,
+                       top_p, self.cfg.seed)
 
     # --- (a) tree shape
 
@@ -494,6 +533,28 @@ class Runner:
                         for key, m in models.items()}
             res.keys.append(KeyRow(temperature, n, measured))
             self.log(f"T={temperature:g} keys at size {n}: " + ", ".join(f"{key} {fmt(x)}" for key, x in measured.items()))
+
+
+    # --- (d) drafts
+
+    def drafts(self, res: Results, temperature: float) -> None:
+        cfg, d = self.cfg, self.cfg.dynamic_depth
+        plain = self.run("sequoia", Tree([-1]), cfg.prompts, temperature, 1.0)
+        for draft in (None, *SELF_DRAFTS):
+            acc = self.acceptance(res, temperature, 1.0, draft)
+            table = best_trees(acc.p, max(cfg.draft_sizes), d)
+            for n in cfg.draft_sizes:
+                trees = {"static": table.tree(n, d),
+                         "dynamic": DynamicTree(n, d, acceptance=ConfidenceAcceptance.from_dict(acc.confidence))}
+                measured = {kind: self.run("sequoia", tree, cfg.prompts, temperature, 1.0, draft)
+                            for kind, tree in trees.items()}
+                row = DraftRow(draft or "trained", temperature, n, acc, {**measured, "plain": plain})
+                res.drafts.append(row)
+                self.log(f"T={temperature:g} {row.draft} n={n}: static {fmt(measured['static'])} "
+                         f"({row.speed('static'):.2f}x plain), dynamic {fmt(measured['dynamic'])} "
+                         f"({row.speed('dynamic'):.2f}x plain)")
+            for method in [k for k in self.engines if k[1] == draft]:
+                del self.engines[method]  # a self-draft is the target's size: one at a time in memory
 
 
 # --- tables
@@ -684,6 +745,43 @@ def keys_table(res: Results, cfg: Settings) -> Table:
                   "best-first search)"])
 
 
+def drafts_table(res: Results, cfg: Settings) -> Table:
+    rows = [{"setting": regime(r.temperature), "draft": r.draft, "n": r.n,
+             **{f"p{k + 1}": x for k, x in enumerate(r.acceptance.p[:4])}, "sum": sum(r.acceptance.p),
+             "static": r.measured["static"], "dynamic": r.measured["dynamic"],
+             "static_speed": r.speed("static"), "dynamic_speed": r.speed("dynamic")} for r in res.drafts]
+    group = cfg.draft_group_size or "128 (the default)"
+    return Table(f"{DRAFTS_TITLE} on {res.pair.label}",
+                 [Column("setting", "setting"), Column("draft", "draft"), Column("n", "n"),
+                  *(Column(f"p{k + 1}", f"p[{k + 1}]", ".3f") for k in range(4)),
+                  Column("sum", f"sum p[1..{cfg.width}]", ".3f"), Column("static", "tokens/step DP", fmt),
+                  Column("dynamic", "tokens/step dynamic", fmt), Column("static_speed", "tokens/s DP", report.times),
+                  Column("dynamic_speed", "tokens/s dynamic", report.times)], rows,
+                 [f"trained: the pair's own draft; self-int4 / self-int8: the target quantized on load (group size "
+                  f"{group}), resident, sharing the target's embedding and head",
+                  f"p: the acceptance vector (star tree of {cfg.width} children) of that draft at that setting; DP: "
+                  f"best_trees(p, n, {cfg.dynamic_depth}); dynamic: DynamicTree(n, {cfg.dynamic_depth}) keyed by that "
+                  f"draft's confidence table; tokens per step {PLUS_MINUS} one standard error, {cfg.tokens} tokens per "
+                  f"prompt, {cfg.prompts} prompts",
+                  f"tokens/s: the {cfg.device.upper()}'s for the whole batch ({cfg.batch} rows), as a ratio to plain "
+                  f"decoding in the same run; nothing streams here, so a self-draft costs about what the target does "
+                  f"per level: the ratio says nothing about offloaded runs (tools/project_70b.py does)"])
+
+
+def drafts_claims(res: Results) -> list[str]:
+    """Each self-draft's tokens per step against the trained draft's, per setting and budget."""
+    out = []
+    for r in res.drafts:
+        trained = next(t for t in res.drafts if (t.draft, t.temperature, t.n) == ("trained", r.temperature, r.n))
+        if r is trained:
+            continue
+        out.append(f"{regime(r.temperature)}, n = {r.n}: {r.draft} gives {r.measured['static'].mean:.2f} (DP) and "
+                   f"{r.measured['dynamic'].mean:.2f} (dynamic) tokens per step, the trained draft "
+                   f"{trained.measured['static'].mean:.2f} and {trained.measured['dynamic'].mean:.2f}; p[1] "
+                   f"{r.acceptance.p[0]:.3f} vs {trained.acceptance.p[0]:.3f}.")
+    return out
+
+
 def dynamic_claims(res: Results) -> list[str]:
     """Where dynamic trees win and where they do not, by two standard errors of the paired gain."""
     out = []
@@ -840,6 +938,9 @@ def markdown_section(res: Results, tables: Sequence[Table], *, machine: str, com
     if res.dynamic:
         claims += ["**Dynamic trees against Sequoia's static tree: where they win and where they do not.**",
                    "\n".join(f"- {s}" for s in dynamic_claims(res))]
+    if res.drafts:
+        claims += ["**The target's own low-bit copy against the trained draft.**",
+                   "\n".join(f"- {s}" for s in drafts_claims(res))]
     return report.section(f"Sequoia ablations on the {res.pair.label} pair", machine=machine,
                           command=f"`{command}` ({minutes:.1f} min)", intro=intro, blocks=blocks + claims, date=date)
 
@@ -857,7 +958,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--plots-dir", type=Path, default=None,
         help="where the PNGs go (default: next to --output; with --no-write: no plots)")
     add("--experiments", type=h.csv(str), default=["sizes", "methods"],
-        help="any of sizes, methods, dynamic (default sizes,methods)")
+        help="any of sizes, methods, dynamic, drafts (default sizes,methods)")
     add("--model", default=None, help="target (default: the demo pair; --small: a tiny random pair)")
     add("--draft", default=None, help="draft (with --model)")
     add("--threads", type=int, default=None, help="torch threads (default 2; --small: 1)")
@@ -890,6 +991,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--dynamic-depth", type=int, default=None, help="depth limit of dynamic and DP trees in (c) (default 16)")
     add("--key-sizes", type=h.csv(int), default=None,
         help="sizes at which (c) compares the keys of dynamic trees (default 16,64; empty: none)")
+    add("--draft-sizes", type=h.csv(int), default=None, help="tree budgets of (d) (default 32; --small 8)")
+    add("--group-size", type=int, default=None, help="quantization group of (d)'s self-drafts (default 128; "
+        "--small 32)")
     add("--seed", type=int, default=0, help="base seed: prompt i uses seed + i (default 0)")
     add("--debug", action="store_true", help="show Python tracebacks")
     a = p.parse_args(argv)
@@ -967,6 +1071,9 @@ def run(argv: Sequence[str]) -> Outcome:
         if "dynamic" in a.experiments:
             for t in cfg.dynamic_temperatures:
                 runner.dynamic(res, t)
+        if "drafts" in a.experiments:
+            for t in cfg.dynamic_temperatures:
+                runner.drafts(res, t)
         runner.engines.clear()
     tables = [acceptance_table(res, cfg.width)] + [size_table(res, t, cfg) for t in res.sizes]
     if res.settings:
@@ -974,6 +1081,8 @@ def run(argv: Sequence[str]) -> Outcome:
     tables += [dynamic_table(res, t, cfg) for t in res.dynamic]
     if res.keys:
         tables.append(keys_table(res, cfg))
+    if res.drafts:
+        tables.append(drafts_table(res, cfg))
     machine = h.machine_description(threads)
     if cfg.device != "cpu":
         machine = f"{torch.cuda.get_device_name(cfg.device)} ({cfg.device}, float32); host: {machine}"
@@ -985,7 +1094,7 @@ def run(argv: Sequence[str]) -> Outcome:
              "length budget (requests run past it and stop at the first step that reaches it)",
              "predicted = Sequoia's objective expected_tokens(tree, p) with the acceptance vector measured at "
              f"the same setting on the same prompts (other seeds), {cfg.acceptance_tokens} tokens per prompt"]
-    return Outcome(res, tables, tree_claims(res) + method_claims(res) + dynamic_claims(res), machine,
+    return Outcome(res, tables, tree_claims(res) + method_claims(res) + dynamic_claims(res) + drafts_claims(res), machine,
                    shlex.join(["python", "tools/ablations.py", *argv]), (time.perf_counter() - log.start) / 60,
                    intro, images, notice)
 

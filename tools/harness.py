@@ -177,9 +177,11 @@ def small_pair(root: Path) -> Pair:
     return random_pair(root, SMALL_ARGS, "small", "tiny random Llama (--small), draft = its first 2 layers, noised")
 
 
-def load_engine(pair: Pair, *, draft: bool, max_seq_len: int, device: str = "cpu", **options: Any) -> Engine:
-    """The pair in float32, quietly; no plan unless `plan=` is given."""
-    return Engine.from_pretrained(str(pair.target), draft=str(pair.draft) if draft else False, device=device,
+def load_engine(pair: Pair, *, draft: bool | str, max_seq_len: int, device: str = "cpu", **options: Any) -> Engine:
+    """The pair in float32, quietly; no plan unless `plan=` is given. `draft`: True for the pair's draft, False for
+    none, or a draft name (a self-draft: "self-int4")."""
+    name = str(pair.draft) if draft is True else draft
+    return Engine.from_pretrained(str(pair.target), draft=name, device=device,
                                   dtype="float32", max_seq_len=max_seq_len, progress=False, quiet=True,
                                   **{"plan": None, **options})
 
@@ -201,13 +203,16 @@ def search_card(p: Sequence[float], tm: Any, target: tuple[str, ModelArgs, Any],
     the optimiser) for shapes known only by name, ModelArgs and packed format (a QuantSpec or None), batch 1,
     streaming; returns (BatchChoice, the time model with the chosen resident layers)."""
     from offload_runtime.api.plans import ModelRef
+    from offload_runtime.api.self_draft import is_self_draft
     from planner import pipeline
 
     def ref(name: str) -> ModelRef:  # a shape, not a checkpoint: the search reads only ModelArgs
         return ModelRef(name=name, identity=f"shape:{name}", fingerprint="", path=None)
 
-    pair = pipeline.Pair(torch.device("cuda" if cuda else "cpu"), dtype, ref(target[0]), target[1], ref(draft[0]),
-                         draft[1], target[2], draft[2])
+    tref = ref(target[0])  # a self-draft ("self-int4") is the target's shape in its packed format, globals shared
+    dref = ModelRef.of_self_draft(draft[0], tref, draft[2].label) if is_self_draft(draft[0]) else ref(draft[0])
+    pair = pipeline.Pair(torch.device("cuda" if cuda else "cpu"), dtype, tref, target[1], dref, draft[1], target[2],
+                         draft[2])
     req = pipeline.PlanRequest(model=target[0], max_tree=max_tree, max_depth=max_depth, slots=2, offload=True,
                                batch_size=1, top=5)
     choice, _ = pipeline.search(p, tm, pair, req, budget, max_seq_len)

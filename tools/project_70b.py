@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import harness as h
 import torch
 
+from offload_runtime.api.self_draft import is_self_draft
+from offload_runtime.errors import ResourceError
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.quantization import QuantSpec
 from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE
@@ -32,19 +34,30 @@ GRID = (1, 2048)
 INT4 = QuantSpec(4, 128)  # AWQ / GPTQ 4-bit with groups of 128, as the published 70B checkpoints are
 
 
+# A self-int4 draft's acceptance vector: an assumption, below what the demo pair's self-int4 measured (p[1] 0.977 at
+# T = 0.6, 0.992 greedy: BENCHMARKS.md, tools/ablations.py --experiments drafts), since a large model's
+# round-to-nearest copy may agree less than a small one's; SubSpec reports ~28 tokens per sweep for Qwen2.5-32B.
+SELF_INT4_ACCEPTANCE = (0.9, 0.05, 0.02, 0.01)
+SELF_INT4_SOURCE = "assumed (below the demo's measured self-int4 p[1] 0.977)"
+
+
 @dataclass(frozen=True)
 class Scenario:
     label: str
     target: str  # a ModelArgs preset
-    draft: str
+    draft: str  # a ModelArgs preset, or a self-draft spelling ("self-int4": the target's shape in draft_quant)
     target_quant: QuantSpec | None = None
     draft_quant: QuantSpec | None = None
+    acceptance: tuple[float, ...] | None = None  # this pair's assumed p (None: --acceptance or DEFAULT_ACCEPTANCE)
 
 
 SCENARIOS = (
     Scenario("Llama-2-70B fp16 + Llama-2-7B fp16", "llama-2-70b", "llama-2-7b"),
     Scenario("Llama-3.1-70B fp16 + Llama-3.1-8B int4", "llama-3.1-70b", "llama-3.1-8b", None, INT4),
     Scenario("Llama-3.1-70B AWQ int4 + Llama-3.1-8B int4", "llama-3.1-70b", "llama-3.1-8b", INT4, INT4),
+    Scenario("Qwen2.5-32B fp16 + Qwen2.5-0.5B fp16", "qwen2.5-32b", "qwen2.5-0.5b"),
+    Scenario("Qwen2.5-32B fp16 + self-int4", "qwen2.5-32b", "self-int4", None, INT4, SELF_INT4_ACCEPTANCE),
+    Scenario("Llama-3.1-70B fp16 + self-int4", "llama-3.1-70b", "self-int4", None, INT4, SELF_INT4_ACCEPTANCE),
 )
 
 
@@ -57,7 +70,9 @@ def roofline_layer(args: ModelArgs, weight_bytes: int, tflops: float, mem_gbps: 
 
 def project(bandwidth_gbps: float, memory_gib: float, tflops: float, mem_gbps: float, p: Sequence[float],
             scenario: Scenario = SCENARIOS[0], max_tree: int = 1024, max_depth: int = 20) -> dict[str, Any]:
-    target, draft = ModelArgs.from_name(scenario.target), ModelArgs.from_name(scenario.draft)
+    target = ModelArgs.from_name(scenario.target)
+    draft = target if is_self_draft(scenario.draft) else ModelArgs.from_name(scenario.draft)
+    p = scenario.acceptance or p
     dtype = torch.float16
     tq, dq = scenario.target_quant, scenario.draft_quant
     target_layer_b, draft_layer_b = layer_bytes(target, dtype, tq), layer_bytes(draft, dtype, dq)
@@ -90,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{a.memory_gib:g} GiB budget, {a.bandwidth_gbps:g} GB/s copies, {a.tflops:g} TFLOPS, {a.mem_gbps:g} GB/s "
           f"device memory; acceptance {'given' if a.acceptance else 'DEFAULT_ACCEPTANCE (an assumption)'}")
     for scenario in SCENARIOS:
-        r = project(a.bandwidth_gbps, a.memory_gib, a.tflops, a.mem_gbps, p, scenario)
-        print(f"{r['scenario']}: layer {r['layer_bytes'] / 1e9:.3g} GB, draft {r['draft_bytes'] / 1e9:.3g} GB, "
+        try:
+            r = project(a.bandwidth_gbps, a.memory_gib, a.tflops, a.mem_gbps, p, scenario)
+        except ResourceError as e:  # a self-draft too large for the card: the runtime's own one-line refusal
+            print(f"{scenario.label}: does not fit: {e}")
+            continue
+        shown = f"; acceptance {SELF_INT4_SOURCE} {list(scenario.acceptance)}" if scenario.acceptance else ""
+        print(f"{r['scenario']}{shown}: layer {r['layer_bytes'] / 1e9:.3g} GB, draft {r['draft_bytes'] / 1e9:.3g} GB, "
               f"{r['resident_layers']}/{r['n_layers']} resident, stream {r['stream_s']:.2f} s per sweep; plain "
               f"{r['plain_s_per_token']:.2f} s/token; tree {r['n']} nodes depth {r['depth']}: "
               f"{r['tokens_per_step']:.2f} tokens/step, {r['s_per_token']:.3f} s/token "

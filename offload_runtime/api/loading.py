@@ -18,7 +18,7 @@ from ..memory import parse_bytes
 from ..model.config import ModelArgs
 from ..model.quantization import KernelChoice, QuantSpec
 from ..model.tree import Tree
-from ..residency import Residency, choose_residency, fixed_device_bytes
+from ..residency import Residency, choose_residency, device_budget_bytes, fixed_device_bytes
 from ..spec.growth import ConfidenceAcceptance, DynamicTree
 from ..spec.methods import get_method
 from ..spec.policy import PlannedTree, TreePolicy, default_dynamic, default_tree, tree_option
@@ -32,6 +32,7 @@ from ..weights.source import WeightSource
 from . import registry
 from .home import short_hash, store_dir
 from .options import GenerationDefaults, parse_device, parse_dtype
+from .self_draft import check_self_draft_fits, is_self_draft, self_draft_quant
 from .plans import find_plans, load_plan, model_fingerprint, model_identity
 from .text import load_tokenizer
 
@@ -232,7 +233,9 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     mode, fixed_tree = tree_option(tree, tree_size, tree_depth)
     target_path, target_ckpt = open_checkpoint(model)
     targs = target_ckpt.args
-    if group_size is not None and quantize is None and draft_quantize is None:
+    draft_name = _draft_name(model, draft)
+    self_draft = is_self_draft(draft_name)
+    if group_size is not None and quantize is None and draft_quantize is None and not self_draft:
         raise UsageError("group_size (--group-size) needs quantize or draft_quantize (--quantize / --draft-quantize)")
     target_quant = quant_spec_for(targs, quantize, group_size if quantize else None, f"model {model}")
     dt = parse_dtype(dtype, dev, targs.torch_dtype)
@@ -242,11 +245,13 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
         raise UsageError(f"max_seq_len must be between 1 and the model's context window ({limit}), got {max_seq_len}")
     tokenizer = model_tokenizer(target_path, target_ckpt)
     defaults = GenerationDefaults.from_dir(target_path if target_path.is_dir() else None)
-    draft_name = _draft_name(model, draft)
     draft_ckpt, draft_quant = None, None
     if draft_name is None and draft_quantize is not None:
         raise UsageError("draft_quantize (--draft-quantize) needs a draft; drop it or give --draft")
-    if draft_name is not None:
+    if self_draft:  # the target's own checkpoint, in fewer bits (api/self_draft.py); its tokenizer is the target's
+        draft_path, draft_ckpt = target_path, target_ckpt
+        draft_quant = self_draft_quant(draft_name, targs, target_quant, group_size, draft_quantize, model)
+    elif draft_name is not None:
         draft_path, draft_ckpt = open_checkpoint(draft_name)
         draft_quant = quant_spec_for(draft_ckpt.args, draft_quantize, group_size if draft_quantize else None,
                                      f"draft {draft_name}")
@@ -276,7 +281,11 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
         read_threads = guide.storage.get("read_threads") if read_threads is None else read_threads
     fixed = fixed_device_bytes(targs, dt, draft_args=draft_ckpt.args if draft_ckpt else None, batch=batch_size,
                                max_seq_len=seq_len, tree_size=trees.largest, max_chunk=max_chunk, slots=slots,
-                               on_cuda=dev.type == "cuda", quant=target_quant, draft_quant=draft_quant)
+                               on_cuda=dev.type == "cuda", quant=target_quant, draft_quant=draft_quant,
+                               draft_shares_globals=self_draft)
+    if self_draft:
+        check_self_draft_fits(draft_name, fixed, device_budget_bytes(
+            None if gpu_memory is None else parse_bytes(gpu_memory), dev), draft_quant, targs)
     residency = choose_residency(targs, dt, dev, offload=offload,
                                  budget_bytes=None if gpu_memory is None else parse_bytes(gpu_memory),
                                  fixed=fixed, slots=slots, resident_layers=resident_layers,
@@ -301,8 +310,9 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
         everything = Residency(False, tuple(range(draft_ckpt.args.n_layers)), 0, None)
         with progress_bar(draft_ckpt.args.n_layers, "draft", progress) as tick:
             draft_model = build_model(draft_ckpt, dev, dt, everything, tick, quant=draft_quant,
-                                      quant_cache=quant_cache_dir(draft_path) if cache_quantized and draft_quantize
-                                      else None)
+                                      quant_cache=quant_cache_dir(draft_path) if cache_quantized and
+                                      (draft_quantize or self_draft) else None,
+                                      shared_globals=target.globals if self_draft else None)
     eos = set(targs.eos_token_ids) | set(defaults.eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)

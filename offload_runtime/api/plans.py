@@ -34,6 +34,7 @@ from ..weights.gguf import gguf_files, is_gguf
 from . import registry
 from .home import short_hash, store_dir, write_json
 from .machine import machine_fingerprint
+from .self_draft import is_self_draft, self_identity
 
 PLAN_VERSION = 2  # 2: the tree policy (static or dynamic) and the dynamic budget; version 1 plans read as static
 READABLE_VERSIONS = (1, 2)
@@ -58,9 +59,24 @@ class ModelRef:
     def is_preset(self) -> bool:
         return self.path is None
 
+    @property
+    def is_self_draft(self) -> bool:
+        return self.identity.startswith("self:")
+
+    @property
+    def loads_as(self) -> str | None:
+        """What Engine.from_pretrained takes for this model: a self-draft's spelling, else the checkpoint directory."""
+        return self.name if self.is_self_draft else self.path
+
     @classmethod
     def of_checkpoint(cls, name: str, path: str | os.PathLike) -> "ModelRef":
         return cls(str(name), model_identity(path), model_fingerprint(path), str(path))
+
+    @classmethod
+    def of_self_draft(cls, name: str, target: "ModelRef", quant_label: str) -> "ModelRef":
+        """A self-draft (api/self_draft.py): the target's files, in another packed format. Its fingerprint and path
+        are the target's, so it goes stale with them."""
+        return cls(name, self_identity(target.identity, quant_label), target.fingerprint, target.path)
 
 
 def _hf_identity(path: Path) -> str | None:
@@ -410,6 +426,14 @@ def local_ref(name: str | os.PathLike) -> ModelRef | None:
     return None if path is None else ModelRef.of_checkpoint(str(name), path)
 
 
+def plan_draft_ref(draft: str | os.PathLike, target: ModelRef | None, draft_format: str | None) -> ModelRef | None:
+    """The reference of a draft as plans know it: a self-draft's is derived from its target's and its format."""
+    if is_self_draft(draft):
+        return None if target is None or draft_format is None else ModelRef.of_self_draft(str(draft), target,
+                                                                                        draft_format)
+    return local_ref(draft)
+
+
 @dataclass
 class PlanLookup:
     plans: list[Plan]  # current plans of the pair, at most one per sampling regime
@@ -458,7 +482,8 @@ def find_plans(target: str | os.PathLike, draft: str | os.PathLike, device: str 
     temperature / top-p), preferring the asked batch size. The message says which plan serves which regime, or
     why none is used (stale plans, unreadable files) and how to make one."""
     dev = torch.device(device)
-    tref, dref = local_ref(target), local_ref(draft)
+    tref = local_ref(target)
+    dref = plan_draft_ref(draft, tref, formats[1])
     if tref is None or dref is None:
         return PlanLookup([], "")
     fresh, stale, problems = _matching(tref, dref, dev, dtype_name(dtype), formats)
@@ -489,7 +514,7 @@ def find_plan(target: str | os.PathLike, draft: str | os.PathLike, device: str |
     default to the local checkpoints of `target` and `draft` (the planner passes its shape presets)."""
     dev = torch.device(device)
     tref = target_ref or local_ref(target)
-    dref = draft_ref or local_ref(draft)
+    dref = draft_ref or plan_draft_ref(draft, tref, formats[1])
     if tref is None or dref is None:
         missing = target if tref is None else draft
         raise MissingFileError(f"model {missing!r} not found locally; pass a checkpoint directory")
@@ -526,7 +551,8 @@ def load_plan(path: str | os.PathLike, *, target: str | os.PathLike | None = Non
     warnings: list[str] = []
     tref = dref = None
     if target is not None and draft is not None:
-        tref, dref = local_ref(target), local_ref(draft)
+        tref = local_ref(target)
+        dref = plan_draft_ref(draft, tref, (formats or plan.formats)[1])
         if tref is None or dref is None or (tref.identity, dref.identity) != (plan.target.identity,
                                                                               plan.draft.identity):
             warnings.append(f"it was built for {plan.target.name} with draft {plan.draft.name}")

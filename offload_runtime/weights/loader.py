@@ -97,14 +97,17 @@ def packed_source(source: WeightSource, quant: QuantSpec | None, device: torch.d
 def build_model(source: WeightSource, device: torch.device, dtype: torch.dtype, residency: Residency,
                 progress: Callable[[int], None] | None = None, *, quant: QuantSpec | None = None,
                 kernel: KernelChoice | None = None, quant_cache: Path | None = None,
-                disk_store: LayerFiles | None = None, read_threads: int = DEFAULT_READ_THREADS) -> Transformer:
+                disk_store: LayerFiles | None = None, read_threads: int = DEFAULT_READ_THREADS,
+                shared_globals: GlobalWeights | None = None) -> Transformer:
     """Load globals and resident layers onto the device; pack the host layers into the host store (mapped from
     `disk_store` when there is one, so processes share them); read the disk layers from `disk_store` every sweep
     (`progress(1)` per layer). `quant` holds the decoder linears packed (a quantized checkpoint's own format
     when not given); `kernel` says when the int kernels run (default: measured now); `quant_cache`, a directory
     for the linears quantized on load (read from it when complete, else written to it). A disk store must hold
-    the layers as this call packs them: write it from `packed_source(...)`'s source."""
+    the layers as this call packs them: write it from `packed_source(...)`'s source. `shared_globals`: another
+    model's embedding, norm and head, used as they are (a self-draft shares its target's)."""
     args = source.args
+    assert shared_globals is None or shared_globals.embed.dtype == dtype, "shared globals are in the model's dtype"
     source, quant = packed_source(source, quant, device, quant_cache)
     if quant is not None:
         kernel = kernel if kernel is not None else default_kernel(args, quant, dtype, device)
@@ -117,7 +120,8 @@ def build_model(source: WeightSource, device: torch.device, dtype: torch.dtype, 
         store = HostLayerStore(args, dtype, list(residency.host), pin=device.type == "cuda", quant=quant)
     # Checked before anything is allocated; on the CPU the "device" part lives in RAM too.
     on_host = 0 if device.type == "cuda" else \
-        args.global_numel() * dtype.itemsize + len(residency.resident) * layer_bytes(args, dtype, quant)
+        (shared_globals is None) * args.global_numel() * dtype.itemsize + \
+        len(residency.resident) * layer_bytes(args, dtype, quant)
     staging = residency.prefetch * padded_bytes(layer_bytes(args, dtype, quant))
     check_host_memory(on_host + (store.nbytes if store else 0) + staging,
                       f"{'streaming' if store else 'loading'} {source.label} ({args.n_layers} layers, {dtype}"
@@ -127,7 +131,7 @@ def build_model(source: WeightSource, device: torch.device, dtype: torch.dtype, 
         resident[i] = load_layer(source, i, dtype, device, quant)
         if progress:
             progress(1)
-    globals_ = load_globals(source, dtype, device)
+    globals_ = load_globals(source, dtype, device) if shared_globals is None else shared_globals
     if store is None:
         return Transformer(args, globals_, ResidentLayers([resident[i] for i in range(args.n_layers)]), device,
                            kernel)

@@ -319,6 +319,9 @@ def test_quantize_options_and_the_disk_store_are_refused_for_gguf(files, tmp_pat
         Engine.from_pretrained(path, draft=False, quantize="int4")
     with pytest.raises(UsageError, match="disk store"):
         Engine.from_pretrained(path, draft=False, offload=True, resident_layers=0, offload_dir=tmp_path / "s")
+    for spec in ("self", "self-int4", "self-int8"):
+        with pytest.raises(UsageError, match=f"--draft {spec} is not supported for a GGUF file"):
+            Engine.from_pretrained(path, draft=spec)
 
 
 def test_a_later_part_of_a_split_file_points_at_the_first(files, tmp_path):

@@ -39,6 +39,10 @@ def self_draft_quant(name: str, target_args: ModelArgs, target_quant: QuantSpec 
                      draft_quantize: str | None, target_name: str) -> QuantSpec:
     """The packed format of the self-draft `name` of a target held in `target_quant` (None: float)."""
     assert is_self_draft(name), name
+    if target_args.ggml_types is not None:
+        # Its layers are the file's GGML blocks, not floats to quantize or one QuantSpec to copy.
+        raise UsageError(f"--draft {name} is not supported for a GGUF file ({target_name}) yet; give a draft with "
+                         f"the same tokenizer (--draft PATH: a checkpoint or GGUF file) or --no-draft")
     if draft_quantize is not None:
         raise UsageError(f"--draft {name} already says how the draft is quantized; drop --draft-quantize / "
                          f"draft_quantize=")

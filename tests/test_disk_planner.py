@@ -13,12 +13,13 @@ import torch
 from offload_runtime.api.plans import read_plan
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.residency import fixed_device_bytes
-from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE, best_trees
+from offload_runtime.spec.tree_search import DEFAULT_ACCEPTANCE
 from offload_runtime.weights.disk import padded_bytes
 from offload_runtime.weights.layout import layer_bytes
 from planner import __main__ as cli
 from planner import optimizer as opt
 from planner import profile as profile_mod
+from test_planner import assert_search_is_exhaustive_top5
 
 CURVE = opt.Curve((1, 8, 64, 512), (1e-3, 1e-3, 4e-3, 32e-3))  # flat, then linear in the tokens
 
@@ -65,16 +66,7 @@ def test_branch_and_bound_stays_exact_with_a_disk_tier():
                            n_layers=6, resident=1, layer_bytes=10**6, bandwidth=10**9, overlap=bool(trial % 2),
                            disk_layers=3 + trial % 2, disk_bandwidth=10**8 * rng.uniform(0.5, 2),
                            disk_file_bytes=10**6, prefetch=1 + trial % 3)
-        N, D = 30, 6
-        table = best_trees(p, N, D)
-        every = {(-1,): opt.evaluate([-1], 1.0, tm)}
-        for d in range(1, D + 1):
-            for n in range(2, N + 1):
-                tree = table.tree(n, d)
-                every[tuple(tree)] = opt.evaluate(tree, table.value(n, d), tm)
-        want = sorted(c.tokens_per_s for c in every.values())[::-1][:5]
-        got = opt.optimize(p, tm, max_tree=N, max_depth=D, top=5)
-        assert [c.tokens_per_s for c in got.ranked] == pytest.approx(want, rel=1e-12)
+        assert_search_is_exhaustive_top5(p, tm)
 
 
 def test_disk_profile_and_reader_threads(tmp_path):

@@ -131,6 +131,21 @@ def test_draft_cost_per_level_trades_depth():
     assert best.draft_s == pytest.approx(d_star * td)
 
 
+def assert_search_is_exhaustive_top5(p, tm, N: int = 30, D: int = 6) -> None:
+    """The branch-and-bound search's top 5 equal those of every distinct (n, d) tree evaluated exactly, and it
+    evaluated fewer trees than that."""
+    table = best_trees(p, N, D)
+    every = {(-1,): opt.evaluate([-1], 1.0, tm)}  # distinct trees: many (n, d) give the same one
+    for d in range(1, D + 1):
+        for n in range(2, N + 1):
+            tree = table.tree(n, d)
+            every[tuple(tree)] = opt.evaluate(tree, table.value(n, d), tm)
+    want = sorted(c.tokens_per_s for c in every.values())[::-1][:5]
+    got = opt.optimize(p, tm, max_tree=N, max_depth=D, top=5)
+    assert [c.tokens_per_s for c in got.ranked] == pytest.approx(want, rel=1e-12)
+    assert got.evaluated < len(every)
+
+
 def test_branch_and_bound_equals_exhaustive_search():
     """Every (n, d) tree evaluated exactly must give the same best throughput and the same top list."""
     rng = np.random.default_rng(0)
@@ -144,17 +159,7 @@ def test_branch_and_bound_equals_exhaustive_search():
                            host=opt.Curve.constant(2e-4), draft_level=opt.Curve(grid, level), n_layers=4,
                            resident=trial % 3, layer_bytes=10**6, bandwidth=10**9 * rng.uniform(0.1, 2),
                            overlap=bool(trial % 2))
-        N, D = 30, 6
-        table = best_trees(p, N, D)
-        every = {(-1,): opt.evaluate([-1], 1.0, tm)}  # distinct trees: many (n, d) give the same one
-        for d in range(1, D + 1):
-            for n in range(2, N + 1):
-                tree = table.tree(n, d)
-                every[tuple(tree)] = opt.evaluate(tree, table.value(n, d), tm)
-        want = sorted(c.tokens_per_s for c in every.values())[::-1][:5]
-        got = opt.optimize(p, tm, max_tree=N, max_depth=D, top=5)
-        assert [c.tokens_per_s for c in got.ranked] == pytest.approx(want, rel=1e-12)
-        assert got.evaluated < len(every)
+        assert_search_is_exhaustive_top5(p, tm)
 
 
 # --- resident layers and batch size -------------------------------------------------------------

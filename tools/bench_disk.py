@@ -13,7 +13,8 @@ leaves out: as on a machine whose RAM is smaller than the model. Reported:
            measured in the same process right before and right after its timed run (same reader threads, same
            chunks; a virtual disk's speed drifts), and sweep efficiency = (disk bytes / bandwidth) / sweep time,
            with the higher of the two bandwidths (goal >= 0.85)
-  speed    plain decoding vs Sequoia (static DP trees, --trees sizes) tokens/s at that budget, against Accelerate's disk offload
+  speed    plain decoding vs Sequoia (static DP trees, --trees sizes) and grown trees of the same budgets (dynamic)
+           tokens/s at that budget, against Accelerate's disk offload
            (transformers device_map="auto", max_memory={"cpu": budget + globals}, offload_folder) on the same
            checkpoint and budget: peak RSS and bytes read from storage per token (/proc/self/io) beside each
 
@@ -51,7 +52,8 @@ from offload_runtime.weights.layout import layer_bytes
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 ALLOWANCE = 640 * 2 ** 20  # interpreter, torch and transformers in each measured process
-METHODS = ("plain", "sequoia", "accelerate")
+METHODS = ("plain", "sequoia", "dynamic", "accelerate")
+SPECULATIVE = ("sequoia", "dynamic")  # methods that run the draft: sequoia-N (static DP tree), dynamic-N (grown)
 
 
 @dataclass
@@ -240,13 +242,15 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 "placement": {d: placed.count(d) for d in set(map(str, placed))}, "sweeps": []}
     from offload_runtime import Engine
 
-    sequoia = spec["method"].startswith("sequoia")
-    engine = Engine.from_pretrained(spec["target"], draft=spec["draft"] if sequoia else False, dtype="float32",
+    speculative = spec["method"].startswith(SPECULATIVE)
+    grown = spec["method"].startswith("dynamic")
+    trees = dict(tree="dynamic", tree_size=spec["nodes"], tree_depth=spec["depth"]) if grown else \
+        dict(tree=spec["tree"] if speculative else None)
+    engine = Engine.from_pretrained(spec["target"], draft=spec["draft"] if speculative else False, dtype="float32",
                                     device="cpu", offload=True, resident_layers=0, host_memory=spec["budget"],
                                     offload_dir=spec["store"], prefetch=spec["prefetch"],
-                                    read_threads=spec["read_threads"], tree=spec["tree"] if sequoia else None,
-                                    plan=None, max_seq_len=len(ids) + n + len(spec["tree"]) + 2, quiet=True,
-                                    progress=False)
+                                    read_threads=spec["read_threads"], **trees, plan=None,
+                                    max_seq_len=len(ids) + n + spec["nodes"] + 2, quiet=True, progress=False)
     load_s = time.perf_counter() - t_load
     engine.generate(ids, max_new_tokens=1, temperature=0, ignore_eos=True)  # warm-up, as for Accelerate
     skip = len(engine.sweep_stats())
@@ -277,17 +281,19 @@ def device_part(method: str, model: Model) -> int:
     if method == "accelerate":
         return globals_b
     slots = 2 * disk.padded_bytes(layer_bytes(args, torch.float32))
-    draft = ModelArgs.from_file(model.draft).n_params() * 4 if method.startswith("sequoia") else 0
+    draft = ModelArgs.from_file(model.draft).n_params() * 4 if method.startswith(SPECULATIVE) else 0
     return globals_b + slots + draft
 
 
 def run_method(method: str, model: Model, cfg: Settings, log) -> dict:
     tree = sequoia_tree(int(method.split("-")[1]), cfg.tree_depth) if method.startswith("sequoia") else [-1]
+    nodes = int(method.split("-")[1]) if method.startswith(SPECULATIVE) else 1
     cap = MemoryCap(model.budget + device_part(method, model) + ALLOWANCE) if cfg.cold else None
     spec = {"method": method, "target": str(model.target), "draft": str(model.draft), "store": str(model.store),
             "budget": model.budget, "accelerate_cpu": model.budget + model.args.global_numel() * 4,
             "offload_folder": str(model.offload_folder), "prefetch": cfg.prefetch, "read_threads": cfg.read_threads,
             "threads": cfg.threads, "tokens": cfg.tokens, "vocab": model.args.vocab_size, "tree": tree,
+            "nodes": nodes, "depth": cfg.tree_depth,
             "cgroup": str(cap.path) if cap is not None and cap.path else None, "cold": cfg.cold}
     cache = drop_page_cache() if cfg.cold else "kept (--no-cold)"
     log(f"{method}: running (page cache {cache.split(' (')[0]}; {cap.status if cap else 'no memory cap'})")
@@ -337,7 +343,7 @@ def sequoia_tree(size: int, depth: int) -> list[int]:
 
 
 def method_names(cfg: Settings) -> list[str]:
-    return [n for m in cfg.methods for n in ([f"sequoia-{t}" for t in cfg.trees] if m == "sequoia" else [m])]
+    return [n for m in cfg.methods for n in ([f"{m}-{t}" for t in cfg.trees] if m in SPECULATIVE else [m])]
 
 
 def bench(model: Model, cfg: Settings, log) -> BenchResult:
@@ -412,7 +418,8 @@ def tables(model: Model, cfg: Settings, runs: dict, bandwidth: list, efficiency:
               speed_rows,
               [f"{cfg.tokens} new tokens after an 8-token prompt (after a 1-token warm-up run), greedy, "
                f"end-of-sequence ignored; sequoia-N: Sequoia's DP tree of N nodes (depth <= {cfg.tree_depth}) "
-               f"under the default acceptance vector; draft = the target's first 2 layers and globals; the layers' "
+               f"under the default acceptance vector; dynamic-N: trees of up to N nodes (depth <= {cfg.tree_depth}) "
+               f"grown per step, keyed by the draft's own probabilities (no plan); draft = the target's first 2 layers and globals; the layers' "
                f"output projections are scaled by {cfg.damping:g} so that the random pair agrees at all (two random "
                f"models agree on nothing); tokens/sweep counts the prompt's sweep too",
                "Accelerate: transformers device_map='auto', max_memory={'cpu': budget + globals}, offload_folder "

@@ -294,11 +294,11 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     target_source, target_quant = packed_source(target_ckpt, target_quant, dev,
                                                 quant_cache_dir(target_path) if cache_quantized and quantize else None)
     disk_store = None
-    if targs.ggml_types is not None and residency.offload and (residency.disk or offload_dir is not None):
-        raise UsageError(f"{model} is a GGUF file, whose layers stream from host RAM only: the disk store "
-                         f"(offload_dir / --offload-dir, or host_memory below the model's size) does not hold GGUF "
-                         f"layers yet; drop those options or give more host memory")
     if residency.offload and (residency.disk or offload_dir is not None):
+        if targs.ggml_types is not None:
+            raise UsageError(f"{model} is a GGUF file, whose layers stream from host RAM only: the disk store "
+                             f"(offload_dir / --offload-dir, or host_memory below the model's size) does not hold "
+                             f"GGUF layers yet; drop those options or give more host memory")
         disk_store = layer_store(target_path, target_source, dt, target_quant, offload_dir, progress=progress,
                                  quiet=quiet)
     with progress_bar(targs.n_layers, "target", progress) as tick:

@@ -19,7 +19,7 @@ from offload_runtime.weights.layout import layer_bytes
 from planner import __main__ as cli
 from planner import optimizer as opt
 from planner import profile as profile_mod
-from test_planner import assert_search_is_exhaustive_top5
+from test_planner import assert_search_is_exhaustive_top5, random_acceptance
 
 CURVE = opt.Curve((1, 8, 64, 512), (1e-3, 1e-3, 4e-3, 32e-3))  # flat, then linear in the tokens
 
@@ -57,8 +57,7 @@ def test_a_longer_sweep_buys_a_larger_tree():
 def test_branch_and_bound_stays_exact_with_a_disk_tier():
     rng = np.random.default_rng(1)
     for trial in range(4):
-        p = np.sort(rng.uniform(0, 1, 4))[::-1] * rng.uniform(0.3, 1.0)
-        p = p / max(1.0, p.sum())
+        p = random_acceptance(rng)
         grid = (1, 2, 4, 8, 16, 32, 64)
         tm = opt.TimeModel(layer=opt.Curve(grid, tuple(np.cumsum(rng.uniform(0, 3e-3, len(grid))))),
                            head=opt.Curve.constant(1e-3), host=opt.Curve.constant(2e-4),

@@ -131,6 +131,12 @@ def test_draft_cost_per_level_trades_depth():
     assert best.draft_s == pytest.approx(d_star * td)
 
 
+def random_acceptance(rng: np.random.Generator) -> np.ndarray:
+    """A random acceptance vector of 4 ranks, decreasing, summing to at most 1."""
+    p = np.sort(rng.uniform(0, 1, 4))[::-1] * rng.uniform(0.3, 1.0)
+    return p / max(1.0, p.sum())
+
+
 def assert_search_is_exhaustive_top5(p, tm, N: int = 30, D: int = 6) -> None:
     """The branch-and-bound search's top 5 equal those of every distinct (n, d) tree evaluated exactly, and it
     evaluated fewer trees than that."""
@@ -150,8 +156,7 @@ def test_branch_and_bound_equals_exhaustive_search():
     """Every (n, d) tree evaluated exactly must give the same best throughput and the same top list."""
     rng = np.random.default_rng(0)
     for trial in range(6):
-        p = np.sort(rng.uniform(0, 1, 4))[::-1] * rng.uniform(0.3, 1.0)
-        p = p / max(1.0, p.sum())
+        p = random_acceptance(rng)
         grid = (1, 2, 4, 8, 16, 32, 64)
         level = tuple(np.cumsum(rng.uniform(0, 2e-3, len(grid))))
         layer = tuple(np.cumsum(rng.uniform(0, 3e-3, len(grid))))

@@ -338,6 +338,11 @@ class SettingRow:
     predicted: float  # Sequoia's, from the acceptance vector at this setting
 
 
+def speed_vs_plain(measured: dict[str, Measured], family: str) -> float:
+    """A family's tokens/s as a ratio to plain decoding (measured["plain"]) in the same run."""
+    return measured[family].tokens_per_s / measured["plain"].tokens_per_s
+
+
 @dataclass
 class DynamicRow:
     n: int
@@ -350,8 +355,7 @@ class DynamicRow:
         return relative_gain(self.measured["dynamic"].seqs, self.measured["dp"].seqs)
 
     def speed(self, family: str) -> float:
-        """tokens/s as a ratio to plain decoding in the same run."""
-        return self.measured[family].tokens_per_s / self.measured["plain"].tokens_per_s
+        return speed_vs_plain(self.measured, family)
 
 
 @dataclass
@@ -374,7 +378,7 @@ class DraftRow:
     measured: dict[str, Measured]  # static (the DP tree for this draft's p), dynamic, plain (the speed baseline)
 
     def speed(self, kind: str) -> float:
-        return self.measured[kind].tokens_per_s / self.measured["plain"].tokens_per_s
+        return speed_vs_plain(self.measured, kind)
 
 
 @dataclass

@@ -385,7 +385,7 @@ def test_bench_quant_gguf_rows(tmp_path):
     bench = load_tool("bench_quant")
     rows, note = bench.gguf_rows("tiny", bench.QUICK, tmp_path, threads=1, repeats=1, new_tokens=3,
                                  with_llama_cpp=False)
-    by = {r.format: r.values for r in rows}
+    by = {r["format"]: r for r in rows}
     assert set(by) == {"bf16", "GGUF Q8_0, bfloat16", "GGUF Q8_0, float32", "GGUF Q4_K_M-like, bfloat16",
                        "GGUF Q4_K_M-like, float32"} and note == ""
     # Q8_0 is 8.5 bits a weight, the Q4_K_M-like mix (4.5-6.6 bits) less; norms stay in the compute dtype.

@@ -402,7 +402,7 @@ def test_bench_quant_projection_and_sweep_bytes():
     assert q["stream_s"] == pytest.approx((80 - q["resident_layers"]) * q["layer_bytes"] / 25e9)
     assert q["layer_bytes"] < 0.27 * fp["layer_bytes"] and q["resident_layers"] > fp["resident_layers"]
     assert fp["s_per_token"] > 3 * q["s_per_token"]
-    rows = {row.format: row.values for row in bench.bytes_and_sweeps("tiny", bench.QUICK, repeats=1, new_tokens=8)}
+    rows = {row["format"]: row for row in bench.bytes_and_sweeps("tiny", bench.QUICK, repeats=1, new_tokens=8)}
     assert rows["int4 g128"]["bytes_vs_bf16"] < 0.3 and 0.45 < rows["int8 g128"]["bytes_vs_bf16"] < 0.55
     assert rows["int4 g128"]["bytes_per_sweep"] == 4 * rows["int4 g128"]["layer_bytes"]
     assert bench.fmt("int4 g", bench.SMOLLM2_135M)[0] == "int4 g64"  # 576 is not a multiple of 128

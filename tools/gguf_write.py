@@ -127,9 +127,11 @@ def _tokenizer_metadata(writer: Any, vocab_size: int) -> None:
     writer.add_chat_template(CHAT_TEMPLATE)
 
 
-def random_gguf(args: Any, path: Path, types: Callable[[int, str], str] | str, **options: Any) -> Path:
-    """A GGUF file of the runtime's ModelArgs `args` with random blocks in `types` (F16 embeddings of random
-    normal weights, norms of ones): speed only."""
+def random_gguf(args: Any, path: Path, types: Callable[[int, str], str] | str, *, fill: bool = False,
+                **options: Any) -> Path:
+    """A GGUF file of the runtime's ModelArgs `args` (norms of ones, F16 embeddings of random normal weights) with
+    random blocks in `types`: speed only. With `fill` every tensor holds RandomWeights' values in F32 (a file for
+    llama.cpp's own quantizer)."""
     import transformers
 
     from offload_runtime.weights.random import RandomWeights
@@ -139,9 +141,9 @@ def random_gguf(args: Any, path: Path, types: Callable[[int, str], str] | str, *
     sd = {n: src.read_into(n, torch.empty(s)) for n, s in args.global_shapes().items()}
     for i in range(args.n_layers):
         for n, s in args.layer_shapes().items():
-            name = f"model.layers.{i}.{n}"
-            sd[name] = torch.ones(s) if len(s) == 1 else torch.empty(s)  # linears: only their shape is used
-    return write_gguf(cfg, sd, path, types, random=True, embed_type="F16", **options)
+            name = f"model.layers.{i}.{n}"  # norms are ones; random blocks need only a linear's shape
+            sd[name] = src.read_into(name, torch.empty(s)) if fill or len(s) == 1 else torch.empty(s)
+    return write_gguf(cfg, sd, path, types, random=not fill, embed_type="F32" if fill else "F16", **options)
 
 
 def write_gguf(cfg: Any, sd: dict[str, torch.Tensor], path: Path, types: Callable[[int, str], str] | str = "F32",

@@ -36,7 +36,8 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
+from unittest import mock
 
 import harness as h
 import report
@@ -89,10 +90,8 @@ class ForwardClock:
 
     def __init__(self, module: torch.nn.Module):
         self.calls, self.seconds, self._t0 = 0, 0.0, 0.0
-        self._handles = [module.register_forward_pre_hook(self._pre), module.register_forward_hook(self._post)]
-
-    def _pre(self, *_: Any) -> None:
-        self._t0 = time.perf_counter()
+        self._handles = [module.register_forward_pre_hook(lambda *_: setattr(self, "_t0", time.perf_counter())),
+                         module.register_forward_hook(self._post)]
 
     def _post(self, *_: Any) -> None:
         self.seconds += time.perf_counter() - self._t0
@@ -508,20 +507,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return a
 
 
-@contextlib.contextmanager
-def planner_home(path: Path) -> Iterator[None]:
-    """The temporary models' plans live in a temporary runtime home, never in the user's."""
-    old = os.environ.get("OFFLOAD_RUNTIME_HOME")
-    os.environ["OFFLOAD_RUNTIME_HOME"] = str(path)
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["OFFLOAD_RUNTIME_HOME"]
-        else:
-            os.environ["OFFLOAD_RUNTIME_HOME"] = old
-
-
 def run(argv: Sequence[str]) -> Report:
     """Measure the chosen sections; the tables hold the numbers (main prints and appends them)."""
     a = parse_args(argv)
@@ -534,8 +519,8 @@ def run(argv: Sequence[str]) -> Report:
     with contextlib.ExitStack() as stack:
         workdir = a.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-cpu-")))
         workdir.mkdir(parents=True, exist_ok=True)
-        if a.small:
-            stack.enter_context(planner_home(workdir / "planner-home"))
+        if a.small:  # the temporary models' plans live in a temporary runtime home, never in the user's
+            stack.enter_context(mock.patch.dict(os.environ, {"OFFLOAD_RUNTIME_HOME": str(workdir / "planner-home")}))
         log("building models")
         if a.small:
             pairs = [h.small_pair(workdir)]

@@ -98,79 +98,72 @@ def _pow2_grid(top: int) -> tuple[int, ...]:
     return tuple(2 ** k for k in range(int(math.log2(top)) + 1))
 
 
+# llama-68m (JackFram) and TinyLlama-1.1B: the small drafts Sequoia and SpecExec pair with Llama-2 targets.
+LLAMA_68M = ModelArgs(dim=768, n_layers=2, n_heads=12, n_kv_heads=12, head_dim=64, intermediate_size=3072,
+                      vocab_size=32000, max_position_embeddings=2048)
+TINYLLAMA_1B = ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64, intermediate_size=5632,
+                         vocab_size=32000, max_position_embeddings=2048)
+LLAMA_7B = ModelArgs.from_name("llama-2-7b")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    small: bool
+    """Shapes, grids and repeats of one run: the defaults are the GPU run's, small_settings the CPU test's."""
+
+    small: bool = False
     dtype: torch.dtype
     seed: int
     # the sweep model: a published shape (13B), random weights, streamed
-    target_name: str
+    target_name: str = "llama-2-13b"
     target: ModelArgs
-    min_layers: int  # fewer than this fit in host RAM: the sweep sections are skipped
-    ram_headroom: int  # host bytes left free for everything else
-    prefix: int  # cached tokens every timed forward attends to
+    min_layers: int = 4  # fewer than this fit in host RAM: the sweep sections are skipped
+    ram_headroom: int = 8 * 2**30  # host bytes left free for everything else
+    prefix: int = 64  # cached tokens every timed forward attends to
     sweep_configs: tuple[tuple[int, int], ...] = ((0, 2), (0, 3), (2, 2))  # (resident layers, slots K)
-    sweep_tokens: tuple[int, ...]
-    sweep_repeats: int
-    verify_grid: tuple[int, ...]
+    sweep_tokens: tuple[int, ...] = (1, 128)
+    sweep_repeats: int = 3
+    verify_grid: tuple[int, ...] = _pow2_grid(2048)
     verify_repeats: int = 2
-    copy_bytes: int  # bandwidth
-    copy_repeats: int
-    drafts: dict[str, ModelArgs]  # resident
-    draft_grids: dict[str, tuple[int, ...]]
-    draft_prefix: int
-    effort: prof.Effort
-    hf_tokens: int  # accelerate
+    copy_bytes: int = 2 * 2**30  # bandwidth
+    copy_repeats: int = 5
+    drafts: dict[str, ModelArgs] = field(default_factory=lambda: {  # resident
+        "llama-68m": LLAMA_68M, "tinyllama-1.1b": TINYLLAMA_1B, "llama-2-7b": LLAMA_7B})
+    draft_grids: dict[str, tuple[int, ...]] = field(default_factory=lambda: {
+        "llama-68m": _pow2_grid(256), "tinyllama-1.1b": _pow2_grid(256), "llama-2-7b": _pow2_grid(512)})
+    draft_prefix: int = prof.DEFAULT_PREFIX
+    effort: prof.Effort = prof.Effort(min_time=0.05, max_repeats=10)
+    hf_tokens: int = 3  # accelerate
     prompt_len: int = 16
-    plan_target_name: str  # planner
-    plan_target: ModelArgs
-    plan_draft_name: str  # a key of `drafts`: its measured curve is reused
-    plan_grid: tuple[int, ...]
-    plan_prefix: int
-    plan_max_tree: int
-    plan_max_depth: int
-    plan_max_seq_len: int
-    batch_target_name: str  # batches
-    batch_target: ModelArgs
+    plan_target_name: str = "llama-2-70b"  # planner
+    plan_target: ModelArgs = ModelArgs.from_name("llama-2-70b")
+    plan_draft_name: str = "llama-2-7b"  # a key of `drafts`: its measured curve is reused
+    plan_grid: tuple[int, ...] = _pow2_grid(2048)
+    plan_prefix: int = prof.DEFAULT_PREFIX
+    plan_max_tree: int = 1024
+    plan_max_depth: int = 16
+    plan_max_seq_len: int = 4096
+    batch_target_name: str = "llama-2-7b shape, 8 layers"  # batches
+    batch_target: ModelArgs = LLAMA_7B.replace(n_layers=8)
     batch_draft_layers: int = 1
-    batch_sizes: tuple[int, ...]
-    batch_new_tokens: int
-    batch_tree_nodes: int
-    need_s: dict[str, float]  # the least each section needs to start
-    pytest_timeout_s: float  # the gpu pytest's own limit
-    default_budget_s: float
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
+    batch_new_tokens: int = 16
+    batch_tree_nodes: int = 32
+    need_s: dict[str, float] = field(default_factory=lambda: {  # the least each section needs to start
+        "environment": 0, "gpu_tests": 25, "h2d_bandwidth": 5, "sweep_efficiency": 60, "int4_layers": 30,
+        "verify_scaling": 25, "draft_levels": 10, "accelerate_baseline": 45, "planner_predictions": 15,
+        "batch_throughput": 25})
+    pytest_timeout_s: float = 180  # the gpu pytest's own limit
+    default_budget_s: float = 450
 
     def describe(self) -> dict[str, Any]:
         """Every setting as plain JSON (shapes as ModelArgs fields)."""
         return jsonable(asdict(self))
 
 
-# llama-68m (JackFram) and TinyLlama-1.1B: the small drafts Sequoia and SpecExec pair with Llama-2 targets.
-LLAMA_68M = ModelArgs(dim=768, n_layers=2, n_heads=12, n_kv_heads=12, head_dim=64, intermediate_size=3072,
-                      vocab_size=32000, max_position_embeddings=2048)
-TINYLLAMA_1B = ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64, intermediate_size=5632,
-                         vocab_size=32000, max_position_embeddings=2048)
-
-
 def full_settings(dtype: torch.dtype, seed: int, max_layers: int | None) -> Settings:
-    target, llama_7b = ModelArgs.from_name("llama-2-13b"), ModelArgs.from_name("llama-2-7b")
-    if max_layers is not None:
-        target = target.replace(n_layers=min(target.n_layers, max_layers))
-    return Settings(
-        small=False, dtype=dtype, seed=seed, target_name="llama-2-13b", target=target, min_layers=4,
-        ram_headroom=8 * 2**30, prefix=64, sweep_tokens=(1, 128), sweep_repeats=3, verify_grid=_pow2_grid(2048),
-        copy_bytes=2 * 2**30, copy_repeats=5,
-        drafts={"llama-68m": LLAMA_68M, "tinyllama-1.1b": TINYLLAMA_1B, "llama-2-7b": llama_7b},
-        draft_grids={"llama-68m": _pow2_grid(256), "tinyllama-1.1b": _pow2_grid(256), "llama-2-7b": _pow2_grid(512)},
-        draft_prefix=prof.DEFAULT_PREFIX, effort=prof.Effort(min_time=0.05, max_repeats=10), hf_tokens=3,
-        plan_target_name="llama-2-70b", plan_target=ModelArgs.from_name("llama-2-70b"), plan_draft_name="llama-2-7b",
-        plan_grid=_pow2_grid(2048), plan_prefix=prof.DEFAULT_PREFIX, plan_max_tree=1024, plan_max_depth=16,
-        plan_max_seq_len=4096, batch_target_name="llama-2-7b shape, 8 layers", batch_target=llama_7b.replace(n_layers=8),
-        batch_sizes=(1, 2, 4, 8, 16), batch_new_tokens=16, batch_tree_nodes=32,
-        need_s={"environment": 0, "gpu_tests": 25, "h2d_bandwidth": 5, "sweep_efficiency": 60, "int4_layers": 30,
-                "verify_scaling": 25, "draft_levels": 10, "accelerate_baseline": 45, "planner_predictions": 15,
-                "batch_throughput": 25},
-        pytest_timeout_s=180, default_budget_s=450)
+    target = ModelArgs.from_name("llama-2-13b")
+    return Settings(dtype=dtype, seed=seed, target=target if max_layers is None else
+                    target.replace(n_layers=min(target.n_layers, max_layers)))
 
 
 def small_settings(dtype: torch.dtype, seed: int, max_layers: int | None) -> Settings:
@@ -269,11 +262,8 @@ def release(device: torch.device) -> None:
 
 def pinned_host_stats() -> dict[str, Any] | None:
     """PyTorch's pinned allocator's own account (bytes are its power-of-two blocks), where this torch has it."""
-    fn = getattr(torch.cuda, "host_memory_stats", None)
-    if fn is None or not torch.cuda.is_available():
-        return None
     try:
-        stats = fn()
+        stats = torch.cuda.host_memory_stats()
     except Exception:  # informational only: a torch without these counters must not cost the section
         return None
     keys = ("allocated_bytes.current", "active_bytes.current", "num_host_alloc", "host_alloc_time.total")
@@ -323,11 +313,6 @@ def summarise_stats(stats: Sequence[SweepStats]) -> dict[str, Any]:
             "GBps": statistics.mean(s.gbps for s in stats), "layers": stats[0].layers}
 
 
-def tree_of(n: int, p: Sequence[float] = DEFAULT_ACCEPTANCE, depth: int = 16) -> Tree:
-    """The tree shape plans use for n nodes: best-first under the acceptance vector p."""
-    return Tree([-1]) if n == 1 else best_first_tree(p, n, depth)[1]
-
-
 def streamed_model(weights: RandomWeights, device: torch.device, dtype: torch.dtype, resident: int,
                    slots: int) -> Transformer:
     """The model through the runtime's loader: `resident` layers spread over the model stay on the device, the
@@ -340,6 +325,8 @@ def streamed_model(weights: RandomWeights, device: torch.device, dtype: torch.dt
 
 @dataclass
 class Context:
+    """The run's shared state: arguments, the report so far, and what sections measure for later ones."""
+
     settings: Settings
     device: torch.device
     budget_s: float
@@ -349,16 +336,13 @@ class Context:
     out_dir: Path | None
     report: dict[str, Any] = field(default_factory=dict)
     details: list[str] = field(default_factory=list)  # printed before the summary table
-    # filled in by sections, read by later ones
     card: str = "unknown"
     gpu_free_at_start: int | None = None
     compute_mode: str | None = None  # NVML's, when it answers: "exclusive process" keeps a second process off
     bandwidth: dict[str, float] = field(default_factory=dict)  # pinned_best, pinned_median (bytes/s)
     layer_plan: dict[str, Any] | None = None
-    model: Transformer | None = None  # the benchmark model as last built, with its (resident, slots)
-    model_config: tuple[int, int] | None = None
-    build_s: float | None = None  # seconds the loader took to build it the first time
-    cache: KVCache | None = None
+    build_s: float | None = None  # seconds the loader took to build the benchmark model the first time
+    cache: KVCache | None = None  # one for every build, so forwards read the same K/V
     batches: dict[int, ForwardBatch] = field(default_factory=dict)
     ours: dict[str, Any] = field(default_factory=dict)  # token_s, prompt_logits (for the accelerate comparison)
     draft_curves: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
@@ -412,34 +396,30 @@ class Context:
         return RandomWeights(args, self.settings.seed, distinct_layers=False)
 
     def streamed(self, resident: int, slots: int) -> Transformer:
-        """The benchmark model with this residency (one at a time in host RAM: the previous one goes first)."""
-        if self.model_config != (resident, slots):
-            self.drop_model()
-            s, weights = self.settings, self.weights()
-            if self.cache is None:  # one cache for every build, so forwards read the same K/V
-                longest = max(max(s.verify_grid), max(s.sweep_tokens), s.prompt_len)
-                self.cache = KVCache(weights.args, 1, s.prefix + longest + 1, s.dtype, self.device)
-            t0 = time.perf_counter()
-            self.model = streamed_model(weights, self.device, s.dtype, resident, slots)
-            self.build_s = self.build_s or time.perf_counter() - t0
-            self.model_config = (resident, slots)
-        return self.model
-
-    def drop_model(self) -> None:
-        self.model, self.model_config = None, None
-        release(self.device)
+        """The benchmark model with this residency. Callers hold one at a time: host RAM fits it once."""
+        release(self.device)  # the previous one's pinned blocks go first
+        s, weights = self.settings, self.weights()
+        if self.cache is None:
+            longest = max(max(s.verify_grid), max(s.sweep_tokens), s.prompt_len)
+            self.cache = KVCache(weights.args, 1, s.prefix + longest + 1, s.dtype, self.device)
+        t0 = time.perf_counter()
+        model = streamed_model(weights, self.device, s.dtype, resident, slots)
+        self.build_s = self.build_s or time.perf_counter() - t0
+        return model
 
     def forward_batch(self, start: int, tree: Tree, tokens: list[int], logits_at: Sequence[int]) -> ForwardBatch:
         row = RowChunk(start, tree, tokens, range(len(tokens)), logits_at)
         return build_forward([row], self.cache.scratch_slot, self.settings.target.sliding_window, self.device)
 
     def batch(self, n: int) -> ForwardBatch:
-        """n new tokens (a plan-shaped tree) against `prefix` cached ones, logits at every node; built once."""
+        """n new tokens in the tree plans use (best-first under DEFAULT_ACCEPTANCE) against `prefix` cached ones,
+        logits at every node; built once."""
         if n not in self.batches:
             s = self.settings
             g = torch.Generator().manual_seed(s.seed + 2 + n)
             tokens = torch.randint(0, s.target.vocab_size, (n,), generator=g).tolist()
-            self.batches[n] = self.forward_batch(s.prefix, tree_of(n), tokens, range(n))
+            tree = Tree([-1]) if n == 1 else best_first_tree(DEFAULT_ACCEPTANCE, n, 16)[1]
+            self.batches[n] = self.forward_batch(s.prefix, tree, tokens, range(n))
         return self.batches[n]
 
     def prompt_logits(self, model: Transformer) -> torch.Tensor:
@@ -736,7 +716,6 @@ def section_accelerate_baseline(ctx: Context) -> Outcome:
         from accelerate import cpu_offload
     except ImportError as e:
         raise SectionSkipped(f"accelerate is not installed here ({e})") from None
-    ctx.drop_model()  # our pinned store goes before accelerate's pageable copy of the same weights comes
     t0 = time.perf_counter()
     model = h.hf_model(ctx.weights(), s.dtype)
     res: dict[str, Any] = {"model": s.target_name, "n_layers": model.config.num_hidden_layers,
@@ -878,7 +857,6 @@ def predict(s: Settings, curves: dict[str, opt.Curve], p: Sequence[float], bandw
 
 def section_batch_throughput(ctx: Context) -> Outcome:
     s, dev, T = ctx.settings, ctx.device, ctx.settings.batch_target
-    ctx.drop_model()
     need = T.n_layers * layer_bytes(T, s.dtype) + s.ram_headroom
     if need > ctx.host_ram()[0]:
         raise SectionSkipped(f"not enough host RAM for the batch model ({need / 2**30:.1f} GiB needed)")
@@ -925,14 +903,8 @@ def section_batch_throughput(ctx: Context) -> Outcome:
     return Outcome(res, "tokens/s " + ", ".join(f"B{x['batch']} {x['tokens_per_s']:.3g}" for x in rows)
                    + f"; sweeps/token {spt[0]:.2f} -> {spt[-1]:.3f} (falls: {res['sweeps_per_token_falls']})",
                    [report.to_text(table)])
-SECTION_FUNCS: dict[str, Callable[[Context], Outcome]] = {
-    "environment": section_environment, "gpu_tests": section_gpu_tests, "h2d_bandwidth": section_h2d_bandwidth,
-    "sweep_efficiency": section_sweep_efficiency, "int4_layers": section_int4_layers,
-    "verify_scaling": section_verify_scaling,
-    "draft_levels": section_draft_levels, "accelerate_baseline": section_accelerate_baseline,
-    "planner_predictions": section_planner_predictions, "batch_throughput": section_batch_throughput,
-}
-assert tuple(SECTION_FUNCS) == SECTIONS
+# each section is the function section_NAME above
+SECTION_FUNCS: dict[str, Callable[[Context], Outcome]] = {name: globals()[f"section_{name}"] for name in SECTIONS}
 
 
 # --- running sections
@@ -1066,7 +1038,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "settings": settings.describe(), "sections": {}, "summary": {}}
     for name in SECTIONS:
         run_section(ctx, name, args.sections is None or name in args.sections)
-    ctx.drop_model()
     write_report(ctx)
     sys.stderr.flush()
     print("\n".join(ctx.details))

@@ -78,7 +78,6 @@ from offload_runtime.weights.store import alloc_host  # noqa: E402
 from planner import optimizer as opt  # noqa: E402
 from planner import profile as prof  # noqa: E402
 
-REPO = h.REPO
 REPORT_VERSION = 1
 SECTIONS = ("environment", "gpu_tests", "h2d_bandwidth", "sweep_efficiency", "int4_layers", "verify_scaling",
             "draft_levels", "accelerate_baseline", "planner_predictions", "batch_throughput")
@@ -212,7 +211,7 @@ def parse_junit(path: Path) -> dict[str, Any]:
         failing += [{"test": name, "kind": el.tag, "message": (el.get("message") or el.text or "")[:600]}
                     for el in case if el.tag in ("failure", "error")]
         skips += [el.get("message") or el.text for el in case.findall("skipped")]
-    return {**counts, "failing": failing, "skip_reason": skips[0] if skips else None}
+    return {**counts, "failing": failing, "skip_reason": next((r for r in skips if r is not None), None)}
 
 
 def jsonable(obj: Any) -> Any:
@@ -530,10 +529,10 @@ def section_gpu_tests(ctx: Context) -> Outcome:
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rs", "-p", "no:cacheprovider",
                f"--junitxml={junit}"]
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = str(h.REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=h.REPO, env=env, capture_output=True, text=True, timeout=timeout)
             output, rc, timed_out = proc.stdout + proc.stderr, proc.returncode, False
         except subprocess.TimeoutExpired as e:  # its output may be bytes even with text=True
             output = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))

@@ -534,9 +534,8 @@ def section_gpu_tests(ctx: Context) -> Outcome:
         try:
             proc = subprocess.run(cmd, cwd=h.REPO, env=env, capture_output=True, text=True, timeout=timeout)
             output, rc, timed_out = proc.stdout + proc.stderr, proc.returncode, False
-        except subprocess.TimeoutExpired as e:  # its output may be bytes even with text=True
-            output = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
-            rc, timed_out = None, True
+        except subprocess.TimeoutExpired as e:
+            output, rc, timed_out = _text(e.stdout) + _text(e.stderr), None, True
         if ctx.out_dir is not None:
             (ctx.out_dir / "gpu_tests.log").write_text(output)
         res: dict[str, Any] = {"command": " ".join(cmd[1:]), "returncode": rc, "timeout_s": round(timeout, 1),
@@ -555,6 +554,13 @@ def section_gpu_tests(ctx: Context) -> Outcome:
     line += ("; first: " + res["failing"][0]["test"].split("::")[-1]) if res["failing"] else ""
     return Outcome(res, line, [f"FAILED {f['test']}: {f['message'][:200]}" for f in res["failing"][:5]],
                    "failed" if res["failures"] or res["errors"] else "ok")
+
+
+def _text(x: bytes | str | None) -> str:
+    """A timed-out run's output: bytes even with text=True, or None."""
+    if x is None:
+        return ""
+    return x.decode(errors="replace") if isinstance(x, bytes) else x
 
 
 def section_h2d_bandwidth(ctx: Context) -> Outcome:

@@ -36,6 +36,7 @@ _T_START = time.perf_counter()  # the budget counts from here: imports are part 
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
+import importlib.metadata  # noqa: E402
 import importlib.util  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -77,7 +78,6 @@ from offload_runtime.weights.store import alloc_host  # noqa: E402
 from planner import optimizer as opt  # noqa: E402
 from planner import profile as prof  # noqa: E402
 
-REPO = h.REPO
 REPORT_VERSION = 1
 SECTIONS = ("environment", "gpu_tests", "h2d_bandwidth", "sweep_efficiency", "int4_layers", "verify_scaling",
             "draft_levels", "accelerate_baseline", "planner_predictions", "batch_throughput")
@@ -97,83 +97,72 @@ def _pow2_grid(top: int) -> tuple[int, ...]:
     return tuple(2 ** k for k in range(int(math.log2(top)) + 1))
 
 
-@dataclass(frozen=True)
+# llama-68m (JackFram) and TinyLlama-1.1B: the small drafts Sequoia and SpecExec pair with Llama-2 targets.
+LLAMA_68M = ModelArgs(dim=768, n_layers=2, n_heads=12, n_kv_heads=12, head_dim=64, intermediate_size=3072,
+                      vocab_size=32000, max_position_embeddings=2048)
+TINYLLAMA_1B = ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64, intermediate_size=5632,
+                         vocab_size=32000, max_position_embeddings=2048)
+LLAMA_7B = ModelArgs.from_name("llama-2-7b")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Settings:
-    small: bool
+    """Shapes, grids and repeats of one run: the defaults are the GPU run's, small_settings the CPU test's."""
+
+    small: bool = False
     dtype: torch.dtype
     seed: int
     # the sweep model: a published shape (13B), random weights, streamed
-    target_name: str
+    target_name: str = "llama-2-13b"
     target: ModelArgs
-    min_layers: int  # fewer than this fit in host RAM: the sweep sections are skipped
-    ram_headroom: int  # host bytes left free for everything else
-    prefix: int  # cached tokens every timed forward attends to
-    sweep_configs: tuple[tuple[int, int], ...]  # (resident layers, slots K)
-    sweep_tokens: tuple[int, ...]
-    sweep_repeats: int
-    verify_grid: tuple[int, ...]
-    verify_repeats: int
-    copy_bytes: int  # bandwidth
-    copy_repeats: int
-    drafts: dict[str, ModelArgs]  # resident
-    draft_grids: dict[str, tuple[int, ...]]
-    draft_prefix: int
-    effort: prof.Effort
-    hf_tokens: int  # accelerate
-    prompt_len: int
-    plan_target_name: str  # planner
-    plan_target: ModelArgs
-    plan_draft_name: str  # a key of `drafts`: its measured curve is reused
-    plan_grid: tuple[int, ...]
-    plan_prefix: int
-    plan_max_tree: int
-    plan_max_depth: int
-    plan_max_seq_len: int
-    batch_target_name: str  # batches
-    batch_target: ModelArgs
-    batch_draft_layers: int
-    batch_sizes: tuple[int, ...]
-    batch_new_tokens: int
-    batch_tree_nodes: int
-    need_s: dict[str, float]  # the least each section needs to start
-    pytest_timeout_s: float  # the gpu pytest's own limit
-    default_budget_s: float
+    min_layers: int = 4  # fewer than this fit in host RAM: the sweep sections are skipped
+    ram_headroom: int = 8 * 2**30  # host bytes left free for everything else
+    prefix: int = 64  # cached tokens every timed forward attends to
+    sweep_configs: tuple[tuple[int, int], ...] = ((0, 2), (0, 3), (2, 2))  # (resident layers, slots K)
+    sweep_tokens: tuple[int, ...] = (1, 128)
+    sweep_repeats: int = 3
+    verify_grid: tuple[int, ...] = _pow2_grid(2048)
+    verify_repeats: int = 2
+    copy_bytes: int = 2 * 2**30  # bandwidth
+    copy_repeats: int = 5
+    drafts: dict[str, ModelArgs] = field(default_factory=lambda: {  # resident
+        "llama-68m": LLAMA_68M, "tinyllama-1.1b": TINYLLAMA_1B, "llama-2-7b": LLAMA_7B})
+    draft_grids: dict[str, tuple[int, ...]] = field(default_factory=lambda: {
+        "llama-68m": _pow2_grid(256), "tinyllama-1.1b": _pow2_grid(256), "llama-2-7b": _pow2_grid(512)})
+    draft_prefix: int = prof.DEFAULT_PREFIX
+    effort: prof.Effort = prof.Effort(min_time=0.05, max_repeats=10)
+    hf_tokens: int = 3  # accelerate
+    prompt_len: int = 16
+    plan_target_name: str = "llama-2-70b"  # planner
+    plan_target: ModelArgs = ModelArgs.from_name("llama-2-70b")
+    plan_draft_name: str = "llama-2-7b"  # a key of `drafts`: its measured curve is reused
+    plan_grid: tuple[int, ...] = _pow2_grid(2048)
+    plan_prefix: int = prof.DEFAULT_PREFIX
+    plan_max_tree: int = 1024
+    plan_max_depth: int = 16
+    plan_max_seq_len: int = 4096
+    batch_target_name: str = "llama-2-7b shape, 8 layers"  # batches
+    batch_target: ModelArgs = LLAMA_7B.replace(n_layers=8)
+    batch_draft_layers: int = 1
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
+    batch_new_tokens: int = 16
+    batch_tree_nodes: int = 32
+    need_s: dict[str, float] = field(default_factory=lambda: {  # the least each section needs to start
+        "environment": 0, "gpu_tests": 25, "h2d_bandwidth": 5, "sweep_efficiency": 60, "int4_layers": 30,
+        "verify_scaling": 25, "draft_levels": 10, "accelerate_baseline": 45, "planner_predictions": 15,
+        "batch_throughput": 25})
+    pytest_timeout_s: float = 180  # the gpu pytest's own limit
+    default_budget_s: float = 450
 
     def describe(self) -> dict[str, Any]:
         """Every setting as plain JSON (shapes as ModelArgs fields)."""
         return jsonable(asdict(self))
 
 
-# llama-68m (JackFram) and TinyLlama-1.1B: the small drafts Sequoia and SpecExec pair with Llama-2 targets.
-LLAMA_68M = ModelArgs(dim=768, n_layers=2, n_heads=12, n_kv_heads=12, head_dim=64, intermediate_size=3072,
-                      vocab_size=32000, max_position_embeddings=2048)
-TINYLLAMA_1B = ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, head_dim=64, intermediate_size=5632,
-                         vocab_size=32000, max_position_embeddings=2048)
-
-
 def full_settings(dtype: torch.dtype, seed: int, max_layers: int | None) -> Settings:
     target = ModelArgs.from_name("llama-2-13b")
-    if max_layers is not None:
-        target = target.replace(n_layers=min(target.n_layers, max_layers))
-    drafts = {"llama-68m": LLAMA_68M, "tinyllama-1.1b": TINYLLAMA_1B, "llama-2-7b": ModelArgs.from_name("llama-2-7b")}
-    return Settings(
-        small=False, dtype=dtype, seed=seed, target_name="llama-2-13b", target=target, min_layers=4,
-        ram_headroom=8 * 2**30, prefix=64, sweep_configs=((0, 2), (0, 3), (2, 2)), sweep_tokens=(1, 128),
-        sweep_repeats=3, verify_grid=_pow2_grid(2048), verify_repeats=2, copy_bytes=2 * 2**30, copy_repeats=5,
-        drafts=drafts, draft_grids={"llama-68m": _pow2_grid(256), "tinyllama-1.1b": _pow2_grid(256),
-                                    "llama-2-7b": _pow2_grid(512)},
-        draft_prefix=prof.DEFAULT_PREFIX, effort=prof.Effort(min_time=0.05, max_repeats=10),
-        hf_tokens=3, prompt_len=16,
-        plan_target_name="llama-2-70b", plan_target=ModelArgs.from_name("llama-2-70b"), plan_draft_name="llama-2-7b",
-        plan_grid=_pow2_grid(2048), plan_prefix=prof.DEFAULT_PREFIX, plan_max_tree=1024, plan_max_depth=16,
-        plan_max_seq_len=4096,
-        batch_target_name="llama-2-7b shape, 8 layers", batch_target=ModelArgs.from_name("llama-2-7b").replace(n_layers=8),
-        batch_draft_layers=1, batch_sizes=(1, 2, 4, 8, 16), batch_new_tokens=16, batch_tree_nodes=32,
-        need_s={"environment": 0, "gpu_tests": 25, "h2d_bandwidth": 5, "sweep_efficiency": 60, "int4_layers": 30,
-                "verify_scaling": 25,
-                "draft_levels": 10, "accelerate_baseline": 45, "planner_predictions": 15, "batch_throughput": 25},
-        pytest_timeout_s=180, default_budget_s=450,
-    )
+    return Settings(dtype=dtype, seed=seed, target=target if max_layers is None else
+                    target.replace(n_layers=min(target.n_layers, max_layers)))
 
 
 def small_settings(dtype: torch.dtype, seed: int, max_layers: int | None) -> Settings:
@@ -181,17 +170,14 @@ def small_settings(dtype: torch.dtype, seed: int, max_layers: int | None) -> Set
     return Settings(
         small=True, dtype=dtype, seed=seed, target_name="tiny",
         target=tiny.replace(n_layers=6 if max_layers is None else max(1, min(6, max_layers))), min_layers=1,
-        ram_headroom=256 * 2**20, prefix=8, sweep_configs=((0, 2), (0, 3), (2, 2)), sweep_tokens=(1, 16),
-        sweep_repeats=2, verify_grid=_pow2_grid(32), verify_repeats=2, copy_bytes=16 * 2**20, copy_repeats=3,
-        drafts={"tiny-draft": tiny.replace(n_layers=1)}, draft_grids={"tiny-draft": _pow2_grid(8)}, draft_prefix=16,
-        effort=prof.Effort.quick(), hf_tokens=2, prompt_len=16,
+        ram_headroom=256 * 2**20, prefix=8, sweep_tokens=(1, 16), sweep_repeats=2, verify_grid=_pow2_grid(32),
+        copy_bytes=16 * 2**20, copy_repeats=3, drafts={"tiny-draft": tiny.replace(n_layers=1)},
+        draft_grids={"tiny-draft": _pow2_grid(8)}, draft_prefix=16, effort=prof.Effort.quick(), hf_tokens=2,
         plan_target_name="tiny, 8 layers", plan_target=tiny.replace(n_layers=8), plan_draft_name="tiny-draft",
         plan_grid=_pow2_grid(16), plan_prefix=16, plan_max_tree=64, plan_max_depth=6, plan_max_seq_len=256,
-        batch_target_name="tiny, 4 layers", batch_target=tiny.replace(n_layers=4), batch_draft_layers=1,
-        batch_sizes=(1, 2, 4), batch_new_tokens=4, batch_tree_nodes=8,
-        need_s={name: 0.5 for name in SECTIONS} | {"environment": 0},
-        pytest_timeout_s=90, default_budget_s=60,
-    )
+        batch_target_name="tiny, 4 layers", batch_target=tiny.replace(n_layers=4), batch_sizes=(1, 2, 4),
+        batch_new_tokens=4, batch_tree_nodes=8, need_s={name: 0.5 for name in SECTIONS} | {"environment": 0},
+        pytest_timeout_s=90, default_budget_s=60)
 
 
 # --- small pure helpers
@@ -217,19 +203,15 @@ def parse_junit(path: Path) -> dict[str, Any]:
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
     counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     failing: list[dict[str, str]] = []
-    skip_reason = None
+    skips: list[str | None] = []
     for case in root.iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        for tag in ("failure", "error"):
-            el = case.find(tag)
-            if el is not None:
-                failing.append({"test": name, "kind": tag, "message": (el.get("message") or el.text or "")[:600]})
-        sk = case.find("skipped")
-        if sk is not None and skip_reason is None:
-            skip_reason = sk.get("message") or sk.text
-    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return {**counts, "failing": failing, "skip_reason": skip_reason}
+        failing += [{"test": name, "kind": el.tag, "message": (el.get("message") or el.text or "")[:600]}
+                    for el in case if el.tag in ("failure", "error")]
+        skips += [el.get("message") or el.text for el in case.findall("skipped")]
+    return {**counts, "failing": failing, "skip_reason": next((r for r in skips if r is not None), None)}
 
 
 def jsonable(obj: Any) -> Any:
@@ -279,11 +261,8 @@ def release(device: torch.device) -> None:
 
 def pinned_host_stats() -> dict[str, Any] | None:
     """PyTorch's pinned allocator's own account (bytes are its power-of-two blocks), where this torch has it."""
-    fn = getattr(torch.cuda, "host_memory_stats", None)
-    if fn is None or not torch.cuda.is_available():
-        return None
     try:
-        stats = fn()
+        stats = torch.cuda.host_memory_stats()
     except Exception:  # informational only: a torch without these counters must not cost the section
         return None
     keys = ("allocated_bytes.current", "active_bytes.current", "num_host_alloc", "host_alloc_time.total")
@@ -291,8 +270,10 @@ def pinned_host_stats() -> dict[str, Any] | None:
 
 
 def timed(fn: Callable[[], Any], device: torch.device, repeats: int, *, each: bool = True) -> list[float]:
-    """Seconds of `repeats` calls of fn: each synchronised on its own (one time per call), or all enqueued back
-    to back and waited for once (one figure: the mean per call). The caller warms up."""
+    """Seconds of `repeats` calls of fn after one warm-up call: each synchronised on its own (one time per call),
+    or all enqueued back to back and waited for once (one figure: the mean per call)."""
+    fn()
+    sync(device)
     times = []
     t0 = time.perf_counter()
     for _ in range(repeats):
@@ -305,11 +286,9 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, *, each: bo
     return times if each else [(time.perf_counter() - t0) / repeats]
 
 
-def timed_copies(dst: torch.Tensor, src: torch.Tensor, repeats: int, non_blocking: bool) -> list[float]:
-    """Seconds of each of `repeats` copies src -> dst after one warm-up, synchronised around each copy."""
-    dst.copy_(src, non_blocking=non_blocking)
-    sync(dst.device)
-    return timed(lambda: dst.copy_(src, non_blocking=non_blocking), dst.device, repeats)
+def copy_rates(dst: torch.Tensor, src: torch.Tensor, repeats: int, non_blocking: bool) -> list[float]:
+    """Bytes per second of each of `repeats` copies src -> dst, synchronised around each copy."""
+    return [src.nbytes / t for t in timed(lambda: dst.copy_(src, non_blocking=non_blocking), dst.device, repeats)]
 
 
 def time_forwards(model: Transformer, batch: ForwardBatch, cache: KVCache, repeats: int, *,
@@ -320,13 +299,9 @@ def time_forwards(model: Transformer, batch: ForwardBatch, cache: KVCache, repea
     into the next (the steady state of decoding); otherwise each forward is synchronised on its own and the
     median is returned (what one plain decoding token costs when the host waits after every step).
     """
-    layers = model.layers
-    streamed = isinstance(layers, StreamedLayers)
-    model.forward(batch, cache)
-    sync(model.device)
-    first = len(layers.history) if streamed else 0
     times = timed(lambda: model.forward(batch, cache), model.device, repeats, each=not back_to_back)
-    return statistics.median(times), layers.resolve_stats()[first:] if streamed else []
+    layers = model.layers  # one sweep per forward: the timed ones are the last `repeats`
+    return statistics.median(times), layers.resolve_stats()[-repeats:] if isinstance(layers, StreamedLayers) else []
 
 
 def summarise_stats(stats: Sequence[SweepStats]) -> dict[str, Any]:
@@ -335,11 +310,6 @@ def summarise_stats(stats: Sequence[SweepStats]) -> dict[str, Any]:
     return {"sweeps": len(stats), "bytes": statistics.mean(s.bytes for s in stats),
             "wall_s": statistics.mean(s.wall_s for s in stats), "wait_s": statistics.mean(s.wait_s for s in stats),
             "GBps": statistics.mean(s.gbps for s in stats), "layers": stats[0].layers}
-
-
-def tree_of(n: int, p: Sequence[float] = DEFAULT_ACCEPTANCE, depth: int = 16) -> Tree:
-    """The tree shape plans use for n nodes: best-first under the acceptance vector p."""
-    return Tree([-1]) if n == 1 else best_first_tree(p, n, depth)[1]
 
 
 def streamed_model(weights: RandomWeights, device: torch.device, dtype: torch.dtype, resident: int,
@@ -354,6 +324,8 @@ def streamed_model(weights: RandomWeights, device: torch.device, dtype: torch.dt
 
 @dataclass
 class Context:
+    """The run's shared state: arguments, the report so far, and what sections measure for later ones."""
+
     settings: Settings
     device: torch.device
     budget_s: float
@@ -363,16 +335,13 @@ class Context:
     out_dir: Path | None
     report: dict[str, Any] = field(default_factory=dict)
     details: list[str] = field(default_factory=list)  # printed before the summary table
-    # filled in by sections, read by later ones
     card: str = "unknown"
     gpu_free_at_start: int | None = None
     compute_mode: str | None = None  # NVML's, when it answers: "exclusive process" keeps a second process off
     bandwidth: dict[str, float] = field(default_factory=dict)  # pinned_best, pinned_median (bytes/s)
     layer_plan: dict[str, Any] | None = None
-    model: Transformer | None = None  # the benchmark model as last built, with its (resident, slots)
-    model_config: tuple[int, int] | None = None
-    build_s: float | None = None  # seconds the loader took to build it the first time
-    cache: KVCache | None = None
+    build_s: float | None = None  # seconds the loader took to build the benchmark model the first time
+    cache: KVCache | None = None  # one for every build, so forwards read the same K/V
     batches: dict[int, ForwardBatch] = field(default_factory=dict)
     ours: dict[str, Any] = field(default_factory=dict)  # token_s, prompt_logits (for the accelerate comparison)
     draft_curves: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
@@ -391,19 +360,17 @@ class Context:
         g = torch.Generator().manual_seed(self.settings.seed + 3)
         return torch.randint(0, self.settings.target.vocab_size, (self.settings.prompt_len,), generator=g).tolist()
 
-    # --- the benchmark model's size, decided once from host RAM
-
     def host_ram(self) -> tuple[int, str]:
         if self.host_ram_override is not None:
             return self.host_ram_override, "--host-ram-gib"
         return int(psutil.virtual_memory().available), "psutil available"
 
     def plan_layers(self) -> dict[str, Any]:
+        """The benchmark model's layer count, decided once from host RAM."""
         if self.layer_plan is None:
-            s = self.settings
-            args, dtype = s.target, s.dtype
-            per_layer = layer_bytes(args, dtype)  # the streamer pins exactly (cudaHostRegister): no rounding
-            globals_bytes = args.global_numel() * dtype.itemsize
+            s, args = self.settings, self.settings.target
+            per_layer = layer_bytes(args, s.dtype)  # the streamer pins exactly (cudaHostRegister): no rounding
+            globals_bytes = args.global_numel() * s.dtype.itemsize
             available, source = self.host_ram()
             n = host_layers_that_fit(args.n_layers, per_layer, per_layer, globals_bytes, available, s.ram_headroom)
             note = None if n == args.n_layers else (
@@ -416,54 +383,49 @@ class Context:
                                "headroom": s.ram_headroom, "reduced": n < args.n_layers, "note": note}
         return self.layer_plan
 
-    def target_args(self) -> ModelArgs:
+    def weights(self) -> RandomWeights:
+        """The benchmark model's weights; every decoder layer a copy of layer 0, so building a 13B shape costs one
+        layer of random draws."""
         plan = self.plan_layers()
         if plan["n_layers"] < self.settings.min_layers:
             raise SectionSkipped(f"not enough host RAM for the benchmark model: {plan['n_layers']} layers fit "
                                  f"({plan['host_ram_available'] / 2**30:.1f} GiB by {plan['host_ram_source']}); "
                                  f"pass --host-ram-gib if that figure is wrong")
-        return self.settings.target.replace(n_layers=plan["n_layers"])
-
-    def weights(self) -> RandomWeights:
-        """Every decoder layer a copy of layer 0: building a 13B shape costs one layer of random draws."""
-        return RandomWeights(self.target_args(), self.settings.seed, distinct_layers=False)
+        args = self.settings.target.replace(n_layers=plan["n_layers"])
+        return RandomWeights(args, self.settings.seed, distinct_layers=False)
 
     def streamed(self, resident: int, slots: int) -> Transformer:
-        """The benchmark model with this residency (one at a time in host RAM: the previous one goes first)."""
-        if self.model_config != (resident, slots):
-            self.drop_model()
-            s = self.settings
-            args = self.target_args()
-            if self.cache is None:  # one cache for every build, so forwards read the same K/V
-                longest = max(max(s.verify_grid), max(s.sweep_tokens), s.prompt_len)
-                self.cache = KVCache(args, 1, s.prefix + longest + 1, s.dtype, self.device)
-            t0 = time.perf_counter()
-            self.model = streamed_model(self.weights(), self.device, s.dtype, resident, slots)
-            self.build_s = self.build_s or time.perf_counter() - t0
-            self.model_config = (resident, slots)
-        return self.model
+        """The benchmark model with this residency. Callers hold one at a time: host RAM fits it once."""
+        release(self.device)  # the previous one's pinned blocks go first
+        s, weights = self.settings, self.weights()
+        if self.cache is None:
+            longest = max(max(s.verify_grid), max(s.sweep_tokens), s.prompt_len)
+            self.cache = KVCache(weights.args, 1, s.prefix + longest + 1, s.dtype, self.device)
+        t0 = time.perf_counter()
+        model = streamed_model(weights, self.device, s.dtype, resident, slots)
+        self.build_s = self.build_s or time.perf_counter() - t0
+        return model
 
-    def drop_model(self) -> None:
-        self.model, self.model_config = None, None
-        release(self.device)
+    def forward_batch(self, start: int, tree: Tree, tokens: list[int], logits_at: Sequence[int]) -> ForwardBatch:
+        row = RowChunk(start, tree, tokens, range(len(tokens)), logits_at)
+        return build_forward([row], self.cache.scratch_slot, self.settings.target.sliding_window, self.device)
 
     def batch(self, n: int) -> ForwardBatch:
-        """n new tokens (a plan-shaped tree) against `prefix` cached ones, logits at every node; built once."""
+        """n new tokens in the tree plans use (best-first under DEFAULT_ACCEPTANCE) against `prefix` cached ones,
+        logits at every node; built once."""
         if n not in self.batches:
             s = self.settings
             g = torch.Generator().manual_seed(s.seed + 2 + n)
             tokens = torch.randint(0, s.target.vocab_size, (n,), generator=g).tolist()
-            row = RowChunk(s.prefix, tree_of(n), tokens, range(n), range(n))
-            self.batches[n] = build_forward([row], self.cache.scratch_slot, s.target.sliding_window, self.device)
+            tree = Tree([-1]) if n == 1 else best_first_tree(DEFAULT_ACCEPTANCE, n, 16)[1]
+            self.batches[n] = self.forward_batch(s.prefix, tree, tokens, range(n))
         return self.batches[n]
 
     def prompt_logits(self, model: Transformer) -> torch.Tensor:
         """Next-token logits after the prompt from position 0 (float32, host); the cache is left zeroed."""
         prompt = self.prompt()
         self.cache.kv.zero_()
-        n = len(prompt)
-        batch = build_forward([RowChunk(0, Tree.chain(n), prompt, range(n), [n - 1])], self.cache.scratch_slot,
-                              model.args.sliding_window, self.device)
+        batch = self.forward_batch(0, Tree.chain(len(prompt)), prompt, [len(prompt) - 1])
         logits = model.forward(batch, self.cache)[0, 0].float().cpu()
         self.cache.kv.zero_()
         return logits
@@ -493,14 +455,12 @@ class Outcome:
 
 
 def section_environment(ctx: Context) -> Outcome:
-    dev = ctx.device
+    dev, vm = ctx.device, psutil.virtual_memory()
     res: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                            "torch_cuda": torch.version.cuda, "device": str(dev), "threads": torch.get_num_threads(),
                            "cpu_count": os.cpu_count(), "host_ram_override": ctx.host_ram_override}
-    for pkg in ("transformers", "accelerate", "pynvml", "nvidia-ml-py"):
-        res[f"version_{pkg}"] = _package_version(pkg)
-    vm = psutil.virtual_memory()
-    res["host_ram_total"], res["host_ram_available"] = int(vm.total), int(vm.available)
+    res |= {f"version_{pkg}": _package_version(pkg) for pkg in ("transformers", "accelerate", "pynvml", "nvidia-ml-py")}
+    res |= {"host_ram_total": int(vm.total), "host_ram_available": int(vm.available)}
     if ctx.cuda:
         props = torch.cuda.get_device_properties(dev)
         free, total = torch.cuda.mem_get_info(dev)
@@ -516,9 +476,8 @@ def section_environment(ctx: Context) -> Outcome:
     res["fingerprint"] = fp
     res["machine"] = describe_machine(fp) if "error" not in fp else fp["error"]
     if not ctx.cuda:
-        ctx.card = f"cpu ({fp.get('cpu_model')})"
-        return Outcome(res | {"card": ctx.card}, f"torch {res['torch']} on the CPU, {res['threads']} threads; "
-                                                 f"{res['machine']}")
+        ctx.card = res["card"] = f"cpu ({fp.get('cpu_model')})"
+        return Outcome(res, f"torch {res['torch']} on the CPU, {res['threads']} threads; {res['machine']}")
     ctx.card = res["card"] = fp.get("gpu_name") or ctx.card
     pcie = res["pcie"] = {k: fp.get(k) for k in ("pcie_gen", "pcie_width", "pcie_max_gen", "pcie_max_width")}
     res["gpu_driver"] = fp.get("gpu_driver")
@@ -528,11 +487,9 @@ def section_environment(ctx: Context) -> Outcome:
 
 
 def _package_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
-        return version(name)
-    except PackageNotFoundError:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
@@ -572,10 +529,10 @@ def section_gpu_tests(ctx: Context) -> Outcome:
         cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rs", "-p", "no:cacheprovider",
                f"--junitxml={junit}"]
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = str(h.REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=h.REPO, env=env, capture_output=True, text=True, timeout=timeout)
             output, rc, timed_out = proc.stdout + proc.stderr, proc.returncode, False
         except subprocess.TimeoutExpired as e:
             output, rc, timed_out = _text(e.stdout) + _text(e.stderr), None, True
@@ -600,34 +557,31 @@ def section_gpu_tests(ctx: Context) -> Outcome:
 
 
 def _text(x: bytes | str | None) -> str:
+    """A timed-out run's output: bytes even with text=True, or None."""
     if x is None:
         return ""
     return x.decode(errors="replace") if isinstance(x, bytes) else x
 
 
 def section_h2d_bandwidth(ctx: Context) -> Outcome:
-    s, dev = ctx.settings, ctx.device
-    n = s.copy_bytes
+    s, dev, n = ctx.settings, ctx.device, ctx.settings.copy_bytes
+    per_layer = layer_bytes(s.target, s.dtype)
     dst = torch.empty(n, dtype=torch.uint8, device=dev)
     src, pinned = alloc_host(n, torch.uint8, pin=ctx.cuda)
     src.fill_(1)
-    pinned_t = timed_copies(dst, src, s.copy_repeats, non_blocking=True)
-    per_layer = layer_bytes(s.target, s.dtype)
-    layer_t = None
-    if per_layer <= n:  # a slice of the pinned block is pinned memory too
-        layer_t = timed_copies(dst[:per_layer], src[:per_layer], s.copy_repeats, non_blocking=True)
+    rates = copy_rates(dst, src, s.copy_repeats, non_blocking=True)
+    # a slice of the pinned block is pinned memory too
+    layer = copy_rates(dst[:per_layer], src[:per_layer], s.copy_repeats, non_blocking=True) if per_layer <= n else None
     del src
     pageable = torch.empty(n, dtype=torch.uint8)
     pageable.fill_(1)  # fault the pages in before timing
-    pageable_t = timed_copies(dst, pageable, max(2, s.copy_repeats // 2), non_blocking=False)
+    pageable_rates = copy_rates(dst, pageable, max(2, s.copy_repeats // 2), non_blocking=False)
     del pageable, dst
-    rates = [n / t for t in pinned_t]
     res = {"bytes": n, "pinned": pinned, "kind": "host-to-device" if ctx.cuda else "memcpy (no GPU)",
            "pinned_Bps": rates, "pinned_best_Bps": max(rates), "pinned_median_Bps": statistics.median(rates),
-           "pageable_Bps": [n / t for t in pageable_t], "pageable_best_Bps": max(n / t for t in pageable_t),
-           "layer_copy": None if layer_t is None else {
-               "bytes": per_layer, "median_Bps": statistics.median(per_layer / t for t in layer_t),
-               "best_Bps": max(per_layer / t for t in layer_t)}}
+           "pageable_Bps": pageable_rates, "pageable_best_Bps": max(pageable_rates),
+           "layer_copy": None if layer is None else {"bytes": per_layer, "median_Bps": statistics.median(layer),
+                                                     "best_Bps": max(layer)}}
     if not pinned and ctx.cuda:
         res["note"] = "pinned host memory was refused: the 'pinned' figures are pageable copies"
     ctx.bandwidth["pinned_best"], ctx.bandwidth["pinned_median"] = res["pinned_best_Bps"], res["pinned_median_Bps"]
@@ -638,12 +592,11 @@ def section_h2d_bandwidth(ctx: Context) -> Outcome:
 
 def section_sweep_efficiency(ctx: Context) -> Outcome:
     s = ctx.settings
-    plan = ctx.plan_layers()
     rss0 = psutil.Process().memory_info().rss
     bw, bw_source = ctx.bandwidth_for("pinned_best")
     rows: list[dict[str, Any]] = []
     reference, bitwise, notes = None, True, []
-    res: dict[str, Any] = {"model": s.target_name, "layer_plan": plan, "dtype": _dtype_name(s.dtype),
+    res: dict[str, Any] = {"model": s.target_name, "layer_plan": ctx.plan_layers(), "dtype": _dtype_name(s.dtype),
                            "bandwidth_Bps": bw, "bandwidth_source": bw_source}
     for resident, slots in s.sweep_configs:
         if rows and ctx.time_left() < 3 * rows[-1]["sweep_s"] * (s.sweep_repeats + 1) * len(s.sweep_tokens) + 5:
@@ -706,8 +659,7 @@ def section_int4_layers(ctx: Context) -> Outcome:
                      grid=(1, 64, 512) if not s.small else (1, 4, 16), group_size=group)
     res = {"model": s.target_name, "n_layers": args.n_layers, "bandwidth_Bps": bw, "bandwidth_source": bw_source,
            "rows": [{"model": r.model, "format": r.format, **r.values} for r in rows]}
-    sweep = {r["format"]: r for r in res["rows"] if "sweep_ms" in r}
-    q = sweep[f"int4 g{group}"]
+    q = next(r for r in res["rows"] if r["format"] == f"int4 g{group}" and "sweep_ms" in r)
     table = Table(f"int4 vs {_dtype_name(s.dtype)}: {s.target_name} shape, {args.n_layers} layers",
                   [Column("format", "format"), Column("bytes_per_sweep", "bytes/sweep", ".4g"),
                    Column("sweep_ms", "sweep ms", ".4g"), Column("efficiency", "efficiency", ".3f"),
@@ -728,11 +680,10 @@ def section_verify_scaling(ctx: Context) -> Outcome:
             break
         seconds, stats = time_forwards(model, ctx.batch(n), ctx.cache, s.verify_repeats)
         points.append({"n": n, "seconds": seconds, "engine_stats": summarise_stats(stats)})
-    del model
     for p in points:
         p["ratio"] = p["seconds"] / points[0]["seconds"]
     picks = {p["n"]: p for p in points if p["n"] in (16, 256, 1024)} | {points[-1]["n"]: points[-1]}
-    return Outcome({"model": s.target_name, "n_layers": ctx.model.args.n_layers, "resident": 0, "slots": 2,
+    return Outcome({"model": s.target_name, "n_layers": model.args.n_layers, "resident": 0, "slots": 2,
                     "prefix": s.prefix, "tree": "best-first under DEFAULT_ACCEPTANCE, depth <= 16", "points": points,
                     "grid": [p["n"] for p in points], "ratios": [p["ratio"] for p in points], "notes": notes},
                    "T(n)/T(1): " + ", ".join(f"n={n} {p['ratio']:.2f}" for n, p in picks.items())
@@ -770,39 +721,33 @@ def section_accelerate_baseline(ctx: Context) -> Outcome:
         from accelerate import cpu_offload
     except ImportError as e:
         raise SectionSkipped(f"accelerate is not installed here ({e})") from None
-    ctx.drop_model()  # our pinned store goes before accelerate's pageable copy of the same weights comes
     t0 = time.perf_counter()
     model = h.hf_model(ctx.weights(), s.dtype)
-    build_s = time.perf_counter() - t0
-    cpu_offload(model, execution_device=dev)
-    prompt = torch.tensor([ctx.prompt()], device=dev)
     res: dict[str, Any] = {"model": s.target_name, "n_layers": model.config.num_hidden_layers,
-                           "dtype": _dtype_name(s.dtype), "build_s": build_s, "notes": [],
+                           "dtype": _dtype_name(s.dtype), "build_s": time.perf_counter() - t0, "notes": [],
                            "how": "accelerate.cpu_offload(model, execution_device): weights in pageable host RAM, "
                                   "copied module by module before each forward"}
+    cpu_offload(model, execution_device=dev)
     times: list[float] = []
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # newer transformers rename past_key_values
-        sync(dev)
-        t0 = time.perf_counter()
-        out = model(input_ids=prompt, use_cache=True)
-        sync(dev)
-        res["prefill_s"] = time.perf_counter() - t0
-        logits = out.logits[0, -1].float().cpu()
-        nxt = out.logits[:, -1:].argmax(-1)
-        for i in range(s.hf_tokens + 1):  # the first decoded token is a warm-up
-            if i >= 2 and ctx.time_left() < 1.3 * times[-1] + 2:
+        out, nxt = None, torch.tensor([ctx.prompt()], device=dev)
+        for i in range(s.hf_tokens + 2):  # the prefill, then a warm-up token, then the timed ones
+            if i >= 3 and ctx.time_left() < 1.3 * times[-1] + 2:
                 res["notes"].append(f"out of time after {len(times)} timed tokens")
                 break
+            sync(dev)
             t0 = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=nxt, past_key_values=None if out is None else out.past_key_values, use_cache=True)
             sync(dev)
             dt = time.perf_counter() - t0
-            nxt = out.logits[:, -1:].argmax(-1)
             if i == 0:
+                res["prefill_s"], logits = dt, out.logits[0, -1].float().cpu()
+            elif i == 1:
                 res["warmup_token_s"] = dt
             else:
                 times.append(dt)
+            nxt = out.logits[:, -1:].argmax(-1)
     del out, model
     release(dev)
     ours = ctx.ours.get("token_s")
@@ -813,8 +758,8 @@ def section_accelerate_baseline(ctx: Context) -> Outcome:
     res["speedup"] = res["s_per_token"] / ours if ours and res["s_per_token"] else None
     mine = ctx.ours.get("prompt_logits")
     if mine is not None:
-        res["logits_vs_ours"] = {"max_abs_diff": float((logits - mine).abs().max()),
-                                 "scale": float(mine.abs().max()), "argmax_equal": int(logits.argmax()) == int(mine.argmax())}
+        res["logits_vs_ours"] = {"max_abs_diff": float((logits - mine).abs().max()), "scale": float(mine.abs().max()),
+                                 "argmax_equal": int(logits.argmax()) == int(mine.argmax())}
     line = f"accelerate {res['s_per_token']:.3g} s/token"
     line += f" vs ours {ours:.3g} s/token plain ({res['speedup']:.1f}x)" if ours else ""
     return Outcome(res, line + f", {res['n_layers']} layers")
@@ -829,18 +774,16 @@ def section_planner_predictions(ctx: Context) -> Outcome:
     head_s = prof.head_time_curve(T, dtype, dev, grid, effort=s.effort, seed=s.seed)
     release(dev)
     host_s = prof.host_time_curve(T, dev, grid, prefix=s.plan_prefix, effort=s.effort, seed=s.seed)
-    if s.plan_draft_name in ctx.draft_curves:
-        dgrid, dsecs = ctx.draft_curves[s.plan_draft_name]
-        draft_source = "draft_levels section"
-    else:
+    draft_source = "draft_levels section"
+    if s.plan_draft_name not in ctx.draft_curves:
         dgrid = [w for w in grid if w <= max(s.draft_grids[s.plan_draft_name])]
-        dsecs = prof.draft_level_curve(s.drafts[s.plan_draft_name], dtype, dev, dgrid, prefix=s.draft_prefix,
-                                       effort=s.effort, seed=s.seed)
+        ctx.draft_curves[s.plan_draft_name] = dgrid, prof.draft_level_curve(
+            s.drafts[s.plan_draft_name], dtype, dev, dgrid, prefix=s.draft_prefix, effort=s.effort, seed=s.seed)
         draft_source = "measured here"
         release(dev)
-    curves = {"layer": opt.Curve(tuple(grid), opt.suffix_min(layer_s)), "head": opt.Curve(tuple(grid), opt.suffix_min(head_s)),
-              "host": opt.Curve(tuple(grid), opt.suffix_min(host_s)),
-              "draft_level": opt.Curve(tuple(dgrid), opt.suffix_min(dsecs))}
+    dgrid, dsecs = ctx.draft_curves[s.plan_draft_name]
+    curves = {key: opt.Curve(tuple(g), opt.suffix_min(secs)) for key, g, secs in (
+        ("layer", grid, layer_s), ("head", grid, head_s), ("host", grid, host_s), ("draft_level", dgrid, dsecs))}
     p = ctx.acceptance["p"]
     here_bw, bw_source = ctx.bandwidth_for("pinned_median")
     if s.small or not ctx.cuda:
@@ -852,16 +795,14 @@ def section_planner_predictions(ctx: Context) -> Outcome:
              {"name": PROJECTED_CARD["name"], "bandwidth_Bps": PROJECTED_CARD["bandwidth_Bps"],
               "bandwidth_source": "assumed (PCIe 4.0 x16, pinned)",
               "budget_bytes": _small_budget(s, 1) if s.small else int(BUDGET_FRACTION * PROJECTED_CARD["memory_bytes"])}]
-    for card in cards:
-        try:
-            card.update(predict(s, curves, p, card["bandwidth_Bps"], card["budget_bytes"], ctx.cuda))
-        except ResourceError as e:
-            card["error"] = str(e)
     parts, lines = [], [f"planner {s.plan_target_name} + {s.plan_draft_name} ({_dtype_name(dtype)}), acceptance "
                         f"{ctx.acceptance['source']}: p = [{', '.join(f'{x:.3g}' for x in p[:6])}, ...]"]
     for c in cards:
         label = "here" if c["name"].startswith("this card") else "24GB@25GB/s"
-        if "error" in c:
+        try:
+            c.update(predict(s, curves, p, c["bandwidth_Bps"], c["budget_bytes"], ctx.cuda))
+        except ResourceError as e:
+            c["error"] = str(e)
             parts.append(f"{label}: does not fit")
             lines.append(f"  {c['name']}: {c['error'][:160]}")
             continue
@@ -903,8 +844,9 @@ def predict(s: Settings, curves: dict[str, opt.Curve], p: Sequence[float], bandw
     for seq_len in dict.fromkeys((s.plan_max_seq_len, min(s.plan_max_seq_len, 2048))):
         try:
             choice, tm = h.search_card(p, tm, (s.plan_target_name, T, None),
-                                       (s.plan_draft_name, s.drafts[s.plan_draft_name], None), s.dtype, cuda=cuda, budget=budget, max_seq_len=seq_len,
-                                       max_tree=s.plan_max_tree, max_depth=s.plan_max_depth)
+                                       (s.plan_draft_name, s.drafts[s.plan_draft_name], None), s.dtype, cuda=cuda,
+                                       budget=budget, max_seq_len=seq_len, max_tree=s.plan_max_tree,
+                                       max_depth=s.plan_max_depth)
             break
         except ResourceError as e:
             notes.append(f"max_seq_len {seq_len}: {e}")
@@ -919,9 +861,7 @@ def predict(s: Settings, curves: dict[str, opt.Curve], p: Sequence[float], bandw
 
 
 def section_batch_throughput(ctx: Context) -> Outcome:
-    s, dev = ctx.settings, ctx.device
-    ctx.drop_model()
-    T = s.batch_target
+    s, dev, T = ctx.settings, ctx.device, ctx.settings.batch_target
     need = T.n_layers * layer_bytes(T, s.dtype) + s.ram_headroom
     if need > ctx.host_ram()[0]:
         raise SectionSkipped(f"not enough host RAM for the batch model ({need / 2**30:.1f} GiB needed)")
@@ -934,17 +874,20 @@ def section_batch_throughput(ctx: Context) -> Outcome:
     max_len = 8 + s.batch_new_tokens + len(tree) + 2
     g = torch.Generator().manual_seed(s.seed + 11)
     prompts = [torch.randint(0, T.vocab_size, (8,), generator=g).tolist() for _ in range(max(s.batch_sizes))]
-    Engine(target, draft, None, max_seq_len=max_len, trees=tree, name="batch").generate(
-        [prompts[0]], max_new_tokens=2, temperature=0, ignore_eos=True)  # warm-up
+
+    def engine(batch_size: int) -> Engine:
+        return Engine(target, draft, None, max_seq_len=max_len, batch_size=batch_size, trees=tree, name="batch")
+
+    engine(1).generate([prompts[0]], max_new_tokens=2, temperature=0, ignore_eos=True)  # warm-up
     rows, notes, sweeps = [], [], []
     for B in s.batch_sizes:
         if rows and ctx.time_left() < 2.5 * rows[-1]["seconds"] + 2:
             notes.append(f"out of time: stopped before B = {B}")
             break
-        engine = Engine(target, draft, None, max_seq_len=max_len, batch_size=B, trees=tree, name="batch")
+        run = engine(B)
         sync(dev)
         t0 = time.perf_counter()
-        results = engine.generate(prompts[:B], max_new_tokens=s.batch_new_tokens, temperature=0, ignore_eos=True)
+        results = run.generate(prompts[:B], max_new_tokens=s.batch_new_tokens, temperature=0, ignore_eos=True)
         sync(dev)
         seconds, call = time.perf_counter() - t0, results.stats
         tokens = sum(len(r.token_ids) for r in results)
@@ -953,9 +896,7 @@ def section_batch_throughput(ctx: Context) -> Outcome:
                      "sweeps": len(call.sweeps), "sweeps_per_token": len(call.sweeps) / tokens,
                      "tokens_per_step": statistics.mean(r.stats.tokens_per_step for r in results),
                      "draft_s": call.draft_s, "verify_s": call.sweep_s, "other_s": call.host_s})
-        del engine, results
-    del target, draft
-    release(dev)
+        del run, results
     spt = [r["sweeps_per_token"] for r in rows]
     res = {"target": s.batch_target_name, "draft_layers": s.batch_draft_layers, "tree_nodes": len(tree),
            "new_tokens_per_sequence": s.batch_new_tokens, "greedy": True, "rows": rows,
@@ -967,16 +908,8 @@ def section_batch_throughput(ctx: Context) -> Outcome:
     return Outcome(res, "tokens/s " + ", ".join(f"B{x['batch']} {x['tokens_per_s']:.3g}" for x in rows)
                    + f"; sweeps/token {spt[0]:.2f} -> {spt[-1]:.3f} (falls: {res['sweeps_per_token_falls']})",
                    [report.to_text(table)])
-
-
-SECTION_FUNCS: dict[str, Callable[[Context], Outcome]] = {
-    "environment": section_environment, "gpu_tests": section_gpu_tests, "h2d_bandwidth": section_h2d_bandwidth,
-    "sweep_efficiency": section_sweep_efficiency, "int4_layers": section_int4_layers,
-    "verify_scaling": section_verify_scaling,
-    "draft_levels": section_draft_levels, "accelerate_baseline": section_accelerate_baseline,
-    "planner_predictions": section_planner_predictions, "batch_throughput": section_batch_throughput,
-}
-assert tuple(SECTION_FUNCS) == SECTIONS
+# each section is the function section_NAME above
+SECTION_FUNCS: dict[str, Callable[[Context], Outcome]] = {name: globals()[f"section_{name}"] for name in SECTIONS}
 
 
 # --- running sections
@@ -1110,7 +1043,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "settings": settings.describe(), "sections": {}, "summary": {}}
     for name in SECTIONS:
         run_section(ctx, name, args.sections is None or name in args.sections)
-    ctx.drop_model()
     write_report(ctx)
     sys.stderr.flush()
     print("\n".join(ctx.details))

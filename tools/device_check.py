@@ -658,7 +658,7 @@ def section_int4_layers(ctx: Context) -> Outcome:
     rows = int4_rows(args, ctx.device, bw, repeats=s.sweep_repeats, float_dtype=s.dtype,
                      grid=(1, 64, 512) if not s.small else (1, 4, 16), group_size=group)
     res = {"model": s.target_name, "n_layers": args.n_layers, "bandwidth_Bps": bw, "bandwidth_source": bw_source,
-           "rows": [{"model": r.model, "format": r.format, **r.values} for r in rows]}
+           "rows": rows}
     q = next(r for r in res["rows"] if r["format"] == f"int4 g{group}" and "sweep_ms" in r)
     table = Table(f"int4 vs {_dtype_name(s.dtype)}: {s.target_name} shape, {args.n_layers} layers",
                   [Column("format", "format"), Column("bytes_per_sweep", "bytes/sweep", ".4g"),

@@ -1,42 +1,35 @@
 #!/usr/bin/env python3
 """Sequoia's ablations on the demo pair: python tools/ablations.py [--small] [--no-write] [--plots-dir DIR]
 
-Two experiments, each checking one of the paper's claims on our own implementation:
-  (a) tree shape: measured tokens per step for tree sizes 1, 2, 4, ..., 512 of three families, the DP tree
-      (best_trees), the best k independent sequences that fit, and a chain; greedy and at temperature 0.6;
-      next to each, the value the DP's objective predicts from the acceptance vector measured at that setting
-  (b) drafting and verification: tokens per step of Sequoia's (without replacement), SpecInfer's (with
-      replacement) and top-k drafting on one fixed tree, at temperatures 0, 0.2, ..., 1.2 (top-p 1) and at
-      top-p 0.8 and 0.9 (at --top-p-temperature)
-  (c) dynamic trees (--experiments dynamic, not run by default): tokens per step of trees grown per step from the
-      draft's probabilities (spec/growth.py, keyed by the acceptance vector by draft confidence measured with p)
-      against the DP tree and the best k independent sequences of the same size, greedy and at T = 0.6, with
-      each family's tokens/s as a ratio to plain decoding in the same run; and dynamic trees keyed three ways
-      (that table, the draft's own probabilities, the positional p, which grows Sequoia's tree) at a few sizes
-  (d) drafts (--experiments drafts, not run by default): the pair's trained draft against the target's own low-bit
-      copies (self-int4, self-int8: offload_runtime/api/self_draft.py), greedy and at T = 0.6: each one's acceptance
-      vector, tokens per step of its DP tree and of dynamic trees of the same budget, and tokens/s as a ratio to
-      plain decoding in the same run
+Each experiment checks one of the paper's claims (or one of ours) on our own implementation:
+  (a) sizes: measured tokens per step at tree sizes 1, 2, 4, ..., 512 of the DP tree (best_trees), the best k
+      independent sequences that fit and a chain, greedy and at T = 0.6, next to the value the DP's objective
+      predicts from the acceptance vector measured at that setting
+  (b) methods: Sequoia's (without replacement), SpecInfer's (with replacement) and top-k drafting on one fixed
+      tree at temperatures 0, 0.2, ..., 1.2 (top-p 1) and at top-p 0.8 and 0.9 (at --top-p-temperature)
+  (c) dynamic (not run by default): trees grown per step from the draft's probabilities (spec/growth.py, keyed by
+      the acceptance vector by draft confidence) against the DP tree and the best k sequences of the same size,
+      greedy and at T = 0.6, tokens/s as a ratio to plain decoding in the same run; and grown trees keyed three
+      ways (that table, the draft's own probabilities, the positional p: Sequoia's tree) at a few sizes
+  (d) drafts (not run by default): the pair's trained draft against the target's own low-bit copies (self-int4,
+      self-int8: offload_runtime/api/self_draft.py), greedy and at T = 0.6: each one's acceptance vector, tokens
+      per step of its DP tree and of dynamic trees of the same budget, tokens/s as a ratio to plain decoding
 
-Measurement. Tokens per step = mean over target sweeps of (accepted path length + 1), pooled over all steps
-of all sequences (a ratio: tokens / steps). Every request generates past --tokens by the tree's depth + 1
-and stops (a stop callback) at the first step that reaches --tokens, so no counted step is ever cut short by
-the length budget and every step verifies the full tree. The error bar is one standard error of that ratio
-from a per-sequence (cluster) estimate: steps within one sequence are correlated, sequences are independent.
-Gains between two rows use the same prompts and seeds on both sides and the same per-sequence linearisation,
-so their error bars include the pairing. Rows of a batch are independent (the engine gives each row exactly
-the tokens it gives alone), so batching only makes it faster.
+Measurement. Tokens per step = (accepted path length + 1) pooled over all steps of all sequences: a ratio of
+sums. Requests generate past --tokens by the tree's depth + 1 and stop at the first step that reaches --tokens,
+so no counted step is cut short by the length budget and every step verifies the full tree. The error bar is
+one standard error of the ratio from a per-sequence (cluster) estimate: steps within a sequence are correlated,
+sequences are independent. Gains between two rows pair the same prompts and seeds, so their error bars include
+the pairing. Batching only makes it faster: the engine gives each row exactly the tokens it gives alone.
 
-Prediction. The acceptance vector p[1..W] is measured at each setting with planner.acceptance (a star tree
-of W children, drawn without replacement; greedy: the draft's top W, accepted on equality) on the same prompts
-and token budget, with seeds disjoint from the runs it predicts; predicted = expected_tokens(tree, p), Sequoia's
-objective. (On the demo pair p[1] climbs along a generation as the text turns repetitive, so the budgets must
-match.)
+Prediction. The acceptance vector p[1..W] is measured at each setting with planner.acceptance (a star tree of W
+children drawn without replacement; greedy: the draft's top W, accepted on equality) on the same prompts and
+token budget (on the demo pair p[1] climbs along a generation as the text turns repetitive), with seeds disjoint
+from the runs it predicts; predicted = expected_tokens(tree, p), Sequoia's objective.
 
---small builds a tiny random pair in a temporary directory and runs a few sizes and prompts (the test suite
-runs it, < 60 s). Unless --no-write, a section with the tables, the plots and a paragraph per claim is
-appended to BENCHMARKS.md; the plots need matplotlib (pip install 'offload-runtime[plot]') and are skipped
-with a notice without it.
+--small: a tiny random pair in a temporary directory, a few sizes and prompts (the test suite runs it, < 60 s).
+Unless --no-write, a section with the tables, the plots and a paragraph per claim is appended to BENCHMARKS.md;
+the plots need matplotlib (pip install 'offload-runtime[plot]') and are skipped with a notice without it.
 """
 from __future__ import annotations
 
@@ -47,7 +40,7 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -226,25 +219,6 @@ class Measured:
         return ratio_estimate(self.seqs)[1]
 
 
-def measure(engine, tree: Tree | DynamicTree, prompts: Sequence[list[int]], tokens: int, temperature: float,
-            top_p: float, seed: int) -> Measured:
-    """Tokens per step of `engine` with `tree` (or trees grown per step) over the prompts (prompt i with seed + i)."""
-    # Generate past `tokens` by more than one step can emit, and stop at the first step that reaches it: then
-    # no counted step is cut by the length budget (which would bias the last step down) and every step drafts
-    # the whole tree (the decoder shrinks the tree to one node when one token is left).
-    depth = tree.depth if isinstance(tree, DynamicTree) else tree.max_depth
-    run = h.run_engine(engine, prompts, tree=tree, tokens=tokens + depth + 1, temperature=temperature,
-                       top_p=top_p, seed=seed, stop_at=tokens)
-    for r in run.results:
-        assert r.finish_reason == "stop", (r.finish_reason, "a step was cut short")
-        assert r.stats.new_tokens == sum(a + 1 for a in r.stats.accepted_per_step), "a step's tokens went missing"
-    steps = sum(r.stats.steps for r in run.results)
-    sizes = [n for r in run.results for n in r.stats.tree_sizes]
-    return Measured([(r.stats.new_tokens, r.stats.steps) for r in run.results], run.seconds,
-                    [t[:tokens] for t in run.tokens], sum(sizes) / len(sizes) if sizes else math.nan,
-                    sum(r.stats.draft_nodes for r in run.results) / steps if steps else math.nan)
-
-
 def fmt(m: Measured) -> str:
     se = m.se
     return f"{m.mean:.3f}" + ("" if math.isnan(se) else f" {PLUS_MINUS} {se:.3f}")
@@ -266,29 +240,35 @@ def regime(temperature: float) -> str:
 
 @dataclass
 class Settings:
-    sizes: list[int]
-    size_temperatures: list[float]
-    temperatures: list[float]
-    top_ps: list[float]
-    top_p_temperature: float
-    prompts: int
-    min_prompts: int
-    full_prompts_until: int  # sizes above this get proportionally fewer prompts (never under min_prompts)
-    tokens: int
-    batch: int
-    width: int
-    max_depth: int
-    method_tree_size: int
-    acceptance_tokens: int
-    prompt_len: int
+    """What one run measures. The defaults are a full run's; --small changes those in SMALL."""
+
+    sizes: list[int] = field(default_factory=lambda: [2 ** i for i in range(10)])  # (a)'s tree sizes
+    size_temperatures: list[float] = field(default_factory=lambda: [0.6, 0.0])
+    temperatures: list[float] = field(default_factory=lambda: [round(0.2 * i, 1) for i in range(7)])  # (b)'s
+    top_ps: list[float] = field(default_factory=lambda: [0.8, 0.9])
+    top_p_temperature: float = 1.0
+    prompts: int = 32
+    min_prompts: int = 12
+    full_prompts_until: int = 64  # sizes above this get proportionally fewer prompts (never under min_prompts)
+    tokens: int = 64
+    batch: int = 16
+    width: int = 32  # children of the star tree that measures acceptance
+    max_depth: int = 64  # of the DP trees in (a) and (b)
+    method_tree_size: int = 32
+    acceptance_tokens: int | None = None  # None: tokens (acceptance drifts along a generation)
+    prompt_len: int = 8  # of random token-id prompts (a model without a tokenizer)
     seed: int = 0
     device: str = "cpu"
-    dynamic_sizes: list[int] = field(default_factory=lambda: [4, 8, 16, 32, 64, 128, 256, 512])
-    dynamic_temperatures: list[float] = field(default_factory=lambda: [0.0, 0.6])
-    dynamic_depth: int = 16  # the depth limit of dynamic and DP trees in (c)
+    dynamic_sizes: list[int] = field(default_factory=lambda: [2 ** i for i in range(2, 10)])
+    dynamic_temperatures: list[float] = field(default_factory=lambda: [0.0, 0.6])  # of (c) and (d)
+    dynamic_depth: int = 16  # the depth limit of dynamic and DP trees in (c) and (d)
     key_sizes: list[int] = field(default_factory=lambda: [16, 64])
     draft_sizes: list[int] = field(default_factory=lambda: [32])  # (d)'s tree budgets
     draft_group_size: int | None = None  # the self-drafts' quantization groups (None: the runtime's default)
+
+    def __post_init__(self) -> None:
+        if self.acceptance_tokens is None:
+            self.acceptance_tokens = self.tokens
 
     def prompts_for(self, n: int) -> int:
         if n <= self.full_prompts_until:
@@ -296,25 +276,18 @@ class Settings:
         return max(self.min_prompts, min(self.prompts, self.prompts * self.full_prompts_until // n))
 
 
-def settings_from(a: argparse.Namespace) -> Settings:
-    def pick(given, full, tiny):
-        return given if given is not None else (tiny if a.small else full)
+# --small: a few sizes and prompts, shallow trees (the method tree is then at most 16 nodes and at most the largest size)
+SMALL = {"sizes": [1, 4, 16], "temperatures": [0.0, 0.6, 1.2], "prompts": 4, "min_prompts": 2, "tokens": 12,
+         "batch": 4, "width": 8, "max_depth": 16, "dynamic_sizes": [4, 16], "dynamic_depth": 4, "key_sizes": [4],
+         "draft_sizes": [8], "draft_group_size": 32}
+FLAG_FIELDS = {"batch_size": "batch", "group_size": "draft_group_size"}  # flags named otherwise than their field
 
-    sizes = pick(a.sizes, [2 ** i for i in range(10)], [1, 4, 16])
-    tokens = pick(a.tokens, 64, 12)
-    return Settings(
-        sizes=sizes, size_temperatures=pick(a.size_temperatures, [0.6, 0.0], [0.6, 0.0]),
-        temperatures=pick(a.temperatures, [round(0.2 * i, 1) for i in range(7)], [0.0, 0.6, 1.2]),
-        top_ps=pick(a.top_ps, [0.8, 0.9], [0.8, 0.9]), top_p_temperature=a.top_p_temperature,
-        prompts=pick(a.prompts, 32, 4), min_prompts=pick(a.min_prompts, 12, 2),
-        full_prompts_until=pick(a.full_prompts_until, 64, 64), tokens=tokens,
-        batch=pick(a.batch_size, 16, 4), width=pick(a.width, 32, 8), max_depth=pick(a.max_depth, 64, 16),
-        method_tree_size=pick(a.method_tree_size, 32, min(16, max(sizes))),
-        acceptance_tokens=pick(a.acceptance_tokens, tokens, tokens), prompt_len=8, seed=a.seed, device=a.device,
-        dynamic_sizes=pick(a.dynamic_sizes, [2 ** i for i in range(2, 10)], [4, 16]),
-        dynamic_temperatures=pick(a.dynamic_temperatures, [0.0, 0.6], [0.0, 0.6]),
-        dynamic_depth=pick(a.dynamic_depth, 16, 4), key_sizes=pick(a.key_sizes, [16, 64], [4]),
-        draft_sizes=pick(a.draft_sizes, [32], [8]), draft_group_size=pick(a.group_size, None, 32))
+
+def settings_from(a: argparse.Namespace) -> Settings:
+    names = {f.name for f in fields(Settings)}
+    given = {FLAG_FIELDS.get(k, k): v for k, v in vars(a).items() if FLAG_FIELDS.get(k, k) in names and v is not None}
+    small = {**SMALL, "method_tree_size": min(16, max(given.get("sizes", SMALL["sizes"])))} if a.small else {}
+    return Settings(**{**small, **given})
 
 
 # --- the experiments' results
@@ -364,7 +337,6 @@ class Results:
     dynamic: dict[float, list[Row]] = field(default_factory=dict)  # (c), by temperature
     keys: list[Row] = field(default_factory=list)  # (c)'s keys of dynamic trees
     drafts: list[Row] = field(default_factory=list)  # (d)
-    draft_acceptance: dict[str, dict[tuple[float, float], Acceptance]] = field(default_factory=dict)  # self-drafts
 
 
 class Runner:
@@ -403,12 +375,13 @@ class Runner:
         return self.engines[key]
 
     def acceptance(self, res: Results, temperature: float, top_p: float, draft: str | None = None) -> Acceptance:
-        """The acceptance vector at this setting of the pair's draft (kept in res.acceptance) or of a self-draft."""
+        """The acceptance vector at this setting of the pair's draft (kept in res.acceptance, whose table shows it)
+        or of a self-draft (measured once per setting, kept in its Row)."""
         from offload_runtime.api.plans import ModelRef
         from offload_runtime.api.self_draft import self_draft_quant
         from planner.acceptance import measure_acceptance
 
-        store = res.acceptance if draft is None else res.draft_acceptance.setdefault(draft, {})
+        store = res.acceptance if draft is None else {}
         key = (temperature, top_p)
         if key not in store:
             cfg = self.cfg
@@ -428,18 +401,32 @@ class Runner:
 
     def measure(self, trees: dict[str, Tree | DynamicTree], count: int, temperature: float, top_p: float = 1.0,
                 method: str = "sequoia", draft: str | None = None) -> dict[str, Measured]:
-        """Each family's tree over the first `count` prompts. Identical static trees (small sizes) are measured
-        once and share one Measured, which the tables show as "same tree"."""
+        """Tokens per step of each family's tree (or trees grown per step) over the first `count` prompts, prompt i
+        with seed + i. Identical static trees (small sizes) are measured once and share one Measured, which the
+        tables show as "same tree"."""
         seen: dict[Tree, Measured] = {}
         out = {}
         for family, tree in trees.items():
-            m = seen.get(tree) if isinstance(tree, Tree) else None
-            if m is None:
-                m = measure(self.engine(method, draft), tree, self.prompts[:count], self.cfg.tokens, temperature,
-                            top_p, self.cfg.seed)
-                if isinstance(tree, Tree):
-                    seen[tree] = m
-            out[family] = m
+            if isinstance(tree, Tree) and tree in seen:
+                out[family] = seen[tree]
+                continue
+            # Generate past `tokens` by more than one step can emit, and stop at the first step that reaches it:
+            # then no counted step is cut by the length budget (which would bias the last step down) and every
+            # step drafts the whole tree (the decoder shrinks the tree to one node when one token is left).
+            tokens = self.cfg.tokens
+            depth = tree.depth if isinstance(tree, DynamicTree) else tree.max_depth
+            run = h.run_engine(self.engine(method, draft), self.prompts[:count], tree=tree, tokens=tokens + depth + 1,
+                               temperature=temperature, top_p=top_p, seed=self.cfg.seed, stop_at=tokens)
+            for r in run.results:
+                assert r.finish_reason == "stop", (r.finish_reason, "a step was cut short")
+                assert r.stats.new_tokens == sum(a + 1 for a in r.stats.accepted_per_step), "a step's tokens went missing"
+            steps = sum(r.stats.steps for r in run.results)
+            sizes = [n for r in run.results for n in r.stats.tree_sizes]
+            out[family] = Measured([(r.stats.new_tokens, r.stats.steps) for r in run.results], run.seconds,
+                                   [t[:tokens] for t in run.tokens], sum(sizes) / len(sizes) if sizes else math.nan,
+                                   sum(r.stats.draft_nodes for r in run.results) / steps if steps else math.nan)
+            if isinstance(tree, Tree):
+                seen[tree] = out[family]
         return out
 
     def add(self, rows: list[Row], row: Row, what: str) -> None:
@@ -489,12 +476,12 @@ class Runner:
         table = best_trees(acc.p, max(cfg.dynamic_sizes), d)
         rows = res.dynamic[temperature] = []
         for n in cfg.dynamic_sizes:
-            static = {f: family_trees(n, acc.p, table, d)[f] for f in ("dp", "kseq")}
-            trees = {"dynamic": DynamicTree(n, d, acceptance=conf), **{f: t for f, (t, _) in static.items()},
+            static = family_trees(n, acc.p, table, d)
+            trees = {"dynamic": DynamicTree(n, d, acceptance=conf), "dp": static["dp"][0], "kseq": static["kseq"][0],
                      "plain": Tree([-1])}
             count = cfg.prompts_for(n)
             self.add(rows, Row(temperature, n, self.measure(trees, count, temperature), prompts=count,
-                               labels={f: lab for f, (_, lab) in static.items()}), f"dynamic, size {n}")
+                               labels={f: static[f][1] for f in ("dp", "kseq")}), f"dynamic, size {n}")
         for n in cfg.key_sizes:
             models = {"confidence": conf, "draft": DraftProbabilities(), "positional": PositionalAcceptance(tuple(acc.p))}
             trees = {key: DynamicTree(n, d, acceptance=m) for key, m in models.items()}
@@ -757,56 +744,50 @@ METHOD_STYLE = {"sequoia": ("Sequoia (without replacement)", "C0"), "specinfer":
                 "topk": ("top-k drafting", "C2")}
 
 
-def _errorbars(ax, xs: Sequence[float], measured: Sequence[Measured], label: str, color: str) -> None:
-    ax.errorbar(xs, [m.mean for m in measured], yerr=[0.0 if math.isnan(m.se) else m.se for m in measured],
-                marker="o", ms=4, lw=1.6, capsize=3, color=color, label=label)
+def _panel(ax, rows: Sequence[Row], x: Callable[[Row], float], styles: dict[str, tuple[str, str]], predicted: bool,
+           xlabel: str, title: str) -> None:
+    """Each family's tokens per step against x(row), error bars of 1 s.e.; dashed, when `predicted`, the DP's
+    objective for the families that have it."""
+    xs = [x(r) for r in rows]
+    for fam, (label, color) in styles.items():
+        dashed = predicted and fam in rows[0].predicted
+        ms = [r.measured[fam] for r in rows]
+        ax.errorbar(xs, [m.mean for m in ms], yerr=[0.0 if math.isnan(m.se) else m.se for m in ms], marker="o", ms=4,
+                    lw=1.6, capsize=3, color=color, label=f"{label}, measured" if dashed else label)
+        if dashed:
+            ax.plot(xs, [r.predicted[fam] for r in rows], ls="--", lw=1, color=color, alpha=0.7,
+                    label=f"{label}, predicted")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
 
 
 def plot_by_size(plt, res: Results, by_temperature: dict[float, list[Row]], styles: dict[str, tuple[str, str]],
                  title: str, path: Path) -> None:
-    """One panel per temperature, tree size on a log axis; dashed, the objective's prediction where rows have one."""
+    """(a) or (c): one panel per temperature, tree size on a log axis."""
     fig, axes = plt.subplots(1, len(by_temperature), figsize=(5.2 * len(by_temperature), 4.2), squeeze=False,
                              sharey=True)
     for ax, (t, rows) in zip(axes[0], by_temperature.items()):
-        ns = [r.n for r in rows]
-        for fam, (label, color) in styles.items():
-            predicted = fam in rows[0].predicted
-            _errorbars(ax, ns, [r.measured[fam] for r in rows], f"{label}, measured" if predicted else label, color)
-            if predicted:
-                ax.plot(ns, [r.predicted[fam] for r in rows], ls="--", lw=1, color=color, alpha=0.7,
-                        label=f"{label}, predicted")
+        _panel(ax, rows, lambda r: r.n, styles, True, "tree size n (nodes)", regime(t))
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("tree size n (nodes)")
-        ax.set_title(regime(t), fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("tokens per step")
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    _save(plt, fig, f"{title}: {res.pair.label} pair (error bars: 1 s.e.)", path)
+    _save(plt, fig, axes[0][0], f"{title}: {res.pair.label} pair (error bars: 1 s.e.)", path, "upper left")
 
 
 def plot_methods(plt, res: Results, path: Path) -> None:
+    """(b): against temperature at top-p 1, and, in a narrower panel, against top-p."""
     main = [r for r in res.settings if r.top_p == 1.0]
     nucleus = [r for r in res.settings if r.top_p != 1.0]
     panels = 2 if nucleus else 1
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels + 0.6, 4.2), squeeze=False, sharey=True,
                              gridspec_kw={"width_ratios": [2, 1][:panels]})
-    t_nuc = nucleus[0].temperature if nucleus else None
-    for ax, rows, x in ((axes[0][0], main, lambda r: r.temperature),
-                        (axes[0][-1], sorted(nucleus + [r for r in main if r.temperature == t_nuc],
-                                             key=lambda r: r.top_p), lambda r: r.top_p))[:panels]:
-        for method, (label, color) in METHOD_STYLE.items():
-            _errorbars(ax, [x(r) for r in rows], [r.measured[method] for r in rows], label, color)
-        ax.grid(alpha=0.3)
-    ax = axes[0][0]
-    ax.plot([r.temperature for r in main], [r.predicted["sequoia"] for r in main], ls="--", lw=1, color="C0",
-            alpha=0.7, label="Sequoia, predicted")
-    ax.set(xlabel="temperature (top-p 1)", ylabel="tokens per step")
-    ax.set_title(f"tree of {len(res.method_tree)} nodes, same for all", fontsize=10)
-    ax.legend(fontsize=7)
+    _panel(axes[0][0], main, lambda r: r.temperature, METHOD_STYLE, True, "temperature (top-p 1)",
+           f"tree of {len(res.method_tree)} nodes, same for all")
     if nucleus:
-        axes[0][1].set_xlabel(f"top-p (T = {t_nuc:g})")
-        axes[0][1].set_title("nucleus sampling", fontsize=10)
-    _save(plt, fig, f"Drafting and verification methods: {res.pair.label} pair (error bars: 1 s.e.)", path)
+        t = nucleus[0].temperature
+        rows = sorted(nucleus + [r for r in main if r.temperature == t], key=lambda r: r.top_p)
+        _panel(axes[0][1], rows, lambda r: r.top_p, METHOD_STYLE, False, f"top-p (T = {t:g})", "nucleus sampling")
+    _save(plt, fig, axes[0][0], f"Drafting and verification methods: {res.pair.label} pair (error bars: 1 s.e.)",
+          path, "best")
 
 
 def write_plots(res: Results, plots_dir: Path) -> tuple[dict[str, Path], str | None]:
@@ -829,7 +810,10 @@ def write_plots(res: Results, plots_dir: Path) -> tuple[dict[str, Path], str | N
     return images, None
 
 
-def _save(plt, fig, title: str, path: Path) -> None:
+def _save(plt, fig, first, title: str, path: Path, legend: str) -> None:
+    """Label the first panel, title the figure, write it."""
+    first.set_ylabel("tokens per step")
+    first.legend(fontsize=7, loc=legend)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -874,10 +858,22 @@ def markdown_section(res: Results, tables: Sequence[Table], *, machine: str, com
 # --- the command line
 
 
+def _shown(value: Any) -> str:
+    return ",".join(f"{x:g}" for x in value) if isinstance(value, list) else str(value)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python tools/ablations.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
+    full = Settings()
+
+    def setting(flag: str, kind: Callable[[str], Any], what: str) -> None:
+        """A flag that sets a Settings field; unset, the field keeps its full-run or --small default."""
+        name = FLAG_FIELDS.get(flag[2:].replace("-", "_"), flag[2:].replace("-", "_"))
+        shown = f"default {_shown(getattr(full, name))}" + (f"; --small {_shown(SMALL[name])}" if name in SMALL else "")
+        add(flag, type=kind, default=None, help=f"{what} ({shown})")
+
     add("--small", action="store_true", help="tiny random pair, sizes 1,4,16, few prompts (< 60 s)")
     add("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     add("--output", type=Path, default=h.BENCHMARKS_MD, help="the Markdown file to append to")
@@ -888,39 +884,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--model", default=None, help="target (default: the demo pair; --small: a tiny random pair)")
     add("--draft", default=None, help="draft (with --model)")
     add("--threads", type=int, default=None, help="torch threads (default 2; --small: 1)")
-    add("--device", default="cpu",
-        help="cpu (default) or cuda: tokens per step do not depend on the device, only the time does")
-    add("--sizes", type=h.csv(int), default=None, help="tree sizes (default 1,2,4,...,512)")
-    add("--size-temperatures", type=h.csv(float), default=None, help="temperatures of (a) (default 0.6,0)")
-    add("--temperatures", type=h.csv(float), default=None, help="temperatures of (b) (default 0,0.2,...,1.2)")
-    add("--top-ps", type=h.csv(float), default=None, help="top-p values of (b) (default 0.8,0.9)")
-    add("--top-p-temperature", type=float, default=1.0, help="temperature of the top-p rows (default 1)")
-    add("--prompts", type=int, default=None, help="prompts per measurement (default 32; --small 4)")
-    add("--min-prompts", type=int, default=None, help="fewest prompts for the largest sizes (default 12)")
-    add("--full-prompts-until", type=int, default=None,
-        help="sizes above this get prompts * this / n prompts, at least --min-prompts (default 64)")
+    setting("--device", str, "cpu or cuda: tokens per step do not depend on the device, only the time does")
+    setting("--sizes", h.csv(int), "tree sizes of (a)")
+    setting("--size-temperatures", h.csv(float), "temperatures of (a)")
+    setting("--temperatures", h.csv(float), "temperatures of (b)")
+    setting("--top-ps", h.csv(float), "top-p values of (b)")
+    setting("--top-p-temperature", float, "temperature of the top-p rows")
+    setting("--prompts", int, "prompts per measurement")
+    setting("--min-prompts", int, "fewest prompts for the largest sizes")
+    setting("--full-prompts-until", int, "sizes above this get prompts * this / n prompts, at least --min-prompts")
     add("--prompts-from", default="builtin",
         help="builtin (planner's prompts), heldout (the demo's held-out chapters, from the local corpus dump of "
              "tools/train_demo_pair.py) or a JSONL file (default builtin)")
-    add("--tokens", type=int, default=None, help="tokens generated per prompt (default 64; --small 12)")
-    add("--batch-size", type=int, default=None, help="rows per target sweep (default 16; --small 4)")
-    add("--width", type=int, default=None, help="children of the acceptance star tree (default 32)")
+    setting("--tokens", int, "tokens generated per prompt")
+    setting("--batch-size", int, "rows per target sweep")
+    setting("--width", int, "children of the acceptance star tree")
     add("--acceptance-tokens", type=int, default=None,
         help="tokens per prompt measuring acceptance (default: --tokens; acceptance drifts along a generation, so "
              "the prediction should see the same positions as the runs it predicts)")
-    add("--max-depth", type=int, default=None,
-        help="depth limit of the DP trees (default 64, which does not bind at 512 nodes unless p[1] is near 1: the "
-             "tables show each tree's depth)")
-    add("--method-tree-size", type=int, default=None, help="tree size of (b) (default 32)")
-    add("--dynamic-sizes", type=h.csv(int), default=None, help="tree sizes of (c) (default 4,8,...,512)")
-    add("--dynamic-temperatures", type=h.csv(float), default=None, help="temperatures of (c) (default 0,0.6)")
-    add("--dynamic-depth", type=int, default=None, help="depth limit of dynamic and DP trees in (c) (default 16)")
-    add("--key-sizes", type=h.csv(int), default=None,
-        help="sizes at which (c) compares the keys of dynamic trees (default 16,64; empty: none)")
-    add("--draft-sizes", type=h.csv(int), default=None, help="tree budgets of (d) (default 32; --small 8)")
-    add("--group-size", type=int, default=None, help="quantization group of (d)'s self-drafts (default 128; "
-        "--small 32)")
-    add("--seed", type=int, default=0, help="base seed: prompt i uses seed + i (default 0)")
+    setting("--max-depth", int, "depth limit of the DP trees (64 does not bind at 512 nodes unless p[1] is near 1: "
+            "the tables show each tree's depth)")
+    setting("--method-tree-size", int, "tree size of (b) (--small: at most 16)")
+    setting("--dynamic-sizes", h.csv(int), "tree sizes of (c)")
+    setting("--dynamic-temperatures", h.csv(float), "temperatures of (c) and (d)")
+    setting("--dynamic-depth", int, "depth limit of dynamic and DP trees in (c) and (d)")
+    setting("--key-sizes", h.csv(int), "sizes at which (c) compares the keys of dynamic trees (empty: none)")
+    setting("--draft-sizes", h.csv(int), "tree budgets of (d)")
+    setting("--group-size", int, "quantization group of (d)'s self-drafts (None: the runtime's, 128)")
+    setting("--seed", int, "base seed: prompt i uses seed + i")
     add("--debug", action="store_true", help="show Python tracebacks")
     a = p.parse_args(argv)
     if not a.experiments or any(x not in EXPERIMENTS for x in a.experiments):
@@ -937,7 +928,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--dynamic-depth must be >= 1")
     if a.max_depth is not None and a.max_depth < 0:
         p.error("--max-depth must be >= 0")
-    temps = (a.size_temperatures or []) + (a.temperatures or []) + (a.dynamic_temperatures or []) + [a.top_p_temperature]
+    temps = [*(a.size_temperatures or []), *(a.temperatures or []), *(a.dynamic_temperatures or []),
+             *([] if a.top_p_temperature is None else [a.top_p_temperature])]
     if any(t < 0 for t in temps) or any(not 0 < q <= 1 for q in a.top_ps or []):
         p.error("temperatures must be >= 0 and top-p values in (0, 1]")
     if (a.prompts or 2) < 2:
@@ -1001,14 +993,9 @@ def run(argv: Sequence[str]) -> Outcome:
             for t in cfg.dynamic_temperatures:
                 runner.drafts(res, t)
         runner.engines.clear()
-    tables = [acceptance_table(res, cfg.width)] + [size_table(res, t, cfg) for t in res.sizes]
-    if res.settings:
-        tables.append(method_table(res, cfg))
-    tables += [dynamic_table(res, t, cfg) for t in res.dynamic]
-    if res.keys:
-        tables.append(keys_table(res, cfg))
-    if res.drafts:
-        tables.append(drafts_table(res, cfg))
+    tables = [acceptance_table(res, cfg.width), *(size_table(res, t, cfg) for t in res.sizes),
+              *([method_table(res, cfg)] if res.settings else []), *(dynamic_table(res, t, cfg) for t in res.dynamic),
+              *([keys_table(res, cfg)] if res.keys else []), *([drafts_table(res, cfg)] if res.drafts else [])]
     machine = h.machine_description(threads)
     if cfg.device != "cpu":
         machine = f"{torch.cuda.get_device_name(cfg.device)} ({cfg.device}, float32); host: {machine}"

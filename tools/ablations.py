@@ -33,7 +33,6 @@ the plots need matplotlib (pip install 'offload-runtime[plot]') and are skipped 
 """
 from __future__ import annotations
 
-
 import argparse
 import math
 import shlex
@@ -572,7 +571,7 @@ def size_table(res: Results, temperature: float, cfg: Settings) -> Table:
 
 
 def method_table(res: Results, cfg: Settings) -> Table:
-    rows = [{**values(r), **{f"vs_{m}": None if r.temperature == 0 else r.gain("sequoia", m) for m in METHODS[1:]}}
+    rows = [{**values(r), **{f"vs_{m}": None if r.temperature == 0 else r.gain("sequoia", m) for m in ("specinfer", "topk")}}
             for r in res.settings]
     return Table(f"{METHOD_TITLE} on {res.pair.label}: Sequoia, SpecInfer and top-k drafting",
                  [Column("T", "T", "g"), Column("top_p", "top-p", "g"), Column("sequoia", "Sequoia", fmt),
@@ -870,7 +869,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     def setting(flag: str, kind: Callable[[str], Any], what: str) -> None:
         """A flag that sets a Settings field; unset, the field keeps its full-run or --small default."""
-        name = FLAG_FIELDS.get(flag[2:].replace("-", "_"), flag[2:].replace("-", "_"))
+        dest = flag[2:].replace("-", "_")
+        name = FLAG_FIELDS.get(dest, dest)
         shown = f"default {_shown(getattr(full, name))}" + (f"; --small {_shown(SMALL[name])}" if name in SMALL else "")
         add(flag, type=kind, default=None, help=f"{what} ({shown})")
 

@@ -380,23 +380,25 @@ class Runner:
         from offload_runtime.api.self_draft import self_draft_quant
         from planner.acceptance import measure_acceptance
 
-        store = res.acceptance if draft is None else {}
         key = (temperature, top_p)
-        if key not in store:
-            cfg = self.cfg
-            tref, dref = self.refs
-            if draft is not None:
-                quant = self_draft_quant(draft, ModelArgs.from_file(self.pair.target), None, cfg.draft_group_size,
-                                         None, str(self.pair.target))
-                dref = ModelRef.of_self_draft(draft, tref, quant.label)
-            r = measure_acceptance(tref, dref, device=cfg.device, dtype="float32", temperature=temperature,
-                                   top_p=top_p, width=cfg.width, prompts=self.prompts[: cfg.prompts],
-                                   prompts_source="ablations", max_new_tokens=cfg.acceptance_tokens,
-                                   seed=ACCEPTANCE_SEED, batch_size=cfg.batch, engine_options=self.self_options(draft))
-            store[key] = Acceptance(list(r.p), r.steps, r.elapsed_s, r.confidence)
-            self.log(f"acceptance of {draft or 'the draft'} at T={temperature:g}, top-p {top_p:g}: p[1..4] = "
-                     f"{', '.join(f'{x:.3f}' for x in r.p[:4])} ({r.steps} steps, {r.elapsed_s:.1f} s)")
-        return store[key]
+        if draft is None and key in res.acceptance:
+            return res.acceptance[key]
+        cfg = self.cfg
+        tref, dref = self.refs
+        if draft is not None:
+            quant = self_draft_quant(draft, ModelArgs.from_file(self.pair.target), None, cfg.draft_group_size, None,
+                                     str(self.pair.target))
+            dref = ModelRef.of_self_draft(draft, tref, quant.label)
+        r = measure_acceptance(tref, dref, device=cfg.device, dtype="float32", temperature=temperature, top_p=top_p,
+                               width=cfg.width, prompts=self.prompts[: cfg.prompts], prompts_source="ablations",
+                               max_new_tokens=cfg.acceptance_tokens, seed=ACCEPTANCE_SEED, batch_size=cfg.batch,
+                               engine_options=self.self_options(draft))
+        self.log(f"acceptance of {draft or 'the draft'} at T={temperature:g}, top-p {top_p:g}: p[1..4] = "
+                 f"{', '.join(f'{x:.3f}' for x in r.p[:4])} ({r.steps} steps, {r.elapsed_s:.1f} s)")
+        acc = Acceptance(list(r.p), r.steps, r.elapsed_s, r.confidence)
+        if draft is None:
+            res.acceptance[key] = acc
+        return acc
 
     def measure(self, trees: dict[str, Tree | DynamicTree], count: int, temperature: float, top_p: float = 1.0,
                 method: str = "sequoia", draft: str | None = None) -> dict[str, Measured]:

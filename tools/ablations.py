@@ -275,7 +275,7 @@ class Settings:
         return max(self.min_prompts, min(self.prompts, self.prompts * self.full_prompts_until // n))
 
 
-# --small: a few sizes and prompts, shallow trees (the method tree is then at most 16 nodes and at most the largest size)
+# --small: a few sizes and prompts, shallow trees; its method tree has at most 16 nodes and the largest size
 SMALL = {"sizes": [1, 4, 16], "temperatures": [0.0, 0.6, 1.2], "prompts": 4, "min_prompts": 2, "tokens": 12,
          "batch": 4, "width": 8, "max_depth": 16, "dynamic_sizes": [4, 16], "dynamic_depth": 4, "key_sizes": [4],
          "draft_sizes": [8], "draft_group_size": 32}
@@ -283,8 +283,10 @@ FLAG_FIELDS = {"batch_size": "batch", "group_size": "draft_group_size"}  # flags
 
 
 def settings_from(a: argparse.Namespace) -> Settings:
-    names = {f.name for f in fields(Settings)}
-    given = {FLAG_FIELDS.get(k, k): v for k, v in vars(a).items() if FLAG_FIELDS.get(k, k) in names and v is not None}
+    names, given = {f.name for f in fields(Settings)}, {}
+    for dest, value in vars(a).items():
+        if FLAG_FIELDS.get(dest, dest) in names and value is not None:  # an unset flag keeps the default
+            given[FLAG_FIELDS.get(dest, dest)] = value
     small = {**SMALL, "method_tree_size": min(16, max(given.get("sizes", SMALL["sizes"])))} if a.small else {}
     return Settings(**{**small, **given})
 
@@ -420,7 +422,8 @@ class Runner:
                                temperature=temperature, top_p=top_p, seed=self.cfg.seed, stop_at=tokens)
             for r in run.results:
                 assert r.finish_reason == "stop", (r.finish_reason, "a step was cut short")
-                assert r.stats.new_tokens == sum(a + 1 for a in r.stats.accepted_per_step), "a step's tokens went missing"
+                assert r.stats.new_tokens == sum(a + 1 for a in r.stats.accepted_per_step), \
+                    "a step's tokens went missing"
             steps = sum(r.stats.steps for r in run.results)
             sizes = [n for r in run.results for n in r.stats.tree_sizes]
             out[family] = Measured([(r.stats.new_tokens, r.stats.steps) for r in run.results], run.seconds,
@@ -445,7 +448,8 @@ class Runner:
             trees = family_trees(n, p, table, cfg.max_depth)
             count = cfg.prompts_for(n)
             measured = self.measure({f: tree for f, (tree, _) in trees.items()}, count, temperature)
-            self.add(rows, Row(temperature, n, measured, prompts=count, labels={f: lab for f, (_, lab) in trees.items()},
+            self.add(rows, Row(temperature, n, measured, prompts=count,
+                               labels={f: label for f, (_, label) in trees.items()},
                                predicted={f: expected_tokens(tree, p) for f, (tree, _) in trees.items()}), f"size {n}")
 
     def methods(self, res: Results) -> None:
@@ -523,12 +527,14 @@ def p_values(p: Sequence[float], shown: int) -> dict[str, float]:
 
 
 def p_columns(shown: int, width: int) -> list[Column]:
-    return [*(Column(f"p{k + 1}", f"p[{k + 1}]", ".3f") for k in range(shown)), Column("sum", f"sum p[1..{width}]", ".3f")]
+    return [*(Column(f"p{k + 1}", f"p[{k + 1}]", ".3f") for k in range(shown)),
+            Column("sum", f"sum p[1..{width}]", ".3f")]
 
 
 def acceptance_table(res: Results, width: int) -> Table:
     shown = min(width, 6)
-    rows = [{"T": t, "top_p": q, "steps": a.steps, **p_values(a.p, shown)} for (t, q), a in sorted(res.acceptance.items())]
+    rows = [{"T": t, "top_p": q, "steps": a.steps, **p_values(a.p, shown)}
+            for (t, q), a in sorted(res.acceptance.items())]
     return Table(f"Acceptance vectors of {res.pair.label} (star tree of {width} children)",
                  [Column("T", "T", "g"), Column("top_p", "top-p", "g"), Column("steps", "steps"),
                   *p_columns(shown, width)], rows,
@@ -573,8 +579,8 @@ def size_table(res: Results, temperature: float, cfg: Settings) -> Table:
 
 
 def method_table(res: Results, cfg: Settings) -> Table:
-    rows = [{**values(r), **{f"vs_{m}": None if r.temperature == 0 else r.gain("sequoia", m) for m in ("specinfer", "topk")}}
-            for r in res.settings]
+    rows = [{**values(r), **{f"vs_{m}": None if r.temperature == 0 else r.gain("sequoia", m)
+                             for m in ("specinfer", "topk")}} for r in res.settings]
     return Table(f"{METHOD_TITLE} on {res.pair.label}: Sequoia, SpecInfer and top-k drafting",
                  [Column("T", "T", "g"), Column("top_p", "top-p", "g"), Column("sequoia", "Sequoia", fmt),
                   Column("sequoia_pred", "Sequoia pred.", ".3f"), Column("specinfer", "SpecInfer", fmt),
@@ -644,8 +650,9 @@ def drafts_table(res: Results, cfg: Settings) -> Table:
                   f"best_trees(p, n, {cfg.dynamic_depth}); dynamic: DynamicTree(n, {cfg.dynamic_depth}) keyed by that "
                   f"draft's confidence table; tokens per step {PLUS_MINUS} one standard error, {cfg.tokens} tokens per "
                   f"prompt, {cfg.prompts} prompts",
-                  speed_note(cfg, "in the same run; nothing streams here, so a self-draft costs about what the target "
-                             "does per level: the ratio says nothing about offloaded runs (tools/project_70b.py does)")])
+                  speed_note(cfg, "in the same run; nothing streams here, so a self-draft costs about what the "
+                             "target does per level: the ratio says nothing about offloaded runs "
+                             "(tools/project_70b.py does)")])
 
 
 # --- the claims, in words, from the numbers
@@ -670,7 +677,8 @@ def tree_claims(res: Results) -> list[str]:
         tail = [r for r in rows if r.n >= max(4, rows[-1].n // 8)]
         if len(tail) >= 2:
             doublings = math.log2(tail[-1].n / tail[0].n)
-            per = {f: (tail[-1].measured[f].mean - tail[0].measured[f].mean) / doublings for f in ("dp", "kseq", "chain")}
+            per = {f: (tail[-1].measured[f].mean - tail[0].measured[f].mean) / doublings
+                   for f in ("dp", "kseq", "chain")}
             s += (f" From size {tail[0].n} to {tail[-1].n} tokens/step grow by {per['dp']:+.3f} per doubling for DP, "
                   f"{per['kseq']:+.3f} for k sequences and {per['chain']:+.3f} for the chain (paper: DP keeps growing "
                   f"roughly logarithmically, the others flatten).")
@@ -688,7 +696,8 @@ def method_claims(res: Results) -> list[str]:
     for other, name, paper, r, where, verdict in (
             ("specinfer", "SpecInfer", "+65%", sampled[0], "the lowest sampled temperature",
              "SpecInfer collapses at low temperature"),
-            ("topk", "top-k", "+27%", sampled[-1], "the highest temperature", "top-k falls behind at high temperature")):
+            ("topk", "top-k", "+27%", sampled[-1], "the highest temperature",
+             "top-k falls behind at high temperature")):
         gains = [(s.gain("sequoia", other), s.temperature) for s in sampled]
         (best, best_se), t_best = max(gains, key=lambda x: x[0][0])
         worse += [f"{name} at T={t:g}" for (g, se), t in gains if g + 2 * se < 0]
@@ -843,8 +852,8 @@ def markdown_section(res: Results, tables: Sequence[Table], *, machine: str, com
 
     if res.sizes or res.settings:
         blocks += ["### The paper's claims against these numbers",
-                   *claims("**Claim 1: DP trees keep gaining as they grow; k independent sequences and chains flatten.**",
-                           tree_claims(res), "- (tree sizes not run)"),
+                   *claims("**Claim 1: DP trees keep gaining as they grow; k independent sequences and chains "
+                           "flatten.**", tree_claims(res), "- (tree sizes not run)"),
                    *claims("**Claim 2: sampling without replacement holds up at every temperature.**",
                            method_claims(res), "- (methods not run)"),
                    "**Where we differ from the paper, and why.** _(to be written after reading the numbers above: a "

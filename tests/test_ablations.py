@@ -229,8 +229,8 @@ def _fake_results() -> "abl.Results":
             m = {"dp": same, "kseq": same, "chain": same} if n == 1 else \
                 {"dp": _measured(1 + 0.6 * np.log2(n)), "kseq": _measured(1 + 0.5 * np.log2(n)),
                  "chain": _measured(2.5)}
-            rows.append(abl.SizeRow(n, 6, {"dp": f"{n} nodes", "kseq": "2 x 1", "chain": f"{n} nodes"}, m,
-                                    {f: x.mean * 1.02 for f, x in m.items()}))
+            rows.append(abl.Row(t, n, m, prompts=6, labels={"dp": f"{n} nodes", "kseq": "2 x 1", "chain": f"{n} nodes"},
+                                predicted={f: x.mean * 1.02 for f, x in m.items()}))
         res.sizes[t] = rows
     res.method_tree = [-1, 0, 0, 1]
     res.method_tree_source = "a fixed 4-node tree"
@@ -238,7 +238,7 @@ def _fake_results() -> "abl.Results":
         seq = _measured(3.0)
         m = {"sequoia": seq, "specinfer": seq, "topk": seq} if t == 0 else \
             {"sequoia": seq, "specinfer": _measured(2.0), "topk": _measured(3.0 - t)}
-        res.settings.append(abl.SettingRow(t, q, m, 3.1))
+        res.settings.append(abl.Row(t, 4, m, top_p=q, prompts=6, predicted={"sequoia": 3.1}))
     return res
 
 

@@ -14,7 +14,7 @@ from offload_runtime.model.batch import RowChunk, build_forward
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.kv_cache import KVCache
 from offload_runtime.model.quantization import (KernelChoice, QuantSpec, dequantize, pack_int4, quantized_linear,
-                                                unpack_int4)
+                                                stored_linears, unpack_int4)
 from offload_runtime.model.tree import Tree
 from offload_runtime.weights import quantized
 from offload_runtime.weights.layout import layer_bytes
@@ -190,8 +190,12 @@ def test_quantize_on_load_equals_transformers_running_the_quantized_weights(chec
     bits = int(quantize[-1])
     for i, w in engine.target.layers.sweep():
         for name in [n.removesuffix(".qweight") for n in w if n.endswith(".qweight")]:
-            state[f"model.layers.{i}.{name}.weight"] = dequantize(w, name, bits, torch.float64)
-            assert f"{name}.weight" not in w
+            # A stacked linear (q/k/v, gate/up) splits back into its parts' rows, in stored_linears' order.
+            parts = stored_linears(QuantSpec(bits, group))[name]
+            rows = [engine.target.args.layer_shapes()[f"{p}.weight"][0] for p in parts]
+            for p, weight in zip(parts, dequantize(w, name, bits, torch.float64).split(rows)):
+                state[f"model.layers.{i}.{p}.weight"] = weight
+                assert f"{p}.weight" not in w
     ref = reference_from_state("llama-gqa-llama3", state, num_hidden_layers=3)
     with torch.no_grad():
         expected = ref(torch.tensor([IDS])).logits[0]
@@ -262,11 +266,11 @@ def test_int4_kernel_and_dequantize_agree_and_both_run(wide):
     engine = Engine.from_pretrained(wide, **kw)
     _, w = next(engine.target.layers.sweep())
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(6))
-    kernel = quantized_linear(x, w, "mlp.up_proj", KernelChoice(1 << 20))
-    dequant = quantized_linear(x, w, "mlp.up_proj", KernelChoice(0))
+    kernel = quantized_linear(x, w, "mlp.gate_up_proj", KernelChoice(1 << 20))
+    dequant = quantized_linear(x, w, "mlp.gate_up_proj", KernelChoice(0))
     assert rel_err(kernel, dequant) < 1e-5
     from offload_runtime.model.quantization import cpu_int4_block, kernel_applies
-    assert kernel_applies(w, "mlp.up_proj", 4, x) == (cpu_int4_block() is not None)
+    assert kernel_applies(w, "mlp.gate_up_proj", 4, x) == (cpu_int4_block() is not None)
 
 
 # --- bytes
@@ -446,5 +450,5 @@ def test_cli_flags_reach_the_engine(tiny_pair):
     engine = load_engine(args)
     _, w = next(engine.target.layers.sweep())
     _, dw = next(engine.draft.layers.sweep())
-    assert w["mlp.up_proj.qweight"].dtype == torch.uint8 and dw["mlp.up_proj.qweight"].dtype == torch.int8
-    assert w["mlp.up_proj.scales"].shape == (64 // 32, 96)
+    assert w["mlp.gate_up_proj.qweight"].dtype == torch.uint8 and dw["mlp.gate_up_proj.qweight"].dtype == torch.int8
+    assert w["mlp.gate_up_proj.scales"].shape == (64 // 32, 2 * 96)

@@ -273,6 +273,70 @@ def test_int4_kernel_and_dequantize_agree_and_both_run(wide):
     assert kernel_applies(w, "mlp.gate_up_proj", 4, x) == (cpu_int4_block() is not None)
 
 
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, -1), (8, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_stacked_linear_is_its_parts_side_by_side(bits, group, dtype):
+    """q/k/v (and gate/up) are stored as one packed linear (stored_linears): its output is each part's output
+    side by side, in order. By the int kernels bit for bit (every output column is its own dot product); by
+    dequantize + matmul up to rounding, as the matmul's blocking follows the width, which is why a layer holds
+    only the stacked form and plain and speculative decoding both use it."""
+    from offload_runtime.model.quantization import cpu_int4_block, kernel_applies, kernel_extras
+    from offload_runtime.weights.quantized import stack_ints
+
+    g = torch.Generator().manual_seed(11)
+    K = 256
+    spec = QuantSpec(bits, group, block=cpu_int4_block())
+    parts = [quantize_rtn(torch.randn(n, K, generator=g), bits, group) for n in (128, 64, 64)]
+
+    def layer(ints, name):
+        w = {f"{name}.{k}": v for k, v in pack_linear(ints, spec).items()}
+        return {**w, **kernel_extras(w, dtype)}
+
+    stacked = layer(stack_ints(parts), "qkv")
+    alone = [layer(p, f"part{i}") for i, p in enumerate(parts)]
+    for tokens in (1, 5):
+        x = torch.randn(1, tokens, K, generator=g).to(dtype)
+        for choice in (KernelChoice(1 << 20), KernelChoice(0)):
+            got = quantized_linear(x, stacked, "qkv", choice)
+            want = torch.cat([quantized_linear(x, w, f"part{i}", choice) for i, w in enumerate(alone)], dim=-1)
+            if choice.max_tokens and kernel_applies(stacked, "qkv", bits, x):
+                assert torch.equal(got, want), (tokens, choice)
+            else:
+                assert rel_err(got, want) < (1e-2 if dtype == torch.bfloat16 else 1e-6), (tokens, choice)
+
+
+def test_layers_hold_stacked_linears_but_act_order_ones_apart():
+    from offload_runtime.model.quantization import LINEARS, stored_linears
+    from offload_runtime.weights.layout import layer_layout
+
+    args = ModelArgs.from_name("tiny")
+    lay = layer_layout(args, torch.bfloat16, QuantSpec(4, 16))
+    held = [n.removesuffix(".qweight") for n in lay.slots if n.endswith(".qweight")]
+    assert held == list(stored_linears(QuantSpec(4, 16))) == ["self_attn.qkv_proj", "self_attn.o_proj",
+                                                             "mlp.gate_up_proj", "mlp.down_proj"]
+    assert lay.slots["self_attn.qkv_proj.scales"].shape == (args.dim // 16, args.q_size + 2 * args.kv_size)
+    assert lay.slots["mlp.gate_up_proj.zeros"].shape == (args.dim // 16, 2 * args.intermediate_size)
+    # Act-order linears each have their own g_idx: they stay apart (and so does the kernel, which takes none).
+    act = layer_layout(args, torch.bfloat16, QuantSpec(4, 16, act_order=True))
+    assert [n.removesuffix(".qweight") for n in act.slots if n.endswith(".qweight")] == list(LINEARS)
+
+
+def test_kernel_extras_only_where_the_kernel_applies():
+    """A resident layer's `.kernel_sz` lets quantized_linear skip its checks, so it must exist only for linears
+    the int4 kernel can compute: none for act-order (g_idx) linears or for 8-bit ones."""
+    from offload_runtime.model.quantization import cpu_int4_block, kernel_extras
+
+    g = torch.Generator().manual_seed(12)
+    ints = quantize_rtn(torch.randn(64, 128, generator=g), 4, 64)
+    plain = {f"l.{k}": v for k, v in pack_linear(ints, QuantSpec(4, 64, block=cpu_int4_block())).items()}
+    act = {f"l.{k}": v for k, v in pack_linear(ints, QuantSpec(4, 64, act_order=True,
+                                                               block=cpu_int4_block())).items()}
+    int8 = {f"l.{k}": v for k, v in pack_linear(quantize_rtn(torch.randn(64, 128, generator=g), 8, -1),
+                                                QuantSpec(8, -1)).items()}
+    assert list(kernel_extras(plain, torch.bfloat16)) == (["l.kernel_sz"] if cpu_int4_block() else [])
+    assert kernel_extras(act, torch.bfloat16) == {} and kernel_extras(int8, torch.bfloat16) == {}
+
+
 # --- bytes
 
 

@@ -148,10 +148,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Statistics in float32 for every dtype (float64 included): that is what the reference does. On the CPU,
-    # torch's rms_norm over float32 is the reference's h * rsqrt(mean(h^2) + eps) bit for bit (a test checks),
-    # in one op instead of four.
-    return weight * F.rms_norm(x.to(torch.float32), x.shape[-1:], eps=eps).to(x.dtype)
+    """weight * (h rsqrt(mean(h^2) + eps)).to(x.dtype), h = x in float32, as transformers computes it (float64
+    included: its statistics are taken in float32 too). torch's rms_norm gives those bits in one op on the CPU,
+    and takes 16-bit input as it is, computing in float32 and rounding once (tests/test_model.py checks both)."""
+    h = x.to(torch.float32) if x.dtype == torch.float64 else x
+    return weight * F.rms_norm(h, x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def _linear(x: torch.Tensor, w: LayerWeights, name: str, kernel: KernelChoice | None = None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Every quantized linear of a decoder layer, whatever it was read from (an AWQ or GPTQ checkpoint, or an fp16
 checkpoint quantized on load), sits in the layer's buffer as the same four tensors (names relative to the
-linear, e.g. `self_attn.q_proj`):
+linear, e.g. `self_attn.o_proj`):
 
     .qweight  4 bits: uint8 [N / B, K, B / 2], byte b of (block j, input k) holds output rows j B + b (low
               nibble) and j B + b + B / 2 (high nibble); B is the layout's block (the CPU int4 kernel's
@@ -11,6 +11,10 @@ linear, e.g. `self_attn.q_proj`):
     .zeros    int16 [G, N], the integer zero point of each group (GPTQ v1's stored-minus-one already undone)
     .g_idx    int32 [K], the group of each input column (GPTQ act-order only; otherwise column k is in group
               k // group_size)
+
+Linears that read the same input are stored as one, their rows stacked in order (`stored_linears`):
+`self_attn.qkv_proj` (q, k, v) and `mlp.gate_up_proj` (gate, up), so a decoded token makes four kernel calls
+per layer instead of seven; act-order linears stay apart (each has its own g_idx).
 
 The weight is W[n, k] = (q[n, k] - zeros[g(k), n]) * scales[g(k), n]. An integer of at most 9 bits times a
 float16 is exact in float32 and float64, so dequantizing into those dtypes gives the quantized model's own

@@ -86,7 +86,7 @@ def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: Model
     act = activation_bytes(args, tokens, max_seq_len, dtype, batch)
     if on_cuda:  # the memory-efficient kernel never forms the score matrix (model.py: attention masks)
         act -= batch * args.n_heads * tokens * max_seq_len * 4
-        if folds_groups(args, torch.device("cuda")):
+        if folds_groups(args):
             act += batch * (args.n_heads // args.n_kv_heads) * tokens * max_seq_len * size  # the folded mask
     fixed = {
         "embeddings and head": args.global_numel() * size,

@@ -194,7 +194,7 @@ def layer_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
             x = torch.randn(1, n, args.dim, generator=g, device=device, dtype=torch.float32).to(dtype)
             positions = torch.arange(prefix, prefix + n, device=device)[None]
             cos, sin = rope_cos_sin(inv_freq, positions, dtype)
-            mask = layer_mask(args, _chain_mask(prefix, n, device), dtype, folds_groups(args, device))
+            mask = layer_mask(args, _chain_mask(prefix, n, device), dtype, folds_groups(args))
 
             def run() -> None:
                 for w, (k, v) in zip(layers, caches):

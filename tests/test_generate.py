@@ -60,8 +60,7 @@ def test_greedy_speculative_with_cuda_attention_layout_equals_transformers(check
     # the target as its own draft: GQA on both sides, and whole paths accepted through the folded verifier
     engine = Engine.from_pretrained(checkpoints[name], dtype="float64", draft=str(checkpoints[name]),
                                     tree=[-1, 0, 0, 0, 1, 1, 2, 4, 4, 7])
-    assert not engine.target.fold_groups  # on the CPU nothing folds by itself
-    engine.target.fold_groups = engine.draft.fold_groups = True
+    assert engine.target.fold_groups and engine.draft.fold_groups  # grouped-query models fold on every device
     _cuda_like_sdpa(monkeypatch)
     result = engine.generate(ids, max_new_tokens=64, temperature=0, ignore_eos=True)[0]
     assert result.token_ids == expected and result.stats.tokens_per_step > 1

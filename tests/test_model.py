@@ -98,7 +98,7 @@ def test_tree_forward_equals_sequential_paths(checkpoints, name, fold, monkeypat
     path = checkpoints[name]
     dtype = torch.float64
     model, ref = ours(path, dtype), reference_model(path, dtype)
-    assert not model.fold_groups and model.args.n_kv_heads < model.args.n_heads
+    assert model.fold_groups and model.args.n_kv_heads < model.args.n_heads  # grouped-query models fold by default
     model.fold_groups = fold
     if fold:
         _cuda_like_sdpa(monkeypatch)  # transformers runs under it too: only the layout changes, not values
@@ -201,7 +201,33 @@ def test_folded_attention_equals_grouped_attention(dtype, layout, monkeypatch):
     wrong = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat(1, 4, 1, 1), v.repeat(1, 4, 1, 1), attn_mask=mask)
     assert rel_err(wrong, want) > 1e-2
-    # folding is for grouped-query models on CUDA only
-    assert folds_groups(args, torch.device("cuda")) and not folds_groups(args, torch.device("cpu"))
+    # folding is for grouped-query models (on every device)
+    assert folds_groups(args)
     mha = ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=8, head_dim=8, vocab_size=16, intermediate_size=8)
-    assert not folds_groups(mha, torch.device("cuda"))
+    assert not folds_groups(mha)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_rms_norm_and_rope_give_the_reference_formulas_bits(dtype):
+    """The layer's rms_norm (torch's op) and RoPE (sign folded into sin, roll for rotate_half) against
+    transformers' own formulas, written out: the same bits, for every dtype (float64 statistics in float32)."""
+    from offload_runtime.model.config import ModelArgs
+    from offload_runtime.model.transformer import apply_rope, rms_norm, rope_cos_sin, rope_inv_freq
+
+    g = torch.Generator().manual_seed(13)
+    for D, scale in ((64, 1e-3), (576, 1.0), (1000, 30.0)):
+        x = (torch.randn(2, 5, D, generator=g) * scale).to(dtype)
+        weight = torch.randn(D, generator=g).to(dtype)
+        h = x.to(torch.float32)
+        want = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        assert torch.equal(rms_norm(x, weight, 1e-5), want), D
+    args = ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=16, intermediate_size=8)
+    positions = torch.tensor([[0, 3, 17, 250]])
+    cos, sin = rope_cos_sin(rope_inv_freq(args), positions, dtype)
+    freqs = positions[..., None].float() * rope_inv_freq(args)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    ref_cos, ref_sin = emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    assert torch.equal(cos, ref_cos)
+    q = torch.randn(1, 4, 4, 16, generator=g).to(dtype)
+    rotated = torch.cat((-q[..., 8:], q[..., :8]), dim=-1)  # transformers' rotate_half
+    assert torch.equal(apply_rope(q, cos, sin), q * ref_cos + rotated * ref_sin)

@@ -14,7 +14,7 @@ from offload_runtime.model.batch import RowChunk, build_forward
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.kv_cache import KVCache
 from offload_runtime.model.quantization import (KernelChoice, QuantSpec, dequantize, pack_int4, quantized_linear,
-                                                unpack_int4)
+                                                stored_linears, unpack_int4)
 from offload_runtime.model.tree import Tree
 from offload_runtime.weights import quantized
 from offload_runtime.weights.layout import layer_bytes
@@ -190,8 +190,12 @@ def test_quantize_on_load_equals_transformers_running_the_quantized_weights(chec
     bits = int(quantize[-1])
     for i, w in engine.target.layers.sweep():
         for name in [n.removesuffix(".qweight") for n in w if n.endswith(".qweight")]:
-            state[f"model.layers.{i}.{name}.weight"] = dequantize(w, name, bits, torch.float64)
-            assert f"{name}.weight" not in w
+            # A stacked linear (q/k/v, gate/up) splits back into its parts' rows, in stored_linears' order.
+            parts = stored_linears(QuantSpec(bits, group))[name]
+            rows = [engine.target.args.layer_shapes()[f"{p}.weight"][0] for p in parts]
+            for p, weight in zip(parts, dequantize(w, name, bits, torch.float64).split(rows)):
+                state[f"model.layers.{i}.{p}.weight"] = weight
+                assert f"{p}.weight" not in w
     ref = reference_from_state("llama-gqa-llama3", state, num_hidden_layers=3)
     with torch.no_grad():
         expected = ref(torch.tensor([IDS])).logits[0]
@@ -262,11 +266,75 @@ def test_int4_kernel_and_dequantize_agree_and_both_run(wide):
     engine = Engine.from_pretrained(wide, **kw)
     _, w = next(engine.target.layers.sweep())
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(6))
-    kernel = quantized_linear(x, w, "mlp.up_proj", KernelChoice(1 << 20))
-    dequant = quantized_linear(x, w, "mlp.up_proj", KernelChoice(0))
+    kernel = quantized_linear(x, w, "mlp.gate_up_proj", KernelChoice(1 << 20))
+    dequant = quantized_linear(x, w, "mlp.gate_up_proj", KernelChoice(0))
     assert rel_err(kernel, dequant) < 1e-5
     from offload_runtime.model.quantization import cpu_int4_block, kernel_applies
-    assert kernel_applies(w, "mlp.up_proj", 4, x) == (cpu_int4_block() is not None)
+    assert kernel_applies(w, "mlp.gate_up_proj", 4, x) == (cpu_int4_block() is not None)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, -1), (8, 64)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_stacked_linear_is_its_parts_side_by_side(bits, group, dtype):
+    """q/k/v (and gate/up) are stored as one packed linear (stored_linears): its output is each part's output
+    side by side, in order. By the int kernels bit for bit (every output column is its own dot product); by
+    dequantize + matmul up to rounding, as the matmul's blocking follows the width, which is why a layer holds
+    only the stacked form and plain and speculative decoding both use it."""
+    from offload_runtime.model.quantization import cpu_int4_block, kernel_applies, kernel_extras
+    from offload_runtime.weights.quantized import stack_ints
+
+    g = torch.Generator().manual_seed(11)
+    K = 256
+    spec = QuantSpec(bits, group, block=cpu_int4_block())
+    parts = [quantize_rtn(torch.randn(n, K, generator=g), bits, group) for n in (128, 64, 64)]
+
+    def layer(ints, name):
+        w = {f"{name}.{k}": v for k, v in pack_linear(ints, spec).items()}
+        return {**w, **kernel_extras(w, dtype)}
+
+    stacked = layer(stack_ints(parts), "qkv")
+    alone = [layer(p, f"part{i}") for i, p in enumerate(parts)]
+    for tokens in (1, 5):
+        x = torch.randn(1, tokens, K, generator=g).to(dtype)
+        for choice in (KernelChoice(1 << 20), KernelChoice(0)):
+            got = quantized_linear(x, stacked, "qkv", choice)
+            want = torch.cat([quantized_linear(x, w, f"part{i}", choice) for i, w in enumerate(alone)], dim=-1)
+            if choice.max_tokens and kernel_applies(stacked, "qkv", bits, x):
+                assert torch.equal(got, want), (tokens, choice)
+            else:
+                assert rel_err(got, want) < (1e-2 if dtype == torch.bfloat16 else 1e-6), (tokens, choice)
+
+
+def test_layers_hold_stacked_linears_but_act_order_ones_apart():
+    from offload_runtime.model.quantization import LINEARS, stored_linears
+    from offload_runtime.weights.layout import layer_layout
+
+    args = ModelArgs.from_name("tiny")
+    lay = layer_layout(args, torch.bfloat16, QuantSpec(4, 16))
+    held = [n.removesuffix(".qweight") for n in lay.slots if n.endswith(".qweight")]
+    assert held == list(stored_linears(QuantSpec(4, 16))) == ["self_attn.qkv_proj", "self_attn.o_proj",
+                                                             "mlp.gate_up_proj", "mlp.down_proj"]
+    assert lay.slots["self_attn.qkv_proj.scales"].shape == (args.dim // 16, args.q_size + 2 * args.kv_size)
+    assert lay.slots["mlp.gate_up_proj.zeros"].shape == (args.dim // 16, 2 * args.intermediate_size)
+    # Act-order linears each have their own g_idx: they stay apart (and so does the kernel, which takes none).
+    act = layer_layout(args, torch.bfloat16, QuantSpec(4, 16, act_order=True))
+    assert [n.removesuffix(".qweight") for n in act.slots if n.endswith(".qweight")] == list(LINEARS)
+
+
+def test_kernel_extras_only_where_the_kernel_applies():
+    """A resident layer's `.kernel_sz` lets quantized_linear skip its checks, so it must exist only for linears
+    the int4 kernel can compute: none for act-order (g_idx) linears or for 8-bit ones."""
+    from offload_runtime.model.quantization import cpu_int4_block, kernel_extras
+
+    g = torch.Generator().manual_seed(12)
+    ints = quantize_rtn(torch.randn(64, 128, generator=g), 4, 64)
+    plain = {f"l.{k}": v for k, v in pack_linear(ints, QuantSpec(4, 64, block=cpu_int4_block())).items()}
+    act = {f"l.{k}": v for k, v in pack_linear(ints, QuantSpec(4, 64, act_order=True,
+                                                               block=cpu_int4_block())).items()}
+    int8 = {f"l.{k}": v for k, v in pack_linear(quantize_rtn(torch.randn(64, 128, generator=g), 8, -1),
+                                                QuantSpec(8, -1)).items()}
+    assert list(kernel_extras(plain, torch.bfloat16)) == (["l.kernel_sz"] if cpu_int4_block() else [])
+    assert kernel_extras(act, torch.bfloat16) == {} and kernel_extras(int8, torch.bfloat16) == {}
 
 
 # --- bytes
@@ -446,5 +514,5 @@ def test_cli_flags_reach_the_engine(tiny_pair):
     engine = load_engine(args)
     _, w = next(engine.target.layers.sweep())
     _, dw = next(engine.draft.layers.sweep())
-    assert w["mlp.up_proj.qweight"].dtype == torch.uint8 and dw["mlp.up_proj.qweight"].dtype == torch.int8
-    assert w["mlp.up_proj.scales"].shape == (64 // 32, 96)
+    assert w["mlp.gate_up_proj.qweight"].dtype == torch.uint8 and dw["mlp.gate_up_proj.qweight"].dtype == torch.int8
+    assert w["mlp.gate_up_proj.scales"].shape == (64 // 32, 2 * 96)

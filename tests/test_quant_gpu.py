@@ -26,9 +26,9 @@ def test_cuda_int4_kernel_agrees_with_dequantize(wide_gpu, tokens):
     engine = Engine.from_pretrained(wide_gpu, device="cuda", dtype="bfloat16", draft=False, quantize="int4")
     _, w = next(engine.target.layers.sweep())
     x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
-    assert kernel_applies(w, "mlp.up_proj", 4, x)
-    a = quantized_linear(x, w, "mlp.up_proj", KernelChoice(1 << 20)).float()
-    b = quantized_linear(x, w, "mlp.up_proj", KernelChoice(0)).float()
+    assert kernel_applies(w, "mlp.gate_up_proj", 4, x)
+    a = quantized_linear(x, w, "mlp.gate_up_proj", KernelChoice(1 << 20)).float()
+    b = quantized_linear(x, w, "mlp.gate_up_proj", KernelChoice(0)).float()
     assert rel_err(a, b) < 2e-2  # bf16 rounding of scales and products, not a different weight
 
 

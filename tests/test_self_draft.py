@@ -156,5 +156,5 @@ def test_the_draft_flag_takes_a_self_draft(checkpoints):
                          "--dtype", "float32", "--device", "cpu", "--plan", "none"])
     engine = load_engine(args)
     _, dw = next(engine.draft.layers.sweep())
-    assert dw["mlp.up_proj.qweight"].dtype == torch.int8 and dw["mlp.up_proj.scales"].shape == (64 // 32, 96)
+    assert dw["mlp.gate_up_proj.qweight"].dtype == torch.int8 and dw["mlp.gate_up_proj.scales"].shape == (64 // 32, 2 * 96)
     assert engine.draft.globals is engine.target.globals

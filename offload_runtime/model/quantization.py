@@ -2,7 +2,7 @@
 
 Every quantized linear of a decoder layer, whatever it was read from (an AWQ or GPTQ checkpoint, or an fp16
 checkpoint quantized on load), sits in the layer's buffer as the same four tensors (names relative to the
-linear, e.g. `self_attn.q_proj`):
+linear, e.g. `self_attn.o_proj`):
 
     .qweight  4 bits: uint8 [N / B, K, B / 2], byte b of (block j, input k) holds output rows j B + b (low
               nibble) and j B + b + B / 2 (high nibble); B is the layout's block (the CPU int4 kernel's
@@ -11,6 +11,10 @@ linear, e.g. `self_attn.q_proj`):
     .zeros    int16 [G, N], the integer zero point of each group (GPTQ v1's stored-minus-one already undone)
     .g_idx    int32 [K], the group of each input column (GPTQ act-order only; otherwise column k is in group
               k // group_size)
+
+Linears that read the same input are stored as one, their rows stacked in order (`stored_linears`):
+`self_attn.qkv_proj` (q, k, v) and `mlp.gate_up_proj` (gate, up), so a decoded token makes four kernel calls
+per layer instead of seven; act-order linears stay apart (each has its own g_idx).
 
 The weight is W[n, k] = (q[n, k] - zeros[g(k), n]) * scales[g(k), n]. An integer of at most 9 bits times a
 float16 is exact in float32 and float64, so dequantizing into those dtypes gives the quantized model's own
@@ -24,7 +28,6 @@ depends on the device and on the number of tokens, so it is a measured threshold
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
@@ -37,6 +40,10 @@ from ..timer import median_seconds
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Linears that read the same input, stored as one packed linear with their rows stacked in this order (one kernel
+# call instead of three or two: at one token a decoder layer is mostly per-call cost, not arithmetic).
+FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 SUPPORTED_BITS = (4, 8)
 KERNEL_GROUPS = (32, 64, 128, 256)  # group sizes torch's int4 kernels take
 MEASURE_MAX_ROWS = 1024
@@ -64,6 +71,21 @@ class QuantSpec:
     def label(self) -> str:
         g = "channel" if self.group_size == -1 else f"g{self.group_size}"
         return f"int{self.bits}-{g}{'-act_order' if self.act_order else ''}"
+
+
+def stored_linears(spec: QuantSpec) -> dict[str, tuple[str, ...]]:
+    """The packed linears a quantized layer holds, in layer order: stored name -> the decoder linears (LINEARS) whose
+    rows it stacks. Act-order linears stay apart: each has its own g_idx, which a stacked linear could not share."""
+    if spec.act_order:
+        return {name: (name,) for name in LINEARS}
+    out: dict[str, tuple[str, ...]] = {}
+    for name in LINEARS:
+        fused = next((f for f, parts in FUSED.items() if name in parts), None)
+        if fused is None:
+            out[name] = (name,)
+        elif fused not in out:
+            out[fused] = FUSED[fused]
+    return out
 
 
 def input_widths(dim: int, q_size: int, intermediate_size: int) -> dict[str, int]:
@@ -189,10 +211,13 @@ def _scales_and_zeros(w: Mapping[str, torch.Tensor], name: str, dtype: torch.dty
 
 
 def kernel_extras(w: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """For a resident layer: each 4-bit linear's scales and zeros as the int4 kernels take them (`.kernel_sz`),
-    made once instead of at every call (the same values a streamed layer computes per call)."""
-    return {f"{name}.kernel_sz": _scales_and_zeros(w, name, dtype)
-            for name in LINEARS if name + ".qweight" in w and w[name + ".qweight"].dtype == torch.uint8}
+    """For a resident layer: the scales and zeros of each 4-bit linear the int4 kernel can compute, as the kernel
+    takes them (`.kernel_sz`), made once instead of at every call (the same values a streamed layer computes per
+    call). A `.kernel_sz` of dtype D is what lets `quantized_linear` skip `kernel_applies` for activations in D."""
+    names = [n.removesuffix(".qweight") for n, t in w.items() if n.endswith(".qweight") and t.dtype == torch.uint8]
+    probe = torch.empty(1, 0, dtype=dtype, device=next(iter(w.values())).device)
+    return {f"{name}.kernel_sz": _scales_and_zeros(w, name, dtype) for name in names
+            if kernel_applies(w, name, 4, probe)}
 
 
 def kernel_applies(w: Mapping[str, torch.Tensor], name: str, bits: int, x: torch.Tensor) -> bool:
@@ -213,7 +238,8 @@ def kernel_applies(w: Mapping[str, torch.Tensor], name: str, bits: int, x: torch
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and K % 128 == 0 and N % 8 == 0
 
 
-def _kernel_linear(x2: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, bits: int) -> torch.Tensor:
+def _kernel_linear(x2: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, bits: int,
+                   sz: torch.Tensor | None) -> torch.Tensor:
     qweight = w[name + ".qweight"]
     if bits == 8:
         scales = w[name + ".scales"][0]
@@ -222,10 +248,9 @@ def _kernel_linear(x2: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, b
         y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x2.dtype))
         return y + x2.sum(-1, keepdim=True) * shift
     K = qweight.shape[1]
-    group = K // w[name + ".scales"].shape[0]
-    sz = w.get(name + ".kernel_sz")
-    if sz is None or sz.dtype != x2.dtype:
+    if sz is None:
         sz = _scales_and_zeros(w, name, x2.dtype)
+    group = K // sz.shape[0]
     if x2.device.type == "cpu":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, qweight.view(-1, K // 2), group, sz)
     # CUDA's tinygemm layout is tiled for tensor cores: repack on the device (a pass over 0.5 B per weight,
@@ -237,13 +262,20 @@ def _kernel_linear(x2: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, b
 
 def quantized_linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, kernel: KernelChoice | None,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ bias) for the quantized linear `name` of layer weights `w`."""
-    qweight = w[name + ".qweight"]
-    bits = 4 if qweight.dtype == torch.uint8 else 8
-    tokens = math.prod(x.shape[:-1])
-    if kernel is not None and tokens <= kernel.max_tokens and kernel_applies(w, name, bits, x):
-        y = _kernel_linear(x.reshape(tokens, x.shape[-1]), w, name, bits).view(*x.shape[:-1], -1)
-        return y if bias is None else y + bias
+    """y = x W^T (+ bias) for the quantized linear `name` of layer weights `w`.
+
+    Runs once per linear per forward, so at one token its Python is a good part of the step: a resident layer's
+    `.kernel_sz` (kernel_extras) stands for the kernel_applies check and the scales-and-zeros conversion."""
+    K = x.shape[-1]
+    tokens = x.numel() // K
+    bits = 4 if w[name + ".qweight"].dtype == torch.uint8 else 8
+    if kernel is not None and tokens <= kernel.max_tokens:
+        sz = w.get(name + ".kernel_sz")
+        if sz is not None and sz.dtype != x.dtype:
+            sz = None
+        if sz is not None or kernel_applies(w, name, bits, x):
+            y = _kernel_linear(x.reshape(tokens, K), w, name, bits, sz).view(*x.shape[:-1], -1)
+            return y if bias is None else y + bias
     return F.linear(x, dequantize(w, name, bits, x.dtype), bias)
 
 

@@ -10,6 +10,7 @@ float32 whatever the model dtype), so float64 logits match the reference to ~1e-
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Protocol
@@ -21,7 +22,7 @@ from .batch import ForwardBatch
 from .config import ModelArgs
 from .kv_cache import KVCache
 from .ggml import block_type_of, ggml_linear
-from .quantization import KernelChoice, quantized_linear
+from .quantization import FUSED, KernelChoice, quantized_linear
 
 LayerWeights = Mapping[str, torch.Tensor]
 
@@ -81,19 +82,18 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str = "cpu") -> torch.
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, T, head_dim] for positions [B, T]; angles in float32 like the reference."""
+    """cos, sin [B, 1, T, head_dim] for positions [B, T]; angles in float32 like the reference. The first half of
+    `sin` is negated: rotate_half's sign folded in once per forward (see apply_rope)."""
     freqs = positions[..., None].float() * inv_freq.float()
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    sin = freqs.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos().to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
+    """x cos + rotate_half(x) sin, as transformers computes it, with the sign of rotate_half(x) = cat(-x2, x1)
+    carried by `sin` (rope_cos_sin): (-a) b and a (-b) are the same float, so the bits are the reference's, in
+    fewer ops per layer."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 # --- attention masks
@@ -103,16 +103,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # turned into a layer mask once per forward, not once per layer.
 #
 # A layer's mask is either the batch's boolean mask [B, 1, T, S] (True = may attend), or, for grouped-query
-# models on CUDA, a "folded" additive mask [B, 1, G*T, S]: the G query heads that share a K/V head are laid
-# along the query axis, so attention runs with H_kv heads and no K/V expansion. On CUDA that is what keeps
-# a tree's attention in the memory-efficient kernel: flash attention takes no mask and the memory-efficient
-# kernel takes no grouped heads, so enable_gqa with a mask falls to the math path, which forms the whole
-# [B, H, T, S] score matrix (over a gigabyte per layer for a 1024-node tree on 70B at 4k context).
+# models, a "folded" additive mask [B, 1, G*T, S]: the G query heads that share a K/V head are laid along the
+# query axis, so attention runs with H_kv heads and no K/V expansion. On CUDA that is what keeps a tree's
+# attention in the memory-efficient kernel: flash attention takes no mask and the memory-efficient kernel takes
+# no grouped heads, so enable_gqa with a mask falls to the math path, which forms the whole [B, H, T, S] score
+# matrix (over a gigabyte per layer for a 1024-node tree on 70B at 4k context). On the CPU, the flash kernel
+# runs the folded layout faster at every size measured: ~2x for one decoded token (SmolLM2-135M's 9 / 3 heads,
+# 40 keys: 28 vs 59 us), ~1.2x for 16-256-node trees.
 
 
-def folds_groups(args: ModelArgs, device: torch.device) -> bool:
-    """Whether layer masks are folded (see above): grouped-query models on CUDA."""
-    return torch.device(device).type == "cuda" and args.n_kv_heads != args.n_heads
+def folds_groups(args: ModelArgs) -> bool:
+    """Whether layer masks are folded (see above): grouped-query models, on every device."""
+    return args.n_kv_heads != args.n_heads
 
 
 def layer_mask(args: ModelArgs, mask: torch.Tensor, dtype: torch.dtype, fold: bool) -> torch.Tensor:
@@ -146,10 +148,11 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Statistics in float32 for every dtype (float64 included): that is what the reference does.
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    """weight * (h rsqrt(mean(h^2) + eps)).to(x.dtype), h = x in float32, as transformers computes it (float64
+    included: its statistics are taken in float32 too). torch's rms_norm gives those bits in one op on the CPU,
+    and takes 16-bit input as it is, computing in float32 and rounding once (tests/test_model.py checks both)."""
+    h = x.to(torch.float32) if x.dtype == torch.float64 else x
+    return weight * F.rms_norm(h, x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def _linear(x: torch.Tensor, w: LayerWeights, name: str, kernel: KernelChoice | None = None) -> torch.Tensor:
@@ -166,6 +169,22 @@ def _linear(x: torch.Tensor, w: LayerWeights, name: str, kernel: KernelChoice | 
     return ggml_linear(x, w, name, kind, w.get(name + ".bias"))
 
 
+def _linears(x: torch.Tensor, w: LayerWeights, fused: str, parts: tuple[str, ...], sizes: list[int],
+             kernel: KernelChoice | None) -> list[torch.Tensor]:
+    """The outputs of linears `parts` over the same input: one call on their stacked packed linear where the layer
+    holds one (quantized layers: model/quantization.py stored_linears), else one call each. Biases stay apart."""
+    if fused + ".qweight" not in w:
+        return [_linear(x, w, p, kernel) for p in parts]
+    ys = quantized_linear(x, w, fused, kernel).split(sizes, dim=-1)
+    return [y if (b := w.get(p + ".bias")) is None else y + b for y, p in zip(ys, parts)]
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_rows(B: int, device: torch.device) -> torch.Tensor:
+    """[B, 1] row indices for the KV-cache writes (made once per batch size, not once per layer; never written)."""
+    return torch.arange(B, device=device)[:, None]
+
+
 def attention(
     args: ModelArgs,
     w: LayerWeights,
@@ -179,14 +198,16 @@ def attention(
     kernel: KernelChoice | None = None,
 ) -> torch.Tensor:
     B, T, _ = x.shape
-    q = _linear(x, w, "self_attn.q_proj", kernel).view(B, T, args.n_heads, args.head_dim)
-    k = _linear(x, w, "self_attn.k_proj", kernel).view(B, T, args.n_kv_heads, args.head_dim)
-    v = _linear(x, w, "self_attn.v_proj", kernel).view(B, T, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    q, k, v = _linears(x, w, "self_attn.qkv_proj", FUSED["self_attn.qkv_proj"],
+                       [args.q_size, args.kv_size, args.kv_size], kernel)
+    q = q.view(B, T, args.n_heads, args.head_dim)
+    k = k.view(B, T, args.n_kv_heads, args.head_dim)
+    v = v.view(B, T, args.n_kv_heads, args.head_dim).transpose(1, 2)
     if args.qk_norm:  # Qwen3: each head normalised on its own, before RoPE
         q = rms_norm(q, w["self_attn.q_norm.weight"], args.rms_norm_eps)
         k = rms_norm(k, w["self_attn.k_norm.weight"], args.rms_norm_eps)
     q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
-    rows = torch.arange(B, device=slots.device)[:, None]
+    rows = _batch_rows(B, slots.device)
     # Advanced indices around a slice put the indexed dims first: the target view is [B, T, H_kv, Dh].
     k_cache[rows, :, slots] = k.transpose(1, 2)
     v_cache[rows, :, slots] = v.transpose(1, 2)
@@ -195,16 +216,16 @@ def attention(
     return _linear(out.transpose(1, 2).reshape(B, T, args.q_size), w, "self_attn.o_proj", kernel)
 
 
-def mlp(w: LayerWeights, x: torch.Tensor, kernel: KernelChoice | None = None) -> torch.Tensor:
-    return _linear(F.silu(_linear(x, w, "mlp.gate_proj", kernel)) * _linear(x, w, "mlp.up_proj", kernel), w,
-                   "mlp.down_proj", kernel)
+def mlp(args: ModelArgs, w: LayerWeights, x: torch.Tensor, kernel: KernelChoice | None = None) -> torch.Tensor:
+    gate, up = _linears(x, w, "mlp.gate_up_proj", FUSED["mlp.gate_up_proj"], [args.intermediate_size] * 2, kernel)
+    return _linear(F.silu(gate) * up, w, "mlp.down_proj", kernel)
 
 
 def decoder_layer(args: ModelArgs, w: LayerWeights, x: torch.Tensor, cos, sin, mask, k_cache, v_cache, slots,
                   kernel: KernelChoice | None = None) -> torch.Tensor:
     h = x + attention(args, w, rms_norm(x, w["input_layernorm.weight"], args.rms_norm_eps), cos, sin, mask,
                       k_cache, v_cache, slots, kernel)
-    return h + mlp(w, rms_norm(h, w["post_attention_layernorm.weight"], args.rms_norm_eps), kernel)
+    return h + mlp(args, w, rms_norm(h, w["post_attention_layernorm.weight"], args.rms_norm_eps), kernel)
 
 
 # --- the whole model
@@ -222,7 +243,7 @@ class Transformer:
         self.device = torch.device(device)
         self.dtype = globals_.embed.dtype
         self.inv_freq = rope_inv_freq(args, self.device)
-        self.fold_groups = folds_groups(args, self.device)  # see layer_mask
+        self.fold_groups = folds_groups(args)  # see layer_mask
         self.mask_kinds = {args.slides(i) for i in range(args.n_layers)}  # which of the two masks layers use
 
     @torch.inference_mode()

@@ -16,7 +16,7 @@ import torch
 
 from ..model.config import ModelArgs
 from ..model.ggml import ggml_name, ggml_shape
-from ..model.quantization import LINEARS, QuantSpec, linear_tensors
+from ..model.quantization import LINEARS, QuantSpec, linear_tensors, stored_linears
 
 ALIGN_BYTES = 256  # every tensor starts on a boundary that copies and kernels like
 
@@ -56,13 +56,19 @@ def layer_tensors(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None =
     for GGUF files, whose layers may keep their linears in different GGML types: model/ggml.py)."""
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     ggml = dict(zip(LINEARS, args.ggml_types[layer])) if args.ggml_types is not None else {}
-    for name, shape in args.layer_shapes().items():
+    shapes = args.layer_shapes()
+    # A packed linear sits where its first part would (stored_linears: q, k, v as one, gate and up as one).
+    stored = {parts[0]: (name, parts) for name, parts in stored_linears(quant).items()} if quant is not None else {}
+    for name, shape in shapes.items():
         linear = name.removesuffix(".weight")
         if linear in ggml:
             out[ggml_name(linear, ggml[linear])] = ggml_shape(ggml[linear], *shape)
         elif quant is not None and linear in LINEARS:
-            for suffix, spec in linear_tensors(shape[0], shape[1], quant).items():
-                out[f"{linear}.{suffix}"] = spec
+            if linear in stored:
+                packed, parts = stored[linear]
+                rows = sum(shapes[f"{p}.weight"][0] for p in parts)
+                for suffix, spec in linear_tensors(rows, shape[1], quant).items():
+                    out[f"{packed}.{suffix}"] = spec
         else:
             out[name] = (tuple(shape), dtype)
     return out

@@ -15,7 +15,8 @@ import torch
 
 from ..memory import check_host_memory
 from ..model.config import ModelArgs
-from ..model.quantization import KernelChoice, QuantSpec, kernel_block, kernel_extras, measure_kernel_times
+from ..model.quantization import (KernelChoice, QuantSpec, kernel_block, kernel_extras, measure_kernel_times,
+                                  stored_linears)
 from ..model.transformer import GlobalWeights, ResidentLayers, Transformer
 from ..residency import Residency
 from ..streaming import StreamedLayers
@@ -55,7 +56,7 @@ def load_layer(source: WeightSource, i: int, dtype: torch.dtype, device: torch.d
 
 def quant_key(quant: QuantSpec) -> str:
     """The cache subdirectory of a packed format (the 4-bit block differs between devices)."""
-    return f"{quant.label}-b{quant.block or 0}-v1"
+    return f"{quant.label}-b{quant.block or 0}-v2"  # v2: q/k/v and gate/up stacked
 
 
 def device_spec(quant: QuantSpec | None, device: torch.device) -> QuantSpec | None:
@@ -90,7 +91,8 @@ def packed_source(source: WeightSource, quant: QuantSpec | None, device: torch.d
     quant = device_spec(quant, device)
     if quant is None:
         return source, None
-    cache = None if quant_cache is None else PackedCache(Path(quant_cache) / quant_key(quant), source.args.n_layers)
+    cache = None if quant_cache is None else PackedCache(Path(quant_cache) / quant_key(quant), source.args.n_layers,
+                                                         len(stored_linears(quant)))
     return QuantizedSource(source, quant, cache), quant
 
 

@@ -3,7 +3,7 @@
 Each format is turned into the runtime's one packed format (model/quantization.py) linear by linear, as the
 layer buffers are filled: `QuantizedSource` is a WeightSource whose decoder linears come out packed, so the
 loader, the host store and the slots stay the same for every format, and host RAM never holds more than one
-linear in another form.
+packed linear (q/k/v or gate/up stacked: stored_linears) in another form.
 
 The published layouts (integers of `bits` bits packed into int32 words, low bits first):
 - AWQ GEMM (AutoAWQ): qweight int32 [K, N / 8] and qzeros int32 [K / g, N / 8] packed along the output dim in
@@ -26,7 +26,7 @@ import torch
 from ..errors import CheckpointError, ConfigError, UsageError
 from ..model.config import ModelArgs
 from ..model.quantization import (LINEARS, CheckpointQuant, QuantSpec, check_group_size, input_widths,
-                                  linear_tensors, pack_int4)
+                                  linear_tensors, pack_int4, stored_linears)
 from .source import WeightSource
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ word holds column AWQ_ORDER[i] of its eight
@@ -98,6 +98,15 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, rows: int = 1024) 
     return LinearInts(q, zeros, scales)
 
 
+def stack_ints(parts: list[LinearInts]) -> LinearInts:
+    """Linears over the same input as one, their output rows stacked in order (stored_linears)."""
+    if len(parts) == 1:
+        return parts[0]
+    assert all(p.g_idx is None for p in parts), "act-order linears are never stacked"
+    return LinearInts(torch.cat([p.q for p in parts]), torch.cat([p.zeros for p in parts], dim=1),
+                      torch.cat([p.scales for p in parts], dim=1))
+
+
 def pack_linear(ints: LinearInts, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """The packed tensors of one linear (suffix -> tensor), as `linear_tensors` lays them out."""
     N, K = ints.q.shape
@@ -154,8 +163,8 @@ class PackedCache:
 
     MARKER = "complete.json"
 
-    def __init__(self, root: Path, n_layers: int):
-        self.root, self.n_layers = Path(root), n_layers
+    def __init__(self, root: Path, n_layers: int, linears: int):
+        self.root, self.n_layers, self.linears = Path(root), n_layers, linears  # packed linears per layer
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
         self._headers: dict[int, dict] = {}
 
@@ -181,7 +190,7 @@ class PackedCache:
 
         pending = self._pending.setdefault(layer, {})
         pending.update({f"{prefix}.{sx}": t.contiguous() for sx, t in packed.items()})
-        if len(pending) < len(LINEARS) * len(packed):
+        if len(pending) < self.linears * len(packed):
             return
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = self._file(layer).with_suffix(f".{os.getpid()}.tmp")
@@ -210,12 +219,13 @@ class QuantizedSource:
         self.source_quant = base.args.quantization
         self.label = base.label
         self._shapes = {name.removesuffix(".weight"): shape for name, shape in base.args.layer_shapes().items()}
+        self.stored = stored_linears(spec)
         self._cached: tuple[str, dict[str, torch.Tensor]] | None = None
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
         prefix, _, suffix = name.rpartition(".")
         linear = prefix.split(".", 3)[-1] if prefix.startswith("model.layers.") else ""
-        if linear not in LINEARS or suffix == "bias":
+        if linear not in self.stored or suffix == "bias":
             return self.base.read_into(name, out)
         if self._cached is None or self._cached[0] != prefix:
             self._cached = (prefix, self._packed(prefix, linear))
@@ -223,9 +233,12 @@ class QuantizedSource:
 
     def _packed(self, prefix: str, linear: str) -> dict[str, torch.Tensor]:
         layer = int(prefix.split(".")[2])
+        parts = self.stored[linear]
         if self.cache is not None and self.cache.complete:
-            return self.cache.read(layer, prefix, list(linear_tensors(*self._shapes[linear], self.spec)))
-        packed = pack_linear(self._linear_ints(prefix, linear), self.spec)
+            rows = sum(self._shapes[p][0] for p in parts)
+            return self.cache.read(layer, prefix, list(linear_tensors(rows, self._shapes[parts[0]][1], self.spec)))
+        base = prefix.removesuffix(linear)
+        packed = pack_linear(stack_ints([self._linear_ints(base + p, p) for p in parts]), self.spec)
         if self.cache is not None:
             self.cache.add(layer, prefix, packed)
         return packed

@@ -288,7 +288,7 @@ def cpu_tables(quick: bool, threads: int, repeats: int, new_tokens: int, with_ll
                    ["layer_bytes", "bytes_per_sweep", "bytes_vs_bf16", "sweep_ms", "sweep_vs_bf16"])
     log(report.to_text(sweeps))
     plain = table("Plain greedy decoding, whole model resident", [],
-                  ["tokens_per_s", "vs_float32", "kernel_max_tokens"])
+                  ["tokens_per_s", "vs_float32", "vs_llama_cpp_q4_0", "kernel_max_tokens"])
     for label, args in shapes.items():
         plain.rows += plain_speed(label, args, repeats, new_tokens)
         log(report.to_text(plain))
@@ -303,6 +303,10 @@ def cpu_tables(quick: bool, threads: int, repeats: int, new_tokens: int, with_ll
                 plain.rows += got
     if missing:
         plain.notes.append(f"llama.cpp: {missing}.")
+    anchor = {r["model"]: r["tokens_per_s"] for r in plain.rows if r["format"] == "llama.cpp Q4_0"}
+    for r in plain.rows:  # the goal: our int4 at least half of llama.cpp's Q4_0
+        r["vs_llama_cpp_q4_0"] = r["tokens_per_s"] / anchor[r["model"]] if r["model"] in anchor else None
+    plain.notes.append("tokens/s: new tokens over the time from the prompt (16 tokens) to the last one, both sides")
     group = QuantSpec(4, group_for(main_shape))
     spec = table("Speculative decoding, int4 target and draft (greedy, 16-node Sequoia tree)",
                  speculative(first, lambda bits: random_engine(main_shape, torch.bfloat16 if bits else torch.float32,

@@ -11,7 +11,6 @@ from .errors import ResourceError, UsageError
 from .memory import DeviceBudget, activation_bytes, device_free_memory, fmt_bytes
 from .model.config import ModelArgs
 from .model.quantization import QuantSpec
-from .model.transformer import folds_groups
 from .weights.disk import DEFAULT_PREFETCH, padded_bytes
 from .weights.layout import layer_bytes, model_bytes
 
@@ -86,8 +85,7 @@ def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: Model
     act = activation_bytes(args, tokens, max_seq_len, dtype, batch)
     if on_cuda:  # the memory-efficient kernel never forms the score matrix (model.py: attention masks)
         act -= batch * args.n_heads * tokens * max_seq_len * 4
-        if folds_groups(args):
-            act += batch * (args.n_heads // args.n_kv_heads) * tokens * max_seq_len * size  # the folded mask
+        act += batch * (args.n_heads // args.n_kv_heads) * tokens * max_seq_len * size  # the folded mask
     fixed = {
         "embeddings and head": args.global_numel() * size,
         "target KV cache": args.kv_bytes_per_token(dtype) * batch * (max_seq_len + 1),

@@ -178,7 +178,7 @@ def layer_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
                      kernel: KernelChoice | None = None) -> list[float]:
     """T_layer(n) for n in `grid`: seconds of one decoder layer over n new tokens against `prefix` cached ones
     (quantized layers: by the path `kernel` chooses for n tokens, as the engine runs them)."""
-    from offload_runtime.model.transformer import decoder_layer, folds_groups, layer_mask, rope_cos_sin, rope_inv_freq
+    from offload_runtime.model.transformer import decoder_layer, layer_mask, rope_cos_sin, rope_inv_freq
 
     grid = _check_grid(grid)
     g = _device_generator(device, seed)
@@ -191,10 +191,10 @@ def layer_time_curve(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
     out: list[float] = []
     with torch.inference_mode():
         for n in grid:
-            x = torch.randn(1, n, args.dim, generator=g, device=device, dtype=torch.float32).to(dtype)
+            x = torch.randn(n, args.dim, generator=g, device=device, dtype=torch.float32).to(dtype)
             positions = torch.arange(prefix, prefix + n, device=device)[None]
             cos, sin = rope_cos_sin(inv_freq, positions, dtype)
-            mask = layer_mask(args, _chain_mask(prefix, n, device), dtype, folds_groups(args))
+            mask = layer_mask(args, _chain_mask(prefix, n, device), dtype)
 
             def run() -> None:
                 for w, (k, v) in zip(layers, caches):

@@ -182,7 +182,7 @@ def test_folded_attention_equals_grouped_attention(dtype, layout, monkeypatch):
     if layout == "cuda-like":
         _cuda_like_sdpa(monkeypatch)
     from offload_runtime.model.config import ModelArgs
-    from offload_runtime.model.transformer import _attend, folds_groups, layer_mask
+    from offload_runtime.model.transformer import _attend, layer_mask
 
     args = ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=2, head_dim=8, vocab_size=16, intermediate_size=8)
     g = torch.Generator().manual_seed(5)
@@ -201,10 +201,34 @@ def test_folded_attention_equals_grouped_attention(dtype, layout, monkeypatch):
     wrong = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat(1, 4, 1, 1), v.repeat(1, 4, 1, 1), attn_mask=mask)
     assert rel_err(wrong, want) > 1e-2
-    # folding is for grouped-query models (on every device)
-    assert folds_groups(args)
+    # multi-head models take the additive mask too (G = 1): the bits of SDPA's own conversion of the boolean mask
     mha = ModelArgs(dim=64, n_layers=1, n_heads=8, n_kv_heads=8, head_dim=8, vocab_size=16, intermediate_size=8)
-    assert not folds_groups(mha)
+    additive = layer_mask(mha, mask, dtype)
+    assert additive.shape == (B, 1, T, S) and additive.dtype == dtype
+    k8, v8 = (torch.randn(B, mha.n_kv_heads, S, mha.head_dim, generator=g, dtype=dtype) for _ in range(2))
+    assert torch.equal(_attend(q, k8, v8, additive), _attend(q, k8, v8, mask))
+
+
+def test_packed_head_gives_the_plain_heads_bits():
+    """The bf16 head on the CPU runs on a pre-blocked copy (packed_head) where that is F.linear's bits: here it is
+    used, and its logits equal F.linear's for one token, a batch of rows, a tree and no rows at all. Other dtypes
+    keep the plain matmul."""
+    import torch.nn.functional as F
+
+    from offload_runtime.model.transformer import GlobalWeights, packed_head
+
+    g = torch.Generator().manual_seed(21)
+    for V, D in ((4096, 384), (1000, 64), (49152, 576)):
+        head = (torch.randn(V, D, generator=g) * 0.02).to(torch.bfloat16)
+        packed = packed_head(head)
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            assert packed is not None, (V, D)
+        weights = GlobalWeights(head, head[0], head, packed)
+        for shape in ((1, 1), (3, 1), (2, 17), (1, 0)):
+            x = torch.randn(*shape, D, generator=g).to(torch.bfloat16)
+            assert torch.equal(weights.logits(x), F.linear(x, head)), (V, D, shape)
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        assert packed_head(torch.randn(64, 32).to(dtype)) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])

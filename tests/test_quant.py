@@ -295,7 +295,7 @@ def test_stacked_linear_is_its_parts_side_by_side(bits, group, dtype):
     stacked = layer(stack_ints(parts), "qkv")
     alone = [layer(p, f"part{i}") for i, p in enumerate(parts)]
     for tokens in (1, 5):
-        x = torch.randn(1, tokens, K, generator=g).to(dtype)
+        x = torch.randn(tokens, K, generator=g).to(dtype)
         for choice in (KernelChoice(1 << 20), KernelChoice(0)):
             got = quantized_linear(x, stacked, "qkv", choice)
             want = torch.cat([quantized_linear(x, w, f"part{i}", choice) for i, w in enumerate(alone)], dim=-1)
@@ -474,6 +474,40 @@ def test_bench_quant_projection_and_sweep_bytes():
     assert rows["int4 g128"]["bytes_vs_bf16"] < 0.3 and 0.45 < rows["int8 g128"]["bytes_vs_bf16"] < 0.55
     assert rows["int4 g128"]["bytes_per_sweep"] == 4 * rows["int4 g128"]["layer_bytes"]
     assert bench.fmt("int4 g", bench.SMOLLM2_135M)[0] == "int4 g64"  # 576 is not a multiple of 128
+
+
+def test_bench_quant_times_llama_cpp_in_the_same_rotation(monkeypatch):
+    """The outside anchor's runs are interleaved with ours (a slow spell of the machine falls on both sides of the
+    ratio), and its row carries the speed its runs measured."""
+    from helpers import load_tool
+
+    from offload_runtime.api.engine import CallStats
+
+    bench = load_tool("bench_quant")
+    order: list[str] = []
+    real = bench.decode_method
+
+    def ours(engine, new_tokens):
+        method = real(engine, new_tokens)
+
+        def run(repeat):
+            order.append("ours")
+            return method(repeat)
+        return run
+
+    def anchor(repeat):
+        order.append("anchor")
+        return bench.h.Run([[7] * 4], 0.01, CallStats(steps=4))
+
+    monkeypatch.setattr(bench, "decode_method", ours)
+    rows = bench.plain_speed("tiny", bench.QUICK, repeats=2, new_tokens=3, anchors={"llama.cpp Q4_0": anchor})
+    by = {r["format"]: r for r in rows}
+    assert list(by)[-1] == "llama.cpp Q4_0" and by["llama.cpp Q4_0"]["tokens_per_s"] == pytest.approx(400)
+    assert len(by) == len(bench.FORMATS) + 1 and by["float32"]["vs_float32"] == 1
+    runs = order[len(bench.FORMATS) + 1:]  # after one warm-up each: the repeats, rotated
+    assert len(runs) == 2 * (len(bench.FORMATS) + 1) and runs.count("anchor") == 2
+    first, second = (i for i, r in enumerate(runs) if r == "anchor")
+    assert first < len(runs) // 2 <= second  # once in each repeat, not both at the end
 
 
 def test_engine_follows_the_plans_measured_kernel_threshold():

@@ -27,7 +27,7 @@ from report import Column, Table, sig
 
 import torch
 
-from offload_runtime.api.engine import Engine
+from offload_runtime.api.engine import CallStats, Engine
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.quantization import QuantSpec
 from offload_runtime.residency import Residency
@@ -93,21 +93,20 @@ def prompt(vocab: int, n: int = 16) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(1)).tolist()
 
 
-def measure(engines: dict[str, Engine], repeats: int, new_tokens: int, *, decode_only: bool = False
-            ) -> dict[str, list[h.Run]]:
-    """Greedy runs of one prompt through each engine (its own tree, or plain without a draft), interleaved; with
-    `decode_only` (plain decoding) each run is timed as llama.cpp's rows are (decode_run)."""
-    def method(e: Engine) -> h.Method:
-        if decode_only:
-            return lambda repeat: decode_run(e, min(new_tokens, 4) if repeat < 0 else new_tokens)
-        return h.engine_method(e, None, [prompt(e.target.args.vocab_size)], new_tokens, 0.0)
+def measure(engines: dict[str, Engine], repeats: int, new_tokens: int) -> dict[str, list[h.Run]]:
+    """Greedy runs of one prompt through each engine (its own tree, or plain without a draft), interleaved."""
+    return h.interleaved({k: h.engine_method(e, None, [prompt(e.target.args.vocab_size)], new_tokens, 0.0)
+                          for k, e in engines.items()}, repeats)
 
-    return h.interleaved({k: method(e) for k, e in engines.items()}, repeats)
+
+def decode_method(engine: Engine, new_tokens: int) -> h.Method:
+    """Plain decoding as a method of the harness's protocol, timed as llama.cpp's rows are (decode_run)."""
+    return lambda repeat: decode_run(engine, min(new_tokens, 4) if repeat < 0 else new_tokens)
 
 
 def decode_run(engine: Engine, new_tokens: int) -> h.Run:
     """Plain greedy decoding timed from the step that emits the first new token to the one that emits the last:
-    new_tokens - 1 tokens, the prompt's cost left out (as llama_cpp_tokens_per_s times llama.cpp)."""
+    new_tokens - 1 tokens, the prompt's cost left out (as llama_cpp_method times llama.cpp)."""
     req = engine.request(prompt(engine.target.args.vocab_size), max_new_tokens=new_tokens, temperature=0.0,
                          ignore_eos=True)
     marks: list[float] = []
@@ -139,12 +138,17 @@ def bytes_and_sweeps(label: str, args: ModelArgs, repeats: int, new_tokens: int)
             for f, e in engines.items()]
 
 
-def plain_speed(label: str, args: ModelArgs, repeats: int, new_tokens: int) -> list[Row]:
-    """CPU plain greedy tokens/s per format (the whole model resident), ratios against float32."""
+def plain_speed(label: str, args: ModelArgs, repeats: int, new_tokens: int,
+                anchors: dict[str, h.Method]) -> list[Row]:
+    """CPU plain greedy tokens/s per format (the whole model resident), ratios against float32. `anchors`
+    (llama.cpp on the same shape) run in the same interleaved rotation, so a spell of a slower machine falls on
+    both sides of every ratio."""
     engines = {f: random_engine(args, dtype, quant) for f, dtype, quant in (fmt(f, args) for f in FORMATS)}
-    speed = {f: tokens_per_s(rs) for f, rs in measure(engines, repeats, new_tokens, decode_only=True).items()}
+    methods = {f: decode_method(e, new_tokens) for f, e in engines.items()} | anchors
+    speed = {f: tokens_per_s(rs) for f, rs in h.interleaved(methods, repeats).items()}
     return [{"model": label, "format": f, "tokens_per_s": speed[f], "vs_float32": speed[f] / speed["float32"],
-             "kernel_max_tokens": e.target.kernel.max_tokens if e.target.kernel else 0} for f, e in engines.items()]
+             "kernel_max_tokens": e.target.kernel.max_tokens if e.target.kernel else 0} for f, e in engines.items()] \
+        + [{"model": label, "format": name, "tokens_per_s": speed[name]} for name in anchors]
 
 
 def speculative(label: str, make: Callable[[int | None], Engine], repeats: int, new_tokens: int) -> list[Row]:
@@ -170,23 +174,25 @@ def demo_engine(bits: int | None) -> Engine | None:
 # --- llama.cpp, the outside anchor
 
 
-def llama_cpp_tokens_per_s(path: Path, threads: int, vocab: int, repeats: int, new_tokens: int) -> float:
-    """llama.cpp's greedy decode tokens/s on the GGUF file `path`, median of `repeats`: timed from the first new
-    token to the last (new_tokens - 1 tokens), as decode_run times ours."""
+def llama_cpp_method(path: Path, threads: int, vocab: int, new_tokens: int) -> h.Method:
+    """llama.cpp's greedy decoding of the GGUF file `path` as a method of the harness's protocol: timed from the
+    first new token to the last (new_tokens - 1 tokens), as decode_run times ours."""
     import llama_cpp
 
     llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=threads, n_batch=64, verbose=False)
-    speeds = []
-    for _ in range(repeats):
+
+    def run(repeat: int) -> h.Run:
+        n = min(new_tokens, 4) if repeat < 0 else new_tokens
         llm.reset()
         llm.eval(prompt(vocab))
-        token = int(llm.sample(temp=0.0))
+        token, tokens = int(llm.sample(temp=0.0)), []
         t0 = time.perf_counter()
-        for _ in range(new_tokens - 1):
+        for _ in range(n - 1):
             llm.eval([token])
             token = int(llm.sample(temp=0.0))
-        speeds.append((new_tokens - 1) / (time.perf_counter() - t0))
-    return statistics.median(speeds)
+            tokens.append(token)
+        return h.Run([tokens], time.perf_counter() - t0, CallStats(steps=n - 1))
+    return run
 
 
 def llama_cpp_missing() -> str:
@@ -198,16 +204,15 @@ def llama_cpp_missing() -> str:
     return ""
 
 
-def llama_cpp_rows(label: str, args: ModelArgs, workdir: Path, threads: int, repeats: int,
-                   new_tokens: int) -> list[Row] | str:
-    """Greedy tokens/s of llama.cpp's own Q8_0 and Q4_0 (default settings: the anchor) on the same random shape,
-    and of a Q4_0 whose head and embedding stay F16: a same-bytes comparison, not the anchor. Plain Q4_0 keeps its
-    head in 8 or 6 bits; our int4 keeps the checkpoint's 16-bit head (the issue's rule), and the head is a large
-    part of a small model's token."""
+def llama_cpp_files(label: str, args: ModelArgs, workdir: Path, threads: int) -> dict[str, Path] | str:
+    """llama.cpp's own Q8_0 and Q4_0 (default settings: the anchor) of the same random shape, and a Q4_0 whose head
+    and embedding stay F16: a same-bytes comparison, not the anchor. Plain Q4_0 keeps its head in 8 or 6 bits; our
+    int4 keeps the checkpoint's 16-bit head (the issue's rule), and the head is a large part of a small model's
+    token. Returns row label -> file, or why llama.cpp could not make one."""
     import llama_cpp
 
     f32 = gguf_write.random_gguf(args, workdir / f"{label}-f32.gguf", "F32", fill=True)
-    rows = []
+    files = {}
     for i, (qname, head16) in enumerate((("Q8_0", False), ("Q4_0", False), ("Q4_0, F16 head and embedding", True))):
         out = workdir / f"{label}-{i}.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
@@ -216,9 +221,8 @@ def llama_cpp_rows(label: str, args: ModelArgs, workdir: Path, threads: int, rep
             params.output_tensor_type = params.token_embedding_type = llama_cpp.GGML_TYPE_F16
         if llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params) != 0:
             return f"llama.cpp could not quantize to {qname}"
-        rows.append({"model": label, "format": f"llama.cpp {qname}",
-                     "tokens_per_s": llama_cpp_tokens_per_s(out, threads, args.vocab_size, repeats, new_tokens)})
-    return rows
+        files[f"llama.cpp {qname}"] = out
+    return files
 
 
 # --- GGUF files: the file's blocks streamed and dequantized by the runtime, llama.cpp on the same files
@@ -241,16 +245,17 @@ def gguf_rows(label: str, args: ModelArgs, workdir: Path, threads: int, repeats:
             engines[f"{name}, {dtype}"] = Engine.from_pretrained(path, dtype=dtype, **opts)
         streamed = Engine.from_pretrained(path, dtype="bfloat16", offload=True, resident_layers=0, **opts)
         streamed_bytes[name] = streamed.target.layers.bytes_per_sweep
-    speed = {f: tokens_per_s(rs) for f, rs in measure(engines, repeats, new_tokens, decode_only=True).items()}
+    note = llama_cpp_missing() if with_llama_cpp else ""
+    anchors = {} if note or not with_llama_cpp else {
+        f"llama.cpp {name.removeprefix('GGUF ')}": llama_cpp_method(path, threads, args.vocab_size, new_tokens)
+        for name, path in files.items()}
+    methods = {f: decode_method(e, new_tokens) for f, e in engines.items()} | anchors
+    speed = {f: tokens_per_s(rs) for f, rs in h.interleaved(methods, repeats).items()}
     rows = [{"model": label, "format": f, "bytes_per_sweep": (b := streamed_bytes[f.split(",")[0]]),
              "bytes_vs_bf16": b / streamed_bytes["bf16"], "tokens_per_s": speed[f], "vs_bf16": speed[f] / speed["bf16"]}
             for f in engines]
-    note = llama_cpp_missing() if with_llama_cpp else ""
-    if with_llama_cpp and not note:
-        for name, path in files.items():
-            s = llama_cpp_tokens_per_s(path, threads, args.vocab_size, repeats, new_tokens)
-            rows.append({"model": label, "format": f"llama.cpp {name.removeprefix('GGUF ')}", "tokens_per_s": s,
-                         "vs_bf16": s / speed["bf16"]})
+    rows += [{"model": label, "format": name, "tokens_per_s": speed[name], "vs_bf16": speed[name] / speed["bf16"]}
+             for name in anchors]
     return rows, note
 
 
@@ -314,18 +319,15 @@ def cpu_tables(quick: bool, threads: int, repeats: int, new_tokens: int, with_ll
     log(report.to_text(sweeps))
     plain = table("Plain greedy decoding, whole model resident", [],
                   ["tokens_per_s", "vs_float32", "vs_llama_cpp_q4_0", "kernel_max_tokens"])
-    for label, args in shapes.items():
-        plain.rows += plain_speed(label, args, repeats, new_tokens)
-        log(report.to_text(plain))
     missing = llama_cpp_missing() if with_llama_cpp else ""
-    if with_llama_cpp and not missing:
-        with tempfile.TemporaryDirectory() as tmp:
-            for label, args in shapes.items():
-                got = llama_cpp_rows(label, args, Path(tmp), threads, repeats, new_tokens)
-                if isinstance(got, str):
-                    missing = got
-                    break
-                plain.rows += got
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, args in shapes.items():
+            files = llama_cpp_files(label, args, Path(tmp), threads) if with_llama_cpp and not missing else {}
+            if isinstance(files, str):
+                missing, files = files, {}
+            anchors = {name: llama_cpp_method(path, threads, args.vocab_size, new_tokens) for name, path in files.items()}
+            plain.rows += plain_speed(label, args, repeats, new_tokens, anchors)
+            log(report.to_text(plain))
     if missing:
         plain.notes.append(f"llama.cpp: {missing}.")
     anchor = {r["model"]: r["tokens_per_s"] for r in plain.rows if r["format"] == "llama.cpp Q4_0"}

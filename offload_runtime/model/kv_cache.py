@@ -20,6 +20,8 @@ class KVCache:
         # [L, k|v, B, H_kv, S + 1, Dh]; slot S is a scratch slot that padded queries write to.
         self.kv = torch.zeros(args.n_layers, 2, batch, args.n_kv_heads, max_len + 1, args.head_dim,
                               dtype=dtype, device=device)
+        # Each layer's (k, v) [B, H_kv, S + 1, Dh], made once: views of `kv`, so `keep` and `clear` show in them.
+        self.layer_views = [tuple(layer.unbind(0)) for layer in self.kv.unbind(0)]
 
     @property
     def batch(self) -> int:

@@ -238,20 +238,11 @@ def kernel_applies(w: Mapping[str, torch.Tensor], name: str, bits: int, x: torch
     return x.device.type == "cuda" and x.dtype == torch.bfloat16 and K % 128 == 0 and N % 8 == 0
 
 
-def _kernel_linear(x2: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, bits: int,
-                   sz: torch.Tensor | None) -> torch.Tensor:
-    qweight = w[name + ".qweight"]
-    if bits == 8:
-        scales = w[name + ".scales"][0]
-        # (q - z) s = (q - 128) s + (128 - z) s: the kernel takes the first term, the zero point adds a rank-1 term.
-        shift = ((128 - w[name + ".zeros"][0].to(torch.float32)) * scales.to(torch.float32)).to(x2.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x2.dtype))
-        return y + x2.sum(-1, keepdim=True) * shift
-    K = qweight.shape[1]
-    if sz is None:
-        sz = _scales_and_zeros(w, name, x2.dtype)
+def _int4_kernel(x2: torch.Tensor, qweight: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    """torch's int4 kernel on x2 [M, K] with the kernel's scales and zeros `sz` [G, N, 2]."""
+    K = x2.shape[1]
     group = K // sz.shape[0]
-    if x2.device.type == "cpu":
+    if x2.is_cpu:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, qweight.view(-1, K // 2), group, sz)
     # CUDA's tinygemm layout is tiled for tensor cores: repack on the device (a pass over 0.5 B per weight,
     # far below what the layer's copy over PCIe costs).
@@ -260,23 +251,36 @@ def _kernel_linear(x2: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, b
     return torch.ops.aten._weight_int4pack_mm(x2, tiled, group, sz)
 
 
+def _kernel_linear(x2: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, bits: int) -> torch.Tensor:
+    qweight = w[name + ".qweight"]
+    if bits == 4:
+        return _int4_kernel(x2, qweight, _scales_and_zeros(w, name, x2.dtype))
+    scales = w[name + ".scales"][0]
+    # (q - z) s = (q - 128) s + (128 - z) s: the kernel takes the first term, the zero point adds a rank-1 term.
+    shift = ((128 - w[name + ".zeros"][0].to(torch.float32)) * scales.to(torch.float32)).to(x2.dtype)
+    y = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales.to(x2.dtype))
+    return y + x2.sum(-1, keepdim=True) * shift
+
+
 def quantized_linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, kernel: KernelChoice | None,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ bias) for the quantized linear `name` of layer weights `w`.
+    """y [M, N] = x W^T (+ bias) for x [M, K] and the quantized linear `name` of layer weights `w`.
 
     Runs once per linear per forward, so at one token its Python is a good part of the step: a resident layer's
-    `.kernel_sz` (kernel_extras) stands for the kernel_applies check and the scales-and-zeros conversion."""
-    K = x.shape[-1]
-    tokens = x.numel() // K
-    bits = 4 if w[name + ".qweight"].dtype == torch.uint8 else 8
-    if kernel is not None and tokens <= kernel.max_tokens:
-        sz = w.get(name + ".kernel_sz")
-        if sz is not None and sz.dtype != x.dtype:
-            sz = None
-        if sz is not None or kernel_applies(w, name, bits, x):
-            y = _kernel_linear(x.reshape(tokens, K), w, name, bits, sz).view(*x.shape[:-1], -1)
-            return y if bias is None else y + bias
-    return F.linear(x, dequantize(w, name, bits, x.dtype), bias)
+    `.kernel_sz` (kernel_extras) stands for the kernel_applies check and the scales-and-zeros conversion, and
+    goes straight to the op."""
+    assert x.dim() == 2, x.shape
+    qweight = w[name + ".qweight"]
+    use_kernel = kernel is not None and x.shape[0] <= kernel.max_tokens
+    sz = w.get(name + ".kernel_sz") if use_kernel else None
+    if sz is not None and sz.dtype == x.dtype:
+        y = _int4_kernel(x, qweight, sz)
+    else:
+        bits = 4 if qweight.dtype == torch.uint8 else 8
+        if not (use_kernel and kernel_applies(w, name, bits, x)):
+            return F.linear(x, dequantize(w, name, bits, x.dtype), bias)
+        y = _kernel_linear(x, w, name, bits)
+    return y if bias is None else y + bias
 
 
 # --- choosing the path by measurement

@@ -52,6 +52,37 @@ class GlobalWeights:
     embed: torch.Tensor  # [V, D]
     norm: torch.Tensor  # [D]
     lm_head: torch.Tensor  # [V, D]; the embedding itself when tied
+    lm_head_packed: torch.Tensor | None = None  # lm_head in oneDNN's blocked layout (packed_head), or None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] normed -> logits [..., V]."""
+        if self.lm_head_packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.lm_head_packed, None, "none", [], "")
+        return F.linear(x, self.lm_head)
+
+
+def packed_head(lm_head: torch.Tensor) -> torch.Tensor | None:
+    """lm_head laid out once in oneDNN's blocked format, for bfloat16 on the CPU; None elsewhere.
+
+    At one decoded token the head is the largest single matmul of a small model, and torch's bf16 F.linear on the
+    CPU runs it at half the speed of the same oneDNN matmul on a pre-blocked weight (SmolLM2-135M's 49152 x 576
+    head at 2 threads: 5.1 vs 2.7 ms), with the same bits in every case measured. The packed head is used only
+    where a probe shows those bits here (one token and a batch of several); it is a second copy of the head in
+    host RAM."""
+    if lm_head.device.type != "cpu" or lm_head.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(lm_head, 1)
+    except (RuntimeError, AttributeError):  # a torch or CPU without these ops: the plain matmul
+        return None
+    g = torch.Generator().manual_seed(0)
+    probe = GlobalWeights(lm_head, lm_head[0], lm_head, packed)
+    with torch.inference_mode():
+        for shape in ((1, 1), (2, 3)):
+            x = torch.randn(*shape, lm_head.shape[1], generator=g).to(lm_head.dtype)
+            if not torch.equal(probe.logits(x), F.linear(x, lm_head)):
+                return None
+    return packed
 
 
 # --- rotary embeddings
@@ -102,23 +133,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # (ForwardBatch.window_mask); each layer uses the one its config names (ModelArgs.slides), and each mask is
 # turned into a layer mask once per forward, not once per layer.
 #
-# A layer's mask is either the batch's boolean mask [B, 1, T, S] (True = may attend), or, for grouped-query
-# models, a "folded" additive mask [B, 1, G*T, S]: the G query heads that share a K/V head are laid along the
-# query axis, so attention runs with H_kv heads and no K/V expansion. On CUDA that is what keeps a tree's
-# attention in the memory-efficient kernel: flash attention takes no mask and the memory-efficient kernel takes
-# no grouped heads, so enable_gqa with a mask falls to the math path, which forms the whole [B, H, T, S] score
-# matrix (over a gigabyte per layer for a 1024-node tree on 70B at 4k context). On the CPU, the flash kernel
-# runs the folded layout faster at every size measured: ~2x for one decoded token (SmolLM2-135M's 9 / 3 heads,
-# 40 keys: 28 vs 59 us), ~1.2x for 16-256-node trees.
+# A layer's mask is additive, [B, 1, G*T, S] with G = H / H_kv query heads per K/V head ("folded"): the G query
+# heads that share a K/V head are laid along the query axis, so attention runs with H_kv heads and no K/V
+# expansion. On CUDA that is what keeps a tree's attention in the memory-efficient kernel: flash attention takes no
+# mask and the memory-efficient kernel takes no grouped heads, so enable_gqa with a mask falls to the math path,
+# which forms the whole [B, H, T, S] score matrix (over a gigabyte per layer for a 1024-node tree on 70B at 4k
+# context). On the CPU, the flash kernel runs the folded layout faster at every size measured: ~2x for one
+# decoded token (SmolLM2-135M's 9 / 3 heads, 40 keys: 28 vs 59 us), ~1.2x for 16-256-node trees. Multi-head
+# models (G = 1) take the additive mask too: SDPA turns a boolean mask into that same 0 / -inf mask in every call,
+# which is the same bits once per forward instead of once per layer.
 
 
-def folds_groups(args: ModelArgs) -> bool:
-    """Whether layer masks are folded (see above): grouped-query models, on every device."""
-    return args.n_kv_heads != args.n_heads
-
-
-def layer_mask(args: ModelArgs, mask: torch.Tensor, dtype: torch.dtype, fold: bool) -> torch.Tensor:
-    """The mask every decoder layer of one forward uses, built once per forward (not per layer)."""
+def layer_mask(args: ModelArgs, mask: torch.Tensor, dtype: torch.dtype, fold: bool = True) -> torch.Tensor:
+    """The mask every decoder layer of one forward uses, built once per forward (not per layer). fold=False keeps
+    the boolean mask [B, 1, T, S] (attention by enable_gqa: the unfolded reference the tests compare with)."""
     if not fold:
         return mask
     G = args.n_heads // args.n_kv_heads
@@ -151,14 +179,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (h rsqrt(mean(h^2) + eps)).to(x.dtype), h = x in float32, as transformers computes it (float64
     included: its statistics are taken in float32 too). torch's rms_norm gives those bits in one op on the CPU,
     and takes 16-bit input as it is, computing in float32 and rounding once (tests/test_model.py checks both)."""
-    h = x.to(torch.float32) if x.dtype == torch.float64 else x
-    return weight * F.rms_norm(h, x.shape[-1:], eps=eps).to(x.dtype)
+    if x.dtype != torch.float64:
+        return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+    return weight * F.rms_norm(x.to(torch.float32), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def _linear(x: torch.Tensor, w: LayerWeights, name: str, kernel: KernelChoice | None = None) -> torch.Tensor:
-    """The one place a layer's weights are used: a float matmul, a quantized linear (model/quantization.py)
-    by the int kernel or dequantize + matmul, as `kernel` says for this many tokens, or a GGUF linear kept in
-    the file's blocks (model/ggml.py: dequantize + matmul)."""
+    """The one place a layer's weights are used, on x [M, K]: a float matmul, a quantized linear
+    (model/quantization.py) by the int kernel or dequantize + matmul, as `kernel` says for this many tokens, or a
+    GGUF linear kept in the file's blocks (model/ggml.py: dequantize + matmul)."""
     weight = w.get(name + ".weight")
     if weight is not None:
         return F.linear(x, weight, w.get(name + ".bias"))
@@ -169,14 +198,18 @@ def _linear(x: torch.Tensor, w: LayerWeights, name: str, kernel: KernelChoice | 
     return ggml_linear(x, w, name, kind, w.get(name + ".bias"))
 
 
-def _linears(x: torch.Tensor, w: LayerWeights, fused: str, parts: tuple[str, ...], sizes: list[int],
-             kernel: KernelChoice | None) -> list[torch.Tensor]:
-    """The outputs of linears `parts` over the same input: one call on their stacked packed linear where the layer
-    holds one (quantized layers: model/quantization.py stored_linears), else one call each. Biases stay apart."""
+def _linears(x: torch.Tensor, w: LayerWeights, fused: str, kernel: KernelChoice | None) -> torch.Tensor:
+    """The outputs of the linears FUSED[fused] over the same x [M, K], side by side [M, sum of their widths]: one
+    call on their stacked packed linear where the layer holds one (quantized layers: model/quantization.py
+    stored_linears), else one call each, concatenated. Biases are each part's (added as one stacked vector: the
+    same sums)."""
+    parts = FUSED[fused]
     if fused + ".qweight" not in w:
-        return [_linear(x, w, p, kernel) for p in parts]
-    ys = quantized_linear(x, w, fused, kernel).split(sizes, dim=-1)
-    return [y if (b := w.get(p + ".bias")) is None else y + b for y, p in zip(ys, parts)]
+        return torch.cat([_linear(x, w, p, kernel) for p in parts], dim=-1)
+    y = quantized_linear(x, w, fused, kernel)
+    if parts[0] + ".bias" in w:  # a model has all of a stacked linear's biases or none (ModelArgs)
+        y = y + torch.cat([w[p + ".bias"] for p in parts])
+    return y
 
 
 @functools.lru_cache(maxsize=64)
@@ -188,41 +221,43 @@ def _batch_rows(B: int, device: torch.device) -> torch.Tensor:
 def attention(
     args: ModelArgs,
     w: LayerWeights,
-    x: torch.Tensor,  # [B, T, D], already normed
+    x: torch.Tensor,  # [B*T, D], already normed
     cos: torch.Tensor,
     sin: torch.Tensor,  # [B, 1, T, Dh]
-    mask: torch.Tensor,  # [B, 1, T, S] bool, or folded [B, 1, G*T, S] additive (layer_mask)
+    mask: torch.Tensor,  # [B, 1, G*T, S] additive (layer_mask), or [B, 1, T, S] bool (unfolded)
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,  # [B, H_kv, S_max + 1, Dh]
     slots: torch.Tensor,  # [B, T] where the new K/V go in cache rows 0..B-1
     kernel: KernelChoice | None = None,
 ) -> torch.Tensor:
-    B, T, _ = x.shape
-    q, k, v = _linears(x, w, "self_attn.qkv_proj", FUSED["self_attn.qkv_proj"],
-                       [args.q_size, args.kv_size, args.kv_size], kernel)
-    q = q.view(B, T, args.n_heads, args.head_dim)
-    k = k.view(B, T, args.n_kv_heads, args.head_dim)
-    v = v.view(B, T, args.n_kv_heads, args.head_dim).transpose(1, 2)
+    B, T = slots.shape
+    H, H_kv = args.n_heads, args.n_kv_heads
+    qkv = _linears(x, w, "self_attn.qkv_proj", kernel).view(B, T, H + 2 * H_kv, args.head_dim)
+    qk, v = qkv[:, :, :H + H_kv], qkv[:, :, H + H_kv:]
     if args.qk_norm:  # Qwen3: each head normalised on its own, before RoPE
-        q = rms_norm(q, w["self_attn.q_norm.weight"], args.rms_norm_eps)
-        k = rms_norm(k, w["self_attn.k_norm.weight"], args.rms_norm_eps)
-    q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)
+        qk = torch.cat((rms_norm(qk[:, :, :H], w["self_attn.q_norm.weight"], args.rms_norm_eps),
+                        rms_norm(qk[:, :, H:], w["self_attn.k_norm.weight"], args.rms_norm_eps)), dim=2)
+    qk = apply_rope(qk.transpose(1, 2), cos, sin)  # queries and keys rotated in one pass: [B, H + H_kv, T, Dh]
+    q, k = qk[:, :H], qk[:, H:]
     rows = _batch_rows(B, slots.device)
     # Advanced indices around a slice put the indexed dims first: the target view is [B, T, H_kv, Dh].
     k_cache[rows, :, slots] = k.transpose(1, 2)
-    v_cache[rows, :, slots] = v.transpose(1, 2)
+    v_cache[rows, :, slots] = v
     S = mask.shape[-1]
     out = _attend(q, k_cache[:B, :, :S], v_cache[:B, :, :S], mask)  # [B, H, T, Dh]
-    return _linear(out.transpose(1, 2).reshape(B, T, args.q_size), w, "self_attn.o_proj", kernel)
+    return _linear(out.transpose(1, 2).reshape(B * T, args.q_size), w, "self_attn.o_proj", kernel)
 
 
 def mlp(args: ModelArgs, w: LayerWeights, x: torch.Tensor, kernel: KernelChoice | None = None) -> torch.Tensor:
-    gate, up = _linears(x, w, "mlp.gate_up_proj", FUSED["mlp.gate_up_proj"], [args.intermediate_size] * 2, kernel)
-    return _linear(F.silu(gate) * up, w, "mlp.down_proj", kernel)
+    gate_up = _linears(x, w, "mlp.gate_up_proj", kernel)
+    width = args.intermediate_size
+    return _linear(F.silu(gate_up[:, :width]) * gate_up[:, width:], w, "mlp.down_proj", kernel)
 
 
 def decoder_layer(args: ModelArgs, w: LayerWeights, x: torch.Tensor, cos, sin, mask, k_cache, v_cache, slots,
                   kernel: KernelChoice | None = None) -> torch.Tensor:
+    """One decoder layer over x [B*T, D]: the batch's tokens as rows (slots [B, T] gives the split), so every
+    linear takes its input as it is."""
     h = x + attention(args, w, rms_norm(x, w["input_layernorm.weight"], args.rms_norm_eps), cos, sin, mask,
                       k_cache, v_cache, slots, kernel)
     return h + mlp(args, w, rms_norm(h, w["post_attention_layernorm.weight"], args.rms_norm_eps), kernel)
@@ -243,7 +278,7 @@ class Transformer:
         self.device = torch.device(device)
         self.dtype = globals_.embed.dtype
         self.inv_freq = rope_inv_freq(args, self.device)
-        self.fold_groups = folds_groups(args)  # see layer_mask
+        self.fold_groups = True  # the additive mask layout (layer_mask); tests turn it off for the unfolded reference
         self.mask_kinds = {args.slides(i) for i in range(args.n_layers)}  # which of the two masks layers use
 
     @torch.inference_mode()
@@ -254,16 +289,16 @@ class Transformer:
         assert batch.mask.dtype == torch.bool and batch.mask.shape[:3] == (batch.tokens.shape[0], 1, batch.tokens.shape[1])
         assert batch.mask.shape[-1] <= cache.max_len + 1
         assert batch.window_mask is None or batch.window_mask.shape == batch.mask.shape
-        x = F.embedding(batch.tokens, self.globals.embed)  # [B, T, D]
+        B, T = batch.tokens.shape
+        x = F.embedding(batch.tokens.view(B * T), self.globals.embed)  # [B*T, D]
         cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)
         masks = self._layer_masks(batch)
-        kv = cache.kv
         for i, w in self.layers.sweep():
-            x = decoder_layer(args, w, x, cos, sin, masks[args.slides(i)], kv[i, 0], kv[i, 1], batch.slots,
+            x = decoder_layer(args, w, x, cos, sin, masks[args.slides(i)], *cache.layer_views[i], batch.slots,
                               self.kernel)
-        x = torch.gather(x, 1, batch.logits_at[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.gather(x.view(B, T, -1), 1, batch.logits_at[..., None].expand(-1, -1, x.shape[-1]))
         x = rms_norm(x, self.globals.norm, args.rms_norm_eps)
-        return F.linear(x, self.globals.lm_head)
+        return self.globals.logits(x)
 
     def _layer_masks(self, batch: ForwardBatch) -> dict[bool, torch.Tensor]:
         """Layer masks by whether the layer slides: each built once, and only when some layer uses it."""

@@ -17,7 +17,7 @@ from ..memory import check_host_memory
 from ..model.config import ModelArgs
 from ..model.quantization import (KernelChoice, QuantSpec, kernel_block, kernel_extras, measure_kernel_times,
                                   stored_linears)
-from ..model.transformer import GlobalWeights, ResidentLayers, Transformer
+from ..model.transformer import GlobalWeights, ResidentLayers, Transformer, packed_head
 from ..residency import Residency
 from ..streaming import StreamedLayers
 from .disk import DEFAULT_READ_THREADS, DiskTier, LayerFiles, map_host_layers, padded_bytes
@@ -39,7 +39,7 @@ def load_globals(source: WeightSource, dtype: torch.dtype, device: torch.device)
     lm_head = embed if source.args.tie_word_embeddings else \
         load_tensor(source, "lm_head.weight", shapes["lm_head.weight"], dtype, device)
     norm = load_tensor(source, "model.norm.weight", shapes["model.norm.weight"], dtype, device)
-    return GlobalWeights(embed=embed, norm=norm, lm_head=lm_head)
+    return GlobalWeights(embed=embed, norm=norm, lm_head=lm_head, lm_head_packed=packed_head(lm_head))
 
 
 def load_layer(source: WeightSource, i: int, dtype: torch.dtype, device: torch.device,

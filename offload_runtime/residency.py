@@ -92,6 +92,8 @@ def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: Model
         "staging slots": slots * layer_bytes(args, dtype, quant),
         "activations": act,
     }
+    if not on_cuda and dtype == torch.bfloat16:  # the head again, pre-blocked (model/transformer.py packed_head)
+        fixed["head, pre-blocked copy"] = args.vocab_size * args.dim * size
     if quant is not None or draft_quant is not None:
         # Dequantize + matmul holds the widest linear dequantized (worked in float32, then in the dtype).
         widest = max(math.prod(s) for a in (args, draft_args) if a is not None for s in a.layer_shapes().values())
@@ -100,6 +102,8 @@ def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: Model
         fixed["draft"] = draft_args.n_layers * layer_bytes(draft_args, dtype, draft_quant) if draft_shares_globals \
             else model_bytes(draft_args, dtype, draft_quant)
         fixed["draft KV cache"] = draft_args.kv_bytes_per_token(dtype) * batch * (max_seq_len + 1)
+        if not on_cuda and dtype == torch.bfloat16 and not draft_shares_globals:
+            fixed["draft head, pre-blocked copy"] = draft_args.vocab_size * draft_args.dim * size
     return fixed
 
 

@@ -229,6 +229,18 @@ def test_packed_head_gives_the_plain_heads_bits():
             assert torch.equal(weights.logits(x), F.linear(x, head)), (V, D, shape)
     for dtype in (torch.float32, torch.float16, torch.float64):
         assert packed_head(torch.randn(64, 32).to(dtype)) is None
+    # the copy counts where the model runs (the CPU's "device" memory), for the target and a draft of its own
+    from offload_runtime.model.config import ModelArgs
+    from offload_runtime.residency import fixed_device_bytes
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=1000, intermediate_size=128)
+    kw = dict(draft_args=args, batch=1, max_seq_len=64, tree_size=4, max_chunk=64, slots=0)
+    cpu = fixed_device_bytes(args, torch.bfloat16, on_cuda=False, **kw)
+    assert cpu["head, pre-blocked copy"] == cpu["draft head, pre-blocked copy"] == 1000 * 64 * 2
+    assert "draft head, pre-blocked copy" not in fixed_device_bytes(args, torch.bfloat16, on_cuda=False,
+                                                                  draft_shares_globals=True, **kw)
+    for dtype, on_cuda in ((torch.float32, False), (torch.bfloat16, True)):
+        assert not any("pre-blocked" in k for k in fixed_device_bytes(args, dtype, on_cuda=on_cuda, **kw))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])

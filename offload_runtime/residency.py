@@ -11,6 +11,7 @@ from .errors import ResourceError, UsageError
 from .memory import DeviceBudget, activation_bytes, device_free_memory, fmt_bytes
 from .model.config import ModelArgs
 from .model.quantization import QuantSpec
+from .model.transformer import packs_head
 from .weights.disk import DEFAULT_PREFETCH, padded_bytes
 from .weights.layout import layer_bytes, model_bytes
 
@@ -92,7 +93,8 @@ def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: Model
         "staging slots": slots * layer_bytes(args, dtype, quant),
         "activations": act,
     }
-    if not on_cuda and dtype == torch.bfloat16:  # the head again, pre-blocked (model/transformer.py packed_head)
+    head_copy = packs_head(dtype, "cuda" if on_cuda else "cpu")  # the head again, pre-blocked (packed_head)
+    if head_copy:
         fixed["head, pre-blocked copy"] = args.vocab_size * args.dim * size
     if quant is not None or draft_quant is not None:
         # Dequantize + matmul holds the widest linear dequantized (worked in float32, then in the dtype).
@@ -102,7 +104,7 @@ def fixed_device_bytes(args: ModelArgs, dtype: torch.dtype, *, draft_args: Model
         fixed["draft"] = draft_args.n_layers * layer_bytes(draft_args, dtype, draft_quant) if draft_shares_globals \
             else model_bytes(draft_args, dtype, draft_quant)
         fixed["draft KV cache"] = draft_args.kv_bytes_per_token(dtype) * batch * (max_seq_len + 1)
-        if not on_cuda and dtype == torch.bfloat16 and not draft_shares_globals:
+        if head_copy and not draft_shares_globals:
             fixed["draft head, pre-blocked copy"] = draft_args.vocab_size * draft_args.dim * size
     return fixed
 

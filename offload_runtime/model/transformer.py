@@ -61,6 +61,12 @@ class GlobalWeights:
         return F.linear(x, self.lm_head)
 
 
+def packs_head(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether a head in `dtype` on this kind of device gets a pre-blocked copy (packed_head, where its probe
+    passes): bfloat16 on the CPU. Memory budgets count the copy wherever this says so."""
+    return device_type == "cpu" and dtype == torch.bfloat16
+
+
 def packed_head(lm_head: torch.Tensor) -> torch.Tensor | None:
     """lm_head laid out once in oneDNN's blocked format, for bfloat16 on the CPU; None elsewhere.
 
@@ -69,7 +75,7 @@ def packed_head(lm_head: torch.Tensor) -> torch.Tensor | None:
     head at 2 threads: 5.1 vs 2.7 ms), with the same bits in every case measured. The packed head is used only
     where a probe shows those bits here (one token and a batch of several); it is a second copy of the head in
     host RAM."""
-    if lm_head.device.type != "cpu" or lm_head.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    if not packs_head(lm_head.dtype, lm_head.device.type) or not torch.backends.mkldnn.is_available():
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(lm_head, 1)

@@ -100,9 +100,9 @@ def layer_bytes(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = N
 
 def model_bytes(args: ModelArgs, dtype: torch.dtype, quant: QuantSpec | None = None) -> int:
     """Bytes of a whole model on the device: globals (16-bit or the dtype, never quantized) and every layer."""
-    if args.ggml_types is None:
-        return args.global_numel() * dtype.itemsize + args.n_layers * layer_bytes(args, dtype, quant)
-    return args.global_numel() * dtype.itemsize + sum(layer_bytes(args, dtype, quant, i) for i in range(args.n_layers))
+    layers = args.n_layers * layer_bytes(args, dtype, quant) if args.ggml_types is None else \
+        sum(layer_bytes(args, dtype, quant, i) for i in range(args.n_layers))  # GGUF layers may differ
+    return args.global_numel() * dtype.itemsize + layers
 
 
 def buffer_over_bytes(layout: LayerLayout, raw: torch.Tensor) -> torch.Tensor:

@@ -138,14 +138,20 @@ def bytes_and_sweeps(label: str, args: ModelArgs, repeats: int, new_tokens: int)
             for f, e in engines.items()]
 
 
+def decode_speeds(engines: dict[str, Engine], anchors: dict[str, h.Method], repeats: int,
+                  new_tokens: int) -> dict[str, float]:
+    """Plain decoding tokens/s of each engine and of each anchor (llama.cpp on the same shape or files), all in one
+    interleaved rotation, so a spell of a slower machine falls on both sides of every ratio."""
+    methods = {f: decode_method(e, new_tokens) for f, e in engines.items()} | anchors
+    return {f: tokens_per_s(rs) for f, rs in h.interleaved(methods, repeats).items()}
+
+
 def plain_speed(label: str, args: ModelArgs, repeats: int, new_tokens: int,
                 anchors: dict[str, h.Method]) -> list[Row]:
-    """CPU plain greedy tokens/s per format (the whole model resident), ratios against float32. `anchors`
-    (llama.cpp on the same shape) run in the same interleaved rotation, so a spell of a slower machine falls on
-    both sides of every ratio."""
+    """CPU plain greedy tokens/s per format (the whole model resident), ratios against float32; `anchors` beside
+    them (decode_speeds)."""
     engines = {f: random_engine(args, dtype, quant) for f, dtype, quant in (fmt(f, args) for f in FORMATS)}
-    methods = {f: decode_method(e, new_tokens) for f, e in engines.items()} | anchors
-    speed = {f: tokens_per_s(rs) for f, rs in h.interleaved(methods, repeats).items()}
+    speed = decode_speeds(engines, anchors, repeats, new_tokens)
     return [{"model": label, "format": f, "tokens_per_s": speed[f], "vs_float32": speed[f] / speed["float32"],
              "kernel_max_tokens": e.target.kernel.max_tokens if e.target.kernel else 0} for f, e in engines.items()] \
         + [{"model": label, "format": name, "tokens_per_s": speed[name]} for name in anchors]
@@ -193,6 +199,11 @@ def llama_cpp_method(path: Path, threads: int, vocab: int, new_tokens: int) -> h
             tokens.append(token)
         return h.Run([tokens], time.perf_counter() - t0, CallStats(steps=n - 1))
     return run
+
+
+def llama_cpp_anchors(files: dict[str, Path], threads: int, vocab: int, new_tokens: int) -> dict[str, h.Method]:
+    """Row label -> llama.cpp's method (llama_cpp_method) for each of `files`."""
+    return {label: llama_cpp_method(path, threads, vocab, new_tokens) for label, path in files.items()}
 
 
 def llama_cpp_missing() -> str:
@@ -246,11 +257,10 @@ def gguf_rows(label: str, args: ModelArgs, workdir: Path, threads: int, repeats:
         streamed = Engine.from_pretrained(path, dtype="bfloat16", offload=True, resident_layers=0, **opts)
         streamed_bytes[name] = streamed.target.layers.bytes_per_sweep
     note = llama_cpp_missing() if with_llama_cpp else ""
-    anchors = {} if note or not with_llama_cpp else {
-        f"llama.cpp {name.removeprefix('GGUF ')}": llama_cpp_method(path, threads, args.vocab_size, new_tokens)
-        for name, path in files.items()}
-    methods = {f: decode_method(e, new_tokens) for f, e in engines.items()} | anchors
-    speed = {f: tokens_per_s(rs) for f, rs in h.interleaved(methods, repeats).items()}
+    anchors = {} if note or not with_llama_cpp else llama_cpp_anchors(
+        {f"llama.cpp {name.removeprefix('GGUF ')}": path for name, path in files.items()}, threads, args.vocab_size,
+        new_tokens)
+    speed = decode_speeds(engines, anchors, repeats, new_tokens)
     rows = [{"model": label, "format": f, "bytes_per_sweep": (b := streamed_bytes[f.split(",")[0]]),
              "bytes_vs_bf16": b / streamed_bytes["bf16"], "tokens_per_s": speed[f], "vs_bf16": speed[f] / speed["bf16"]}
             for f in engines]
@@ -325,7 +335,7 @@ def cpu_tables(quick: bool, threads: int, repeats: int, new_tokens: int, with_ll
             files = llama_cpp_files(label, args, Path(tmp), threads) if with_llama_cpp and not missing else {}
             if isinstance(files, str):
                 missing, files = files, {}
-            anchors = {name: llama_cpp_method(path, threads, args.vocab_size, new_tokens) for name, path in files.items()}
+            anchors = llama_cpp_anchors(files, threads, args.vocab_size, new_tokens)
             plain.rows += plain_speed(label, args, repeats, new_tokens, anchors)
             log(report.to_text(plain))
     if missing:

@@ -178,8 +178,8 @@ def small_pair(root: Path) -> Pair:
 
 
 def load_engine(pair: Pair, *, draft: bool | str, max_seq_len: int, device: str = "cpu", **options: Any) -> Engine:
-    """The pair in float32 (unless `dtype=` is given), quietly; no plan unless `plan=` is given. `draft`: True for the pair's draft, False for
-    none, or a draft name (a self-draft: "self-int4")."""
+    """The pair in float32 (unless `dtype=` is given), quietly; no plan unless `plan=` is given. `draft`: True for
+    the pair's draft, False for none, or a draft name (a self-draft: "self-int4")."""
     name = str(pair.draft) if draft is True else draft
     return Engine.from_pretrained(str(pair.target), draft=name, device=device, max_seq_len=max_seq_len,
                                   progress=False, quiet=True, **{"plan": None, "dtype": "float32", **options})

@@ -15,10 +15,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-LINEAR_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-                "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-                "mlp.down_proj": "ffn_down"}
-OTHER_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+from offload_runtime.model.quantization import LINEARS
+from offload_runtime.weights.gguf import gguf_name
+
 SPECIALS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -176,38 +175,39 @@ def write_gguf(cfg: Any, sd: dict[str, torch.Tensor], path: Path, types: Callabl
     if tokenizer:
         _tokenizer_metadata(writer, cfg.vocab_size)
 
-    def add(gguf_name: str, w: torch.Tensor, type_name: str, k: int) -> None:
-        if gguf_name in skip:
+    def add(name: str, w: torch.Tensor, type_name: str, k: int) -> None:
+        """Tensor `name` (the GGUF name) in GGML type `type_name`; `k` keys its random blocks' seed."""
+        if name in skip:
             return
         data, raw = encode(w, type_name, seed + k, random)
-        writer.add_tensor(gguf_name, data, raw_dtype=raw)
+        writer.add_tensor(name, data, raw_dtype=raw)
 
-    add("token_embd.weight", sd["model.embed_tokens.weight"], embed_type, 1)
+    add(gguf_name("model.embed_tokens.weight"), sd["model.embed_tokens.weight"], embed_type, 1)
     for i in range(cfg.num_hidden_layers):
         pre = f"model.layers.{i}."
-        for hf, gg in OTHER_NAMES.items():
-            add(f"blk.{i}.{gg}.weight", sd[pre + hf + ".weight"], "F32", 0)
-        for k, (hf, gg) in enumerate(LINEAR_NAMES.items()):
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            add(gguf_name(f"{pre}{norm}.weight"), sd[f"{pre}{norm}.weight"], "F32", 0)
+        for k, hf in enumerate(LINEARS):
+            # llama files hold q/k rows (and biases) in llama.cpp's RoPE order, by their head counts
+            permuted = {"self_attn.q_proj": heads, "self_attn.k_proj": kv_heads}.get(hf) if arch == "llama" else None
             w = sd[pre + hf + ".weight"]
-            if arch == "llama" and hf in ("self_attn.q_proj", "self_attn.k_proj"):
-                w = permute_rows(w, heads if hf == "self_attn.q_proj" else kv_heads)
+            w = w if permuted is None else permute_rows(w, permuted)
             kind = pick(i, hf)
             if kind in K_FALLBACK and w.shape[1] % 256:
                 kind = K_FALLBACK[kind]
-            add(f"blk.{i}.{gg}.weight", w, kind, 100 * i + k + 2)
+            add(gguf_name(pre + hf + ".weight"), w, kind, 100 * i + k + 2)
             if pre + hf + ".bias" in sd:
                 b = sd[pre + hf + ".bias"]
-                if arch == "llama" and hf in ("self_attn.q_proj", "self_attn.k_proj"):
-                    b = permute_rows(b, heads if hf == "self_attn.q_proj" else kv_heads)
-                add(f"blk.{i}.{gg}.bias", b, "F32", 0)
+                b = b if permuted is None else permute_rows(b, permuted)
+                add(gguf_name(pre + hf + ".bias"), b, "F32", 0)
     scaling = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
     if scaling.get("rope_type") == "llama3":
         add("rope_freqs.weight", llama3_rope_factors(cfg, head_dim), "F32", 0)
-    add("output_norm.weight", sd["model.norm.weight"], "F32", 0)
+    add(gguf_name("model.norm.weight"), sd["model.norm.weight"], "F32", 0)
     if not cfg.tie_word_embeddings:
-        add("output.weight", sd["lm_head.weight"], embed_type, 99)
-    for gguf_name, (w, type_name) in (extra or {}).items():
-        add(gguf_name, w, type_name, 7)
+        add(gguf_name("lm_head.weight"), sd["lm_head.weight"], embed_type, 99)
+    for name, (w, type_name) in (extra or {}).items():
+        add(name, w, type_name, 7)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

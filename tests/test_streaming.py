@@ -143,6 +143,6 @@ def test_peak_rss_while_loading_stays_near_checkpoint_size(tmp_path):
 
 def test_the_peak_memory_probe_sees_a_transient_copy():
     """The probe the peak-memory tests use: 100 MB held for 10 ms and freed before the end is seen; nothing is not."""
-    transient = peak_private_growth("import time, torch", "x = torch.ones(25_000_000)\ndel x\ntime.sleep(0.01)")
+    transient = peak_private_growth("import time, torch", "x = torch.ones(25_000_000)\ntime.sleep(0.01)\ndel x")
     idle = peak_private_growth("import time, torch", "time.sleep(0.01)")
     assert transient["grown"] > 95e6 and idle["grown"] < 5e6, (transient, idle)

@@ -71,6 +71,25 @@ def test_unpacking_equals_the_tools_integers(case):
     assert torch.equal(got, dequantized(q, z, s, g_idx))  # bit for bit
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits,block", [(4, 32), (4, 64), (8, None)])
+def test_dequantize_rounds_the_exact_weight_once_in_every_layout_and_dtype(bits, block, act_order):
+    """Every int4 block layout (a one-block layout unpacks to a transposed view, the others to rows) and int8, with
+    and without act-order, into each float dtype: the exact (q - z) s rounded once, in the memory order of the
+    unpacked integers."""
+    g = torch.Generator().manual_seed(9)
+    N, K = 64, 96
+    q, z, s, g_idx = random_linear_ints(N, K, QuantCase("gptq", bits=bits, group_size=32, desc_act=act_order), g)
+    ints = quantized.LinearInts(q, z.to(torch.int16), s, g_idx if act_order else None)
+    w = {f"l.{k}": v for k, v in pack_linear(ints, QuantSpec(bits, 32, act_order, block)).items()}
+    exact = dequantized(q, z, s, g_idx)
+    one_block = block == N  # qweight [1, K, N / 2]
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        got = dequantize(w, "l", bits, dtype)
+        assert got.dtype == dtype and torch.equal(got, exact.to(dtype)), dtype
+        assert got.t().is_contiguous() if one_block else got.is_contiguous()
+
+
 def test_wrong_awq_nibble_order_is_caught(monkeypatch):
     """The check above fails when the reader takes AWQ's nibbles in plain order."""
     g = torch.Generator().manual_seed(2)

@@ -146,22 +146,33 @@ def unpack_ints(w: Mapping[str, torch.Tensor], name: str, bits: int) -> torch.Te
 
 
 def dequantize(w: Mapping[str, torch.Tensor], name: str, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """W [N, K] in `dtype`: (q - zero) * scale, computed in float32 (float64 for float64) and rounded once."""
+    """W [N, K] in `dtype`: (q - zero) * scale, computed in float32 (float64 for float64) and rounded once.
+
+    W has the memory order of the unpacked integers (a one-block int4 layout unpacks to a transposed view, K
+    fastest; every other layout to rows), and every pass runs in that order over one dtype: on the CPU a pass that
+    mixes dtypes (integers and floats, or a float32 result stored as bfloat16) or writes across the order it reads
+    runs several times slower."""
     work = torch.float64 if dtype == torch.float64 else torch.float32
     q = unpack_ints(w, name, bits)
-    scales, zeros = w[name + ".scales"], w[name + ".zeros"]
     N, K = q.shape
+    rows = q.is_contiguous()
+    q_mem = q if rows else q.t()  # q in memory order: [N, K] or [K, N]
+    scales, zeros = w[name + ".scales"].to(work), w[name + ".zeros"].to(work)  # [G, N]
     G = scales.shape[0]
     g_idx = w.get(name + ".g_idx")
-    if g_idx is None:
-        # q s - z s: both products are exact in `work` and so is their sum (it is (q - z) s), so one fused
-        # multiply-add reading q as integers gives the same bits as the plain formula with fewer passes.
-        s = scales.t()[..., None].to(work)
-        out = torch.addcmul(-zeros.t()[..., None].to(work) * s, q.view(N, G, K // G), s).reshape(N, K)
-    else:
+    if g_idx is not None:  # each column's own group (GPTQ act-order), gathered into q's shape
         idx = g_idx.long()
-        out = (q.to(work) - zeros.t().to(work)[:, idx]) * scales.t().to(work)[:, idx]
-    return out if out.dtype == dtype else out.to(dtype)
+        if rows:  # [N, K]
+            s, z = (t.t().contiguous().index_select(1, idx) for t in (scales, zeros))
+        else:  # [K, N]
+            s, z = scales[idx], zeros[idx]
+        q_groups = q_mem
+    elif rows:
+        q_groups, s, z = q.view(N, G, K // G), scales.t()[..., None], zeros.t()[..., None]
+    else:
+        q_groups, s, z = q_mem.view(G, K // G, N), scales[:, None], zeros[:, None]
+    out = q_groups.to(work).sub_(z).mul_(s).to(dtype).view(q_mem.shape)  # q - z and (q - z) s are exact in `work`
+    return out if rows else out.t()
 
 
 # --- the int kernels torch ships

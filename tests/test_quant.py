@@ -88,6 +88,23 @@ def test_dequantize_rounds_the_exact_weight_once_in_every_layout_and_dtype(bits,
         got = dequantize(w, "l", bits, dtype)
         assert got.dtype == dtype and torch.equal(got, exact.to(dtype)), dtype
         assert got.t().is_contiguous() if one_block else got.is_contiguous()
+        # quantized_linear's form: the same bits in this thread's scratch buffers, reused by the next call
+        again = dequantize(w, "l", bits, dtype, reuse=True)
+        assert torch.equal(again, got) and again.stride() == got.stride()
+        assert dequantize(w, "l", bits, dtype, reuse=True).data_ptr() == again.data_ptr()
+    # A fresh thread's pool, first filled inside inference mode (as a forward does), serves calls outside it too.
+    import threading
+    outside = []
+
+    def first_in_inference_mode():
+        with torch.inference_mode():
+            dequantize(w, "l", bits, torch.bfloat16, reuse=True)
+        outside.append(dequantize(w, "l", bits, torch.bfloat16, reuse=True).clone())
+
+    thread = threading.Thread(target=first_in_inference_mode)
+    thread.start()
+    thread.join()
+    assert len(outside) == 1 and torch.equal(outside[0], exact.to(torch.bfloat16))
 
 
 def test_wrong_awq_nibble_order_is_caught(monkeypatch):

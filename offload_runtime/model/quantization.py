@@ -30,13 +30,14 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..timer import median_seconds
+from .scratch import scratch
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -130,48 +131,66 @@ def pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
     return (blocks[..., :half] | (blocks[..., half:] << 4)).contiguous()
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N / B, K, B / 2] -> uint8 [N, K] in 0..15."""
+Buffer = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]  # (role, shape, dtype) -> uninitialised
+
+
+def _fresh(device: torch.device) -> Buffer:
+    return lambda role, shape, dtype: torch.empty(shape, dtype=dtype, device=device)
+
+
+def unpack_int4(packed: torch.Tensor, buffer: Buffer | None = None) -> torch.Tensor:
+    """uint8 [N / B, K, B / 2] -> uint8 [N, K] in 0..15 (a transposed view, K fastest, for one block)."""
     nb, K, half = packed.shape
-    rows = torch.cat([packed & 15, packed >> 4], dim=-1)  # [N / B, K, B]
-    return rows.transpose(1, 2).reshape(nb * 2 * half, K)
+    buffer = buffer or _fresh(packed.device)
+    blocks = buffer("nibbles", (nb, K, 2 * half), torch.uint8)  # [N / B, K, B]
+    torch.bitwise_and(packed, 15, out=blocks[..., :half])
+    torch.bitwise_right_shift(packed, 4, out=blocks[..., half:])
+    if nb == 1:
+        return blocks[0].t()
+    rows = buffer("ints", (nb, 2 * half, K), torch.uint8).copy_(blocks.transpose(1, 2))
+    return rows.view(nb * 2 * half, K)
 
 
-def unpack_ints(w: Mapping[str, torch.Tensor], name: str, bits: int) -> torch.Tensor:
-    """The integers q [N, K] of linear `name` (uint8 for 4 bits, int16 for 8 bits)."""
-    qweight = w[name + ".qweight"]
-    if bits == 4:
-        return unpack_int4(qweight)
-    return qweight.to(torch.int16) + 128
-
-
-def dequantize(w: Mapping[str, torch.Tensor], name: str, bits: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize(w: Mapping[str, torch.Tensor], name: str, bits: int, dtype: torch.dtype,
+               reuse: bool = False) -> torch.Tensor:
     """W [N, K] in `dtype`: (q - zero) * scale, computed in float32 (float64 for float64) and rounded once.
 
     W has the memory order of the unpacked integers (a one-block int4 layout unpacks to a transposed view, K
     fastest; every other layout to rows), and every pass runs in that order over one dtype: on the CPU a pass that
     mixes dtypes (integers and floats, or a float32 result stored as bfloat16) or writes across the order it reads
-    runs several times slower."""
+    runs several times slower. With `reuse`, W and its temporaries live in this thread's scratch buffers
+    (model/scratch.py), for a caller that uses W at once: it is valid until the next such call."""
+    qweight = w[name + ".qweight"]
+    buffer: Buffer = functools.partial(scratch, device=qweight.device) if reuse else _fresh(qweight.device)
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    q = unpack_ints(w, name, bits)
+    scales, zeros = w[name + ".scales"].to(work), w[name + ".zeros"].to(work)  # [G, N]
+    if bits == 4:
+        q = unpack_int4(qweight, buffer)
+    else:  # stored as q - 128: the zero point moves by 128 instead of every integer
+        q, zeros = qweight, zeros - 128
     N, K = q.shape
     rows = q.is_contiguous()
     q_mem = q if rows else q.t()  # q in memory order: [N, K] or [K, N]
-    scales, zeros = w[name + ".scales"].to(work), w[name + ".zeros"].to(work)  # [G, N]
     G = scales.shape[0]
     g_idx = w.get(name + ".g_idx")
     if g_idx is not None:  # each column's own group (GPTQ act-order), gathered into q's shape
         idx = g_idx.long()
-        if rows:  # [N, K]
-            s, z = (t.t().contiguous().index_select(1, idx) for t in (scales, zeros))
-        else:  # [K, N]
-            s, z = scales[idx], zeros[idx]
+        if rows:  # [N, K]: gather columns of [N, G]
+            s, z = (torch.index_select(t.t().contiguous(), 1, idx, out=buffer(role, (N, K), work))
+                    for role, t in (("scales", scales), ("zeros", zeros)))
+        else:  # [K, N]: gather rows of [G, N]
+            s, z = (torch.index_select(t, 0, idx, out=buffer(role, (K, N), work))
+                    for role, t in (("scales", scales), ("zeros", zeros)))
         q_groups = q_mem
     elif rows:
         q_groups, s, z = q.view(N, G, K // G), scales.t()[..., None], zeros.t()[..., None]
     else:
         q_groups, s, z = q_mem.view(G, K // G, N), scales[:, None], zeros[:, None]
-    out = q_groups.to(work).sub_(z).mul_(s).to(dtype).view(q_mem.shape)  # q - z and (q - z) s are exact in `work`
+    # q - z and (q - z) s are exact in `work`: one rounding, into `dtype`.
+    out = buffer("work", q_groups.shape, work).copy_(q_groups).sub_(z).mul_(s)
+    if dtype != work:
+        out = buffer("weight", q_groups.shape, dtype).copy_(out)
+    out = out.view(q_mem.shape)
     return out if rows else out.t()
 
 
@@ -289,7 +308,7 @@ def quantized_linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, 
     else:
         bits = 4 if qweight.dtype == torch.uint8 else 8
         if not (use_kernel and kernel_applies(w, name, bits, x)):
-            return F.linear(x, dequantize(w, name, bits, x.dtype), bias)
+            return F.linear(x, dequantize(w, name, bits, x.dtype, reuse=True), bias)
         y = _kernel_linear(x, w, name, bits)
     return y if bias is None else y + bias
 

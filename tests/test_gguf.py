@@ -68,11 +68,14 @@ def test_dequantize_equals_the_gguf_package_bit_for_bit(type_name):
     for raw in cases:
         with np.errstate(all="ignore"):
             expected = gguf.quants.dequantize(raw, qtype).astype(np.float32)
-        ours = ggml.dequantize(torch.from_numpy(raw.copy()), kind).numpy()
-        assert ours.shape == (rows, cols)
-        nan = np.isnan(expected)
-        assert np.array_equal(np.isnan(ours), nan), type_name
-        assert np.array_equal(ours[~nan].view(np.uint32), expected[~nan].view(np.uint32)), type_name
+        # reuse=True (ggml_linear's form, in this thread's scratch buffers) twice: a second call into the same
+        # buffers gives the same bits
+        for reuse in (False, True, True):
+            ours = ggml.dequantize(torch.from_numpy(raw.copy()), kind, reuse=reuse).numpy()
+            assert ours.shape == (rows, cols)
+            nan = np.isnan(expected)
+            assert np.array_equal(np.isnan(ours), nan), type_name
+            assert np.array_equal(ours[~nan].view(np.uint32), expected[~nan].view(np.uint32)), type_name
 
 
 def test_dequantize_in_chunks_and_into_other_dtypes(monkeypatch):

@@ -29,11 +29,14 @@ bytes (and, for Q4_0 and Q8_0, storing more of them per weight). GGUF linears al
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .scratch import Buffer, buffers
 
 QK_K = 256
 DEQUANT_CHUNK = 1 << 24  # weights dequantized at a time: bounds the float32 temporaries of one linear
@@ -88,49 +91,84 @@ def ggml_shape(type_name: str, out_features: int, in_features: int) -> tuple[tup
 
 
 # --- dequantizing, per block type (blocks: uint8 [R, n, B] -> float32 [R, n, E])
+#
+# Each type's integers are built in uint8 scratch (bit ops write into slices of one buffer), converted once into
+# a float32 buffer, and scaled there in place: every pass runs over one dtype, as quantization.dequantize's do,
+# and with `reuse` the buffers are this thread's scratch (model/scratch.py). The float ops run in the order of the
+# formulas above, so each weight is still one rounding of its exact value.
 
 
-def _half(b: torch.Tensor) -> torch.Tensor:
+def _half(b: torch.Tensor, buffer: Buffer, role: str = "scale") -> torch.Tensor:
     """Two bytes per block (the trailing dim) -> their fp16 value as float32 [R, n, 1]."""
     try:
-        return b.view(torch.float16).float()
+        half = b.view(torch.float16)
     except RuntimeError:  # a byte offset that is not 2-aligned: the view needs a copy
-        return b.contiguous().view(torch.float16).float()
+        half = b.contiguous().view(torch.float16)
+    return buffer(role, tuple(half.shape), torch.float32).copy_(half)
 
 
-def _shifts(*bits: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor(bits, dtype=torch.uint8, device=device)[:, None]
+def _floats(ints: torch.Tensor, buffer: Buffer) -> torch.Tensor:
+    return buffer("work", tuple(ints.shape), torch.float32).copy_(ints)
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
-    """16 bytes [R, n, 16] -> 32 integers: the low nibbles are weights 0..15, the high ones 16..31."""
-    return torch.cat([qs & 15, qs >> 4], dim=-1)
+def _fields(x: torch.Tensor, width: int, shifts: Sequence[int], out: torch.Tensor) -> torch.Tensor:
+    """out[..., i, :] = the `width`-bit field of the bytes x [..., L] at bit shifts[i] (out [..., len(shifts), L]).
+    One shift by a number per field: a shift by a tensor of amounts runs element by element, ~6x slower."""
+    mask = (1 << width) - 1
+    for i, shift in enumerate(shifts):
+        part = out[..., i, :]
+        if shift == 0:
+            torch.bitwise_and(x, mask, out=part)
+        else:
+            torch.bitwise_right_shift(x, shift, out=part)
+            if shift + width < 8:
+                part.bitwise_and_(mask)
+    return out
 
 
-def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
-    """4 bytes [R, n, 4] (a little-endian u32) -> [R, n, 32]: bit j, as 0 or 16."""
-    R, n = qh.shape[:2]
-    return (((qh[..., None] >> _shifts(*range(8), device=qh.device).view(-1)) & 1) << 4).reshape(R, n, 32)
+def _nibbles(qs: torch.Tensor, buffer: Buffer) -> torch.Tensor:
+    """16 bytes [R, n, 16] -> 32 integers (uint8): the low nibbles are weights 0..15, the high ones 16..31."""
+    return _fields(qs, 4, (0, 4), buffer("ints", (*qs.shape[:-1], 2, 16), torch.uint8)).flatten(-2)
 
 
-def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    return _half(b[..., 0:2]) * (_nibbles(b[..., 2:18]).float() - 8)
+@functools.cache
+def _fifth_bit_table(device: torch.device) -> torch.Tensor:
+    """[256, 8] uint8: bit j of byte value v, as 0 or 16 (a weight's fifth bit), at [v, j]."""
+    bits = torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)
+    return ((bits & 1) << 4).to(torch.uint8)
 
 
-def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    return _half(b[..., 0:2]) * _nibbles(b[..., 4:20]).float() + _half(b[..., 2:4])
+def _fifth_bits(x: torch.Tensor, buffer: Buffer) -> torch.Tensor:
+    """Bytes x [..., L] -> [..., L, 8]: bit j of byte i as 0 or 16 at [..., i, j]. A row lookup per byte: eight
+    shift-and-mask passes over bytes cost several times more."""
+    index = buffer("index", (x.numel(),), torch.int64).copy_(x.reshape(-1))
+    out = buffer("bits", (*x.shape, 8), torch.uint8)
+    torch.index_select(_fifth_bit_table(x.device), 0, index, out=out.view(-1, 8))
+    return out
 
 
-def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    return _half(b[..., 0:2]) * ((_nibbles(b[..., 6:22]) | _fifth_bits(b[..., 2:6])).float() - 16)
+def _q4_0(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
+    return _floats(_nibbles(b[..., 2:18], buffer), buffer).sub_(8).mul_(_half(b[..., 0:2], buffer))
 
 
-def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    return _half(b[..., 0:2]) * (_nibbles(b[..., 8:24]) | _fifth_bits(b[..., 4:8])).float() + _half(b[..., 2:4])
+def _q4_1(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
+    d, m = _half(b[..., 0:2], buffer), _half(b[..., 2:4], buffer, "min")
+    return _floats(_nibbles(b[..., 4:20], buffer), buffer).mul_(d).add_(m)
 
 
-def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return _half(b[..., 0:2]) * b[..., 2:34].view(torch.int8).float()
+def _q5_0(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
+    q = _nibbles(b[..., 6:22], buffer).bitwise_or_(_fifth_bits(b[..., 2:6], buffer).flatten(-2))
+    return _floats(q, buffer).sub_(16).mul_(_half(b[..., 0:2], buffer))
+
+
+def _q5_1(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
+    d, m = _half(b[..., 0:2], buffer), _half(b[..., 2:4], buffer, "min")
+    q = _nibbles(b[..., 8:24], buffer).bitwise_or_(_fifth_bits(b[..., 4:8], buffer).flatten(-2))
+    return _floats(q, buffer).mul_(d).add_(m)
+
+
+def _q8_0(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
+    return _floats(b[..., 2:34].view(torch.int8), buffer).mul_(_half(b[..., 0:2], buffer))
 
 
 def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,36 +178,38 @@ def _k_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d, m, md = b[..., 4:8], b[..., 8:12], b[..., 12:16]
     scales = torch.cat([d & 63, (md & 15) | ((d >> 2) & 48)], dim=-1)
     mins = torch.cat([m & 63, (md >> 4) | ((m >> 2) & 48)], dim=-1)
-    return (_half(b[..., 0:2]) * scales.float())[..., None], (_half(b[..., 2:4]) * mins.float())[..., None]
+    halves = b[..., 0:4].contiguous().view(torch.float16).float()  # d, dmin
+    return (halves[..., 0:1] * scales.float())[..., None], (halves[..., 1:2] * mins.float())[..., None]
 
 
-def _k_low(qs: torch.Tensor) -> torch.Tensor:
-    """128 bytes [R, n, 128] -> [R, n, 8, 32]: sub-block 2i is the low nibbles of bytes 32i..32i+31, 2i+1 their
-    high nibbles."""
+def _k_low(qs: torch.Tensor, buffer: Buffer) -> torch.Tensor:
+    """128 bytes [R, n, 128] -> [R, n, 8, 32] (uint8): sub-block 2i is the low nibbles of bytes 32i..32i+31, 2i+1
+    their high nibbles."""
     R, n = qs.shape[:2]
-    return ((qs.view(R, n, 4, 1, 32) >> _shifts(0, 4, device=qs.device)) & 15).view(R, n, 8, 32)
+    return _fields(qs.view(R, n, 4, 32), 4, (0, 4), buffer("ints", (R, n, 4, 2, 32), torch.uint8)).view(R, n, 8, 32)
 
 
-def _q4_k(b: torch.Tensor) -> torch.Tensor:
+def _q4_k(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
     d, m = _k_scales(b)
-    return (d * _k_low(b[..., 16:144]).float() - m).flatten(-2)
+    return _floats(_k_low(b[..., 16:144], buffer), buffer).mul_(d).sub_(m).flatten(-2)
 
 
-def _q5_k(b: torch.Tensor) -> torch.Tensor:
+def _q5_k(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
     d, m = _k_scales(b)
-    high = ((b[..., None, 16:48] >> _shifts(*range(8), device=b.device)) & 1) << 4  # bit j of byte i: sub-block j
-    return (d * (_k_low(b[..., 48:176]) | high).float() - m).flatten(-2)
+    q = _k_low(b[..., 48:176], buffer)
+    q.bitwise_or_(_fifth_bits(b[..., 16:48], buffer).transpose(-1, -2))  # bit j of byte i: weight i of sub-block j
+    return _floats(q, buffer).mul_(d).sub_(m).flatten(-2)
 
 
-def _q6_k(b: torch.Tensor) -> torch.Tensor:
+def _q6_k(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
     R, n = b.shape[:2]
     # Each half of the block's 256 weights: 64 bytes of low nibbles (weights 0-63, then 64-127 from the high
     # nibbles) and 32 bytes of 2-bit pairs (weights i, 32 + i, 64 + i, 96 + i of the half from byte i).
-    low = (b[..., 0:128].reshape(R, n, 2, 1, 64) >> _shifts(0, 4, device=b.device)) & 15
-    high = (b[..., 128:192].reshape(R, n, 2, 1, 32) >> _shifts(0, 2, 4, 6, device=b.device)) & 3
-    q = (low.reshape(R, n, QK_K) | (high.reshape(R, n, QK_K) << 4)).view(torch.int8) - 32
-    d = _half(b[..., 208:210]) * b[..., 192:208].view(torch.int8).float()  # one scale per 16 weights
-    return (d[..., None] * q.view(R, n, 16, 16).float()).view(R, n, QK_K)
+    low = _fields(b[..., 0:128].reshape(R, n, 2, 64), 4, (0, 4), buffer("ints", (R, n, 2, 2, 64), torch.uint8))
+    high = _fields(b[..., 128:192].reshape(R, n, 2, 32), 2, (0, 2, 4, 6), buffer("bits", (R, n, 2, 4, 32), torch.uint8))
+    q = low.view(R, n, QK_K).bitwise_or_(high.bitwise_left_shift_(4).view(R, n, QK_K))
+    d = _half(b[..., 208:210], buffer) * b[..., 192:208].view(torch.int8).float()  # one scale per 16 weights
+    return _floats(q.view(R, n, 16, 16), buffer).sub_(32).mul_(d[..., None]).view(R, n, QK_K)
 
 
 _DEQUANT = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0, "Q4_K": _q4_k,
@@ -177,23 +217,26 @@ _DEQUANT = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": 
 
 
 def dequantize(blocks: torch.Tensor, kind: BlockType, dtype: torch.dtype = torch.float32,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, reuse: bool = False) -> torch.Tensor:
     """uint8 [N, K / E * B] rows of blocks -> W [N, K] in `dtype` (worked in float32, rounded once; any device).
 
-    Rows go `DEQUANT_CHUNK` weights at a time into the output, so the float32 temporaries stay bounded."""
+    Rows go `DEQUANT_CHUNK` weights at a time into the output, so the float32 temporaries stay bounded. With
+    `reuse` the temporaries and (without `out`) W itself live in this thread's scratch buffers: W is valid until
+    the next such call (model/scratch.py)."""
     assert blocks.dtype == torch.uint8 and blocks.dim() == 2 and blocks.shape[1] % kind.nbytes == 0, \
         (blocks.dtype, blocks.shape, kind)
     N, n = blocks.shape[0], blocks.shape[1] // kind.nbytes
     K = n * kind.block
+    buffer = buffers(blocks.device, reuse)
     if out is None:
-        out = torch.empty(N, K, dtype=dtype, device=blocks.device)
+        out = buffer("weight", (N, K), dtype)
     assert out.shape == (N, K) and out.dtype == dtype, (out.shape, out.dtype)
     if kind.is_float:
         return out.copy_(blocks.view(FLOAT_DTYPES[kind.name]))
     fn = _DEQUANT[kind.name]
     rows = max(1, DEQUANT_CHUNK // max(1, K))
     for r0 in range(0, N, rows):
-        chunk = fn(blocks[r0: r0 + rows].view(-1, n, kind.nbytes)).view(-1, K)
+        chunk = fn(blocks[r0: r0 + rows].view(-1, n, kind.nbytes), buffer).view(-1, K)
         out[r0: r0 + rows].copy_(chunk)
     return out
 
@@ -209,4 +252,4 @@ def block_type_of(w: Mapping[str, torch.Tensor], name: str) -> BlockType | None:
 def ggml_linear(x: torch.Tensor, w: Mapping[str, torch.Tensor], name: str, kind: BlockType,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ bias) for linear `name` kept in GGML blocks of type `kind`: dequantize, then the matmul."""
-    return F.linear(x, dequantize(w[f"{name}.{kind.key}"], kind, x.dtype), bias)
+    return F.linear(x, dequantize(w[f"{name}.{kind.key}"], kind, x.dtype, reuse=True), bias)

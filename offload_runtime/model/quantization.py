@@ -30,14 +30,14 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..timer import median_seconds
-from .scratch import scratch
+from .scratch import Buffer, buffers
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -131,17 +131,10 @@ def pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
     return (blocks[..., :half] | (blocks[..., half:] << 4)).contiguous()
 
 
-Buffer = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]  # (role, shape, dtype) -> uninitialised
-
-
-def _fresh(device: torch.device) -> Buffer:
-    return lambda role, shape, dtype: torch.empty(shape, dtype=dtype, device=device)
-
-
 def unpack_int4(packed: torch.Tensor, buffer: Buffer | None = None) -> torch.Tensor:
     """uint8 [N / B, K, B / 2] -> uint8 [N, K] in 0..15 (a transposed view, K fastest, for one block)."""
     nb, K, half = packed.shape
-    buffer = buffer or _fresh(packed.device)
+    buffer = buffer or buffers(packed.device, reuse=False)
     blocks = buffer("nibbles", (nb, K, 2 * half), torch.uint8)  # [N / B, K, B]
     torch.bitwise_and(packed, 15, out=blocks[..., :half])
     torch.bitwise_right_shift(packed, 4, out=blocks[..., half:])
@@ -161,7 +154,7 @@ def dequantize(w: Mapping[str, torch.Tensor], name: str, bits: int, dtype: torch
     runs several times slower. With `reuse`, W and its temporaries live in this thread's scratch buffers
     (model/scratch.py), for a caller that uses W at once: it is valid until the next such call."""
     qweight = w[name + ".qweight"]
-    buffer: Buffer = functools.partial(scratch, device=qweight.device) if reuse else _fresh(qweight.device)
+    buffer = buffers(qweight.device, reuse)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     scales, zeros = w[name + ".scales"].to(work), w[name + ".zeros"].to(work)  # [G, N]
     if bits == 4:

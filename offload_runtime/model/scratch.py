@@ -12,12 +12,23 @@ one thread, and each thread has its own pool, so two engines in two threads neve
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
+from typing import Callable
 
 import torch
 
 _local = threading.local()
+
+Buffer = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]  # (role, shape, dtype) -> uninitialised
+
+
+def buffers(device: torch.device, reuse: bool) -> Buffer:
+    """Where one call's temporaries go: this thread's scratch (`reuse`), or fresh tensors a caller may keep."""
+    if reuse:
+        return functools.partial(scratch, device=device)
+    return lambda role, shape, dtype: torch.empty(shape, dtype=dtype, device=device)
 
 
 def scratch(role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -134,8 +134,9 @@ def _nibbles(qs: torch.Tensor, buffer: Buffer) -> torch.Tensor:
 @functools.cache
 def _fifth_bit_table(device: torch.device) -> torch.Tensor:
     """[256, 8] uint8: bit j of byte value v, as 0 or 16 (a weight's fifth bit), at [v, j]."""
-    bits = torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)
-    return ((bits & 1) << 4).to(torch.uint8)
+    with torch.inference_mode(False):  # kept across calls in and out of inference mode
+        bits = torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)
+        return ((bits & 1) << 4).to(torch.uint8)
 
 
 def _fifth_bits(x: torch.Tensor, buffer: Buffer) -> torch.Tensor:
@@ -206,7 +207,8 @@ def _q6_k(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
     # Each half of the block's 256 weights: 64 bytes of low nibbles (weights 0-63, then 64-127 from the high
     # nibbles) and 32 bytes of 2-bit pairs (weights i, 32 + i, 64 + i, 96 + i of the half from byte i).
     low = _fields(b[..., 0:128].reshape(R, n, 2, 64), 4, (0, 4), buffer("ints", (R, n, 2, 2, 64), torch.uint8))
-    high = _fields(b[..., 128:192].reshape(R, n, 2, 32), 2, (0, 2, 4, 6), buffer("bits", (R, n, 2, 4, 32), torch.uint8))
+    high = _fields(b[..., 128:192].reshape(R, n, 2, 32), 2, (0, 2, 4, 6),
+                   buffer("bits", (R, n, 2, 4, 32), torch.uint8))
     q = low.view(R, n, QK_K).bitwise_or_(high.bitwise_left_shift_(4).view(R, n, QK_K))
     d = _half(b[..., 208:210], buffer) * b[..., 192:208].view(torch.int8).float()  # one scale per 16 weights
     return _floats(q.view(R, n, 16, 16), buffer).sub_(32).mul_(d[..., None]).view(R, n, QK_K)

@@ -132,7 +132,7 @@ def pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor, buffer: Buffer | None = None) -> torch.Tensor:
-    """uint8 [N / B, K, B / 2] -> uint8 [N, K] in 0..15 (a transposed view, K fastest, for one block)."""
+    """uint8 [N / B, K, B / 2] -> uint8 [N, K] in 0..15 (for one block, a transposed view: [K, N] in memory)."""
     nb, K, half = packed.shape
     buffer = buffer or buffers(packed.device, reuse=False)
     blocks = buffer("nibbles", (nb, K, 2 * half), torch.uint8)  # [N / B, K, B]
@@ -148,8 +148,8 @@ def dequantize(w: Mapping[str, torch.Tensor], name: str, bits: int, dtype: torch
                reuse: bool = False) -> torch.Tensor:
     """W [N, K] in `dtype`: (q - zero) * scale, computed in float32 (float64 for float64) and rounded once.
 
-    W has the memory order of the unpacked integers (a one-block int4 layout unpacks to a transposed view, K
-    fastest; every other layout to rows), and every pass runs in that order over one dtype: on the CPU a pass that
+    W has the memory order of the unpacked integers (a one-block int4 layout unpacks to a transposed view, [K, N]
+    in memory; every other layout to rows, [N, K]), and every pass runs in that order over one dtype: on the CPU a pass that
     mixes dtypes (integers and floats, or a float32 result stored as bfloat16) or writes across the order it reads
     runs several times slower. With `reuse`, W and its temporaries live in this thread's scratch buffers
     (model/scratch.py), for a caller that uses W at once: it is valid until the next such call."""

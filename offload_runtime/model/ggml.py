@@ -224,11 +224,13 @@ def dequantize(blocks: torch.Tensor, kind: BlockType, dtype: torch.dtype = torch
 
     Rows go `DEQUANT_CHUNK` weights at a time into the output, so the float32 temporaries stay bounded. With
     `reuse` the temporaries and (without `out`) W itself live in this thread's scratch buffers: W is valid until
-    the next such call (model/scratch.py)."""
+    the next such call (model/scratch.py); a float linear already in `dtype` is then its own bytes, viewed."""
     assert blocks.dtype == torch.uint8 and blocks.dim() == 2 and blocks.shape[1] % kind.nbytes == 0, \
         (blocks.dtype, blocks.shape, kind)
     N, n = blocks.shape[0], blocks.shape[1] // kind.nbytes
     K = n * kind.block
+    if kind.is_float and reuse and out is None and FLOAT_DTYPES[kind.name] == dtype:
+        return blocks.view(dtype)
     buffer = buffers(blocks.device, reuse)
     if out is None:
         out = buffer("weight", (N, K), dtype)

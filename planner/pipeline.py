@@ -143,7 +143,7 @@ def resolve(req: PlanRequest) -> Pair:
         draft_quant = None if dargs is None else quant_spec_for(dargs, req.draft_quantize,
                                                                 req.group_size if req.draft_quantize else None,
                                                                 f"draft {draft_name}")
-    return Pair(dev, parse_dtype(req.dtype, dev, targs.torch_dtype), tref, targs, dref, dargs, quant, draft_quant)
+    return Pair(dev, parse_dtype(req.dtype, dev, targs.torch_dtype, quant), tref, targs, dref, dargs, quant, draft_quant)
 
 
 def need_draft(pair: Pair, req: PlanRequest, command: str) -> None:

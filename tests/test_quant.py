@@ -357,6 +357,23 @@ def test_layers_hold_stacked_linears_but_act_order_ones_apart():
     assert [n.removesuffix(".qweight") for n in act.slots if n.endswith(".qweight")] == list(LINEARS)
 
 
+def test_auto_dtype_on_the_cpu_is_bf16_only_where_the_int4_kernel_and_native_bf16_are(wide):
+    """float32 for float and int8 weights (16-bit matmuls are slow on most CPUs); bf16 for int4 weights the kernel
+    reads, where oneDNN has native bf16; an explicit dtype always wins. Both the engine and the planner ask it."""
+    from offload_runtime.api.options import cpu_has_native_bf16, parse_dtype
+    from offload_runtime.model.quantization import cpu_int4_block
+
+    cpu = torch.device("cpu")
+    fast = torch.bfloat16 if cpu_int4_block() and cpu_has_native_bf16() else torch.float32
+    assert parse_dtype(None, cpu, "bfloat16") == torch.float32
+    assert parse_dtype("auto", cpu, "bfloat16", QuantSpec(4, 32)) == fast
+    assert parse_dtype(None, cpu, None, QuantSpec(8, 32)) == torch.float32
+    assert parse_dtype(None, cpu, None, QuantSpec(4, 32, act_order=True)) == torch.float32  # no kernel for g_idx
+    assert parse_dtype("float32", cpu, None, QuantSpec(4, 32)) == torch.float32
+    assert Engine.from_pretrained(wide, draft=False, quantize="int4", group_size=64).target.dtype == fast
+    assert Engine.from_pretrained(wide, draft=False).target.dtype == torch.float32
+
+
 def test_kernel_extras_only_where_the_kernel_applies():
     """A resident layer's `.kernel_sz` lets quantized_linear skip its checks, so it must exist only for linears
     the int4 kernel can compute: none for act-order (g_idx) linears or for 8-bit ones."""

@@ -238,7 +238,7 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     if group_size is not None and quantize is None and draft_quantize is None and not self_draft:
         raise UsageError("group_size (--group-size) needs quantize or draft_quantize (--quantize / --draft-quantize)")
     target_quant = quant_spec_for(targs, quantize, group_size if quantize else None, f"model {model}")
-    dt = parse_dtype(dtype, dev, targs.torch_dtype)
+    dt = parse_dtype(dtype, dev, targs.torch_dtype, target_quant)
     limit = targs.max_position_embeddings
     seq_len = min(limit, 4096) if max_seq_len is None else max_seq_len
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= limit:

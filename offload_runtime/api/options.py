@@ -42,11 +42,9 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device, checkpoin
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX), not by emulation."""
-    try:
-        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch built without these ops
-        return False
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), not by emulation."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)  # a torch without these checks: say no
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:

@@ -36,6 +36,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from .quantization import split_nibbles
 from .scratch import Buffer, buffers
 
 QK_K = 256
@@ -126,11 +127,6 @@ def _fields(x: torch.Tensor, width: int, shifts: Sequence[int], out: torch.Tenso
     return out
 
 
-def _nibbles(qs: torch.Tensor, buffer: Buffer) -> torch.Tensor:
-    """16 bytes [R, n, 16] -> 32 integers (uint8): the low nibbles are weights 0..15, the high ones 16..31."""
-    return _fields(qs, 4, (0, 4), buffer("ints", (*qs.shape[:-1], 2, 16), torch.uint8)).flatten(-2)
-
-
 @functools.cache
 def _fifth_bit_table(device: torch.device) -> torch.Tensor:
     """[256, 8] uint8: bit j of byte value v, as 0 or 16 (a weight's fifth bit), at [v, j]."""
@@ -149,22 +145,22 @@ def _fifth_bits(x: torch.Tensor, buffer: Buffer) -> torch.Tensor:
 
 
 def _q4_0(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
-    return _floats(_nibbles(b[..., 2:18], buffer), buffer).sub_(8).mul_(_half(b[..., 0:2], buffer))
+    return _floats(split_nibbles(b[..., 2:18], buffer), buffer).sub_(8).mul_(_half(b[..., 0:2], buffer))
 
 
 def _q4_1(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
     d, m = _half(b[..., 0:2], buffer), _half(b[..., 2:4], buffer, "min")
-    return _floats(_nibbles(b[..., 4:20], buffer), buffer).mul_(d).add_(m)
+    return _floats(split_nibbles(b[..., 4:20], buffer), buffer).mul_(d).add_(m)
 
 
 def _q5_0(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
-    q = _nibbles(b[..., 6:22], buffer).bitwise_or_(_fifth_bits(b[..., 2:6], buffer).flatten(-2))
+    q = split_nibbles(b[..., 6:22], buffer).bitwise_or_(_fifth_bits(b[..., 2:6], buffer).flatten(-2))
     return _floats(q, buffer).sub_(16).mul_(_half(b[..., 0:2], buffer))
 
 
 def _q5_1(b: torch.Tensor, buffer: Buffer) -> torch.Tensor:
     d, m = _half(b[..., 0:2], buffer), _half(b[..., 2:4], buffer, "min")
-    q = _nibbles(b[..., 8:24], buffer).bitwise_or_(_fifth_bits(b[..., 4:8], buffer).flatten(-2))
+    q = split_nibbles(b[..., 8:24], buffer).bitwise_or_(_fifth_bits(b[..., 4:8], buffer).flatten(-2))
     return _floats(q, buffer).mul_(d).add_(m)
 
 

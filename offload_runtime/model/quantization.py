@@ -131,13 +131,21 @@ def pack_int4(q: torch.Tensor, block: int) -> torch.Tensor:
     return (blocks[..., :half] | (blocks[..., half:] << 4)).contiguous()
 
 
+def split_nibbles(packed: torch.Tensor, buffer: Buffer) -> torch.Tensor:
+    """Bytes [..., L] -> uint8 [..., 2 L]: every byte's low nibble, then every byte's high nibble (the order of
+    this layout's blocks and of GGML's 4-bit blocks alike)."""
+    L = packed.shape[-1]
+    out = buffer("nibbles", (*packed.shape[:-1], 2 * L), torch.uint8)
+    torch.bitwise_and(packed, 15, out=out[..., :L])
+    torch.bitwise_right_shift(packed, 4, out=out[..., L:])
+    return out
+
+
 def unpack_int4(packed: torch.Tensor, buffer: Buffer | None = None) -> torch.Tensor:
     """uint8 [N / B, K, B / 2] -> uint8 [N, K] in 0..15 (for one block, a transposed view: [K, N] in memory)."""
     nb, K, half = packed.shape
     buffer = buffer or buffers(packed.device, reuse=False)
-    blocks = buffer("nibbles", (nb, K, 2 * half), torch.uint8)  # [N / B, K, B]
-    torch.bitwise_and(packed, 15, out=blocks[..., :half])
-    torch.bitwise_right_shift(packed, 4, out=blocks[..., half:])
+    blocks = split_nibbles(packed, buffer)  # [N / B, K, B]
     if nb == 1:
         return blocks[0].t()
     rows = buffer("ints", (nb, 2 * half, K), torch.uint8).copy_(blocks.transpose(1, 2))

@@ -7,7 +7,7 @@ call takes the allocator out of the loop. CUDA's caching allocator already reuse
 tensors are pooled; elsewhere `scratch` is torch.empty.
 
 A pooled tensor is valid until the next `scratch` call with the same role on the same thread: callers use it at
-once (quantized_linear's dequantize + matmul) and never hand it out. A model's forward never runs re-entrantly on
+once (the dequantize + matmul of quantized_linear and ggml_linear) and never hand it out. A model's forward never runs re-entrantly on
 one thread, and each thread has its own pool, so two engines in two threads never share a buffer.
 """
 from __future__ import annotations

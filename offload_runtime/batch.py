@@ -1,7 +1,8 @@
 """Batch jobs: `python -m offload_runtime.batch --model M --input prompts.jsonl --output out.jsonl`.
 
 Input lines: {"id": ..., "prompt": "..."} or {"id": ..., "messages": [...]}, optionally with max_new_tokens,
-temperature, top_p, seed, stop, ignore_eos. Output lines: id, text, token counts, finish reason and stats.
+temperature, top_p, seed, stop, ignore_eos. Output lines: id, text, token counts, finish reason, stats and a
+fingerprint of what produced the text (the prompt or messages, the sampling settings and the model).
 
 A job may run for hours on a large model, so it loses nothing and refuses what is wrong before the model loads:
 - each problem of an input record is reported as `file:line: reason; skipped`, and the job goes on; a record
@@ -10,9 +11,12 @@ A job may run for hours on a large model, so it loses nothing and refuses what i
   of this tool when it exists (so resuming never cuts someone else's file); it is locked (flock on the file
   itself, whatever path names it) before it is read: a second job on it stops at once, naming the holder;
 - records are appended one at a time with fsync, so a killed job loses only the records in flight; rerunning
-  the same command resumes, skipping the ids already there, after cutting a record the kill tore in half.
+  the same command resumes, skipping the ids already there, after cutting a record the kill tore in half; an id
+  there whose fingerprint differs (another job's record) stops the job, so unrelated output never counts as done;
+- an input with no record to run is an error, and a job that writes nothing leaves no new output file behind.
 Under torchrun each rank takes every WORLD_SIZE-th record and writes `OUTPUT.rankN`; `--merge` joins the part
-files into OUTPUT, after every part has been read and checked.
+files into OUTPUT, after every part has been read and checked (an id in two of them with two fingerprints
+merges nothing).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from .errors import BusyError, OffloadError, UsageError
 SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")
 RECORD_FIELDS = ("id", "prompt", "messages", *SAMPLING_FIELDS)
 RESULT_FIELDS = ("id", "text", "finish_reason")  # in every output line
+FINGERPRINT = "fingerprint"  # the last field of an output line; absent from lines of versions before it
 RESULT_HEAD = '{"id": '  # how every output line starts (json.dumps of a dict whose first key is "id")
 RESULT_AFTER_ID = ', "text": '
 RECORD_BYTES, TOKEN_BYTES = 512, 16  # an output line's size, generously: fields and stats, and per token of text
@@ -78,15 +83,23 @@ def open_input(path: Path) -> BinaryIO:
         raise UsageError(f"cannot read input {path}: {e.strerror}") from None
 
 
-def read_records(f: BinaryIO, path: Path, warn: Warn) -> list[Record]:
+@dataclass
+class Records:
+    good: list[Record]  # in file order
+    bad: int  # lines skipped, each reported
+
+
+def read_records(f: BinaryIO, path: Path, warn: Warn) -> Records:
     """Valid records in file order. Each bad line is reported (`file:line: reason; skipped`), each unknown field
     once; everything that can be checked without the model is checked here, so no bad record reaches a batch."""
     seen: dict[str, tuple[int, Any]] = {}
     unknown: set[str] = set()
     records = []
+    lines = 0  # not blank
     for n, raw in enumerate(f, start=1):
         if not raw.strip():
             continue
+        lines += 1
         try:
             obj = json.loads(raw)
         except UnicodeDecodeError:
@@ -113,7 +126,7 @@ def read_records(f: BinaryIO, path: Path, warn: Warn) -> list[Record]:
         seen[key] = (n, obj["id"])
         records.append(Record(n, obj["id"], obj.get("prompt"), obj.get("messages"),
                               {k: obj[k] for k in SAMPLING_FIELDS if k in obj}))
-    return records
+    return Records(records, lines - len(records))
 
 
 def check_record(obj: Any) -> str | None:
@@ -138,6 +151,86 @@ def check_record(obj: Any) -> str | None:
     except UsageError as e:
         return str(e)
     return None
+
+
+def model_key(name: str) -> str:
+    """The model's identity as plans know it (an absolute path, or hf:owner/name), without loading or downloading
+    it: a repo id not yet downloaded gets the identity its snapshot in the hub cache will have."""
+    from .api.plans import model_identity
+    from .api.registry import resolve_name
+
+    resolved = resolve_name(name)
+    path = Path(resolved).expanduser()
+    return model_identity(path) if path.exists() else f"hf:{resolved}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What of the command line decides a record's result. --device, --dtype and --draft are left out: they change
+    how the text is computed, not which text is asked for (--quantize swaps the weights, so it is in)."""
+    model: str  # model_key of --model
+    quantize: str | None  # "int4/g128"-like, or None
+    flags: dict[str, Any]  # the sampling flags given
+
+    @classmethod
+    def of(cls, args: Any) -> "Settings":
+        from .weights.quantized import DEFAULT_GROUP_SIZE
+
+        quantize = f"{args.quantize}/g{args.group_size or DEFAULT_GROUP_SIZE}" if args.quantize else None
+        flags = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p),
+                                   ("max_new_tokens", args.max_new_tokens), ("seed", args.seed)) if v is not None}
+        return cls(model_key(args.model), quantize, flags)
+
+    def sampling(self, r: Record) -> dict[str, Any]:
+        """A record's sampling settings: its own, else the flags' (the flags' seed is made per record later)."""
+        return {**self.flags, **r.sampling}
+
+    def fingerprint(self, r: Record) -> str:
+        from .api.home import short_hash
+        from .api.options import DEFAULT_MAX_NEW_TOKENS
+        from .api.text import normalise_stop
+
+        s = self.sampling(r)
+        # Spellings of one setting hash alike, so resuming with a default written out (or left out) still matches.
+        s.setdefault("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        s.update({k: float(s[k]) for k in ("temperature", "top_p") if k in s})
+        s["stop"], s["ignore_eos"] = list(normalise_stop(s.get("stop"))), bool(s.get("ignore_eos"))
+        return short_hash({"model": self.model, "quantize": self.quantize, "prompt": r.prompt,
+                           "messages": r.messages, "sampling": s})
+
+
+@dataclass(frozen=True)
+class Task:
+    record: Record
+    fingerprint: str  # written with its result
+
+
+def other_job(where: str, rid: str, output: Path, fix: str) -> UsageError:
+    return UsageError(f"{where}: id {rid} is already in {output} from another job (its prompt, sampling settings or "
+                      f"model differ); {fix}")
+
+
+def pending(records: list[Record], done: dict[str, str | None], settings: Settings, input_path: Path, output: Path,
+            warn: Warn) -> list[Task]:
+    """The records still to run. An id already written with another fingerprint is another job's record: using
+    it would hand this job's reader someone else's text, so it stops the job."""
+    tasks, unchecked = [], 0
+    for r in records:
+        fingerprint = settings.fingerprint(r)
+        key = id_key(r.id)
+        if key not in done:
+            tasks.append(Task(r, fingerprint))
+        elif done[key] is None:
+            unchecked += 1
+        elif done[key] != fingerprint:
+            raise other_job(f"{input_path}:{r.line}", json.dumps(r.id), output,
+                            f"give a new --output, or delete {output} on purpose to run these records again")
+    if unchecked:
+        warn(f"{output}: {unchecked} of the ids already there have no fingerprint (an older version wrote them), so "
+             f"they count as done unchecked; if they may be another job's, give a new --output")
+    if len(tasks) < len(records):
+        warn(f"resuming: {len(records) - len(tasks)} of {len(records)} records already in {output}")
+    return tasks
 
 
 @dataclass(frozen=True)
@@ -247,19 +340,28 @@ def _torn_result(tail: bytes) -> bool:
     return rest.startswith(RESULT_AFTER_ID) or RESULT_AFTER_ID.startswith(rest)
 
 
-def _result_key(raw: bytes) -> str | None:
+@dataclass(frozen=True)
+class Written:
+    """A record of a results file."""
+    key: str  # id_key of its id
+    fingerprint: str | None  # None: an older version wrote it
+
+
+def _result(raw: bytes) -> Written | None:
     try:
         obj = json.loads(raw)
     except ValueError:  # not JSON, or not UTF-8
         return None
     if not isinstance(obj, dict) or any(k not in obj for k in RESULT_FIELDS):
         return None
-    rid = obj["id"]
-    return None if isinstance(rid, bool) or not isinstance(rid, (str, int)) else id_key(rid)
+    rid, fingerprint = obj["id"], obj.get(FINGERPRINT)
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or not isinstance(fingerprint, (str, type(None))):
+        return None
+    return Written(id_key(rid), fingerprint)
 
 
-def scan_results(f: BinaryIO, path: Path, on_line: Callable[[int, str, bytes], None], fix: str) -> int | None:
-    """Read a results file from its start: on_line(line number, id key, raw line) for each record. A line that is
+def scan_results(f: BinaryIO, path: Path, on_line: Callable[[int, Written, bytes], None], fix: str) -> int | None:
+    """Read a results file from its start: on_line(line number, record, raw line) for each record. A line that is
     not one of our records raises UsageError (`path:line: ...; ` + fix). Returns the byte offset of a torn last
     record (None when the file ends cleanly)."""
     f.seek(0)
@@ -270,10 +372,10 @@ def scan_results(f: BinaryIO, path: Path, on_line: Callable[[int, str, bytes], N
                 return offset
             raise UsageError(f"{path}:{n}: the last line is not a result record of this tool; {fix}")
         if raw.strip():
-            key = _result_key(raw)
-            if key is None:
+            record = _result(raw)
+            if record is None:
                 raise UsageError(f"{path}:{n}: not a result record of this tool; {fix}")
-            on_line(n, key, raw)
+            on_line(n, record, raw)
         offset += len(raw)
     return None
 
@@ -282,8 +384,9 @@ class Output:
     """A results file held by this job: checked and locked before the model loads, appended to one fsynced
     record at a time through the locked descriptor."""
 
-    def __init__(self, path: Path, fd: int):
+    def __init__(self, path: Path, fd: int, created: bool):
         self.path, self.fd = path, fd
+        self.created = created  # by this job: removed again if the job writes nothing
         self.written = 0
 
     @classmethod
@@ -292,7 +395,11 @@ class Output:
         try:
             # O_NONBLOCK: should the path turn into a pipe or device between the check and here, open must not
             # wait for a reader (fstat refuses it next).
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o644)
+            flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK
+            try:
+                fd, created = os.open(path, flags | os.O_EXCL, 0o644), True
+            except FileExistsError:
+                fd, created = os.open(path, flags, 0o644), False
         except OSError as e:
             raise UsageError(f"cannot write --output {path}: {e.strerror}; give a path in a directory you can "
                              f"write to") from None
@@ -301,21 +408,28 @@ class Output:
             if not stat.S_ISREG(mode):
                 raise UsageError(f"--output {path} is {_kind(mode)}; give a file path")
             lock(fd, path, exclusive=True, warn=warn)
+            if not _names(path, fd):
+                # a job that wrote nothing removed the file it had made between our open and our lock
+                raise BusyError(f"{path} was removed by another job as this one opened it; run the command again")
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd)
+        return cls(path, fd, created)
 
-    def done_ids(self, warn: Warn) -> set[str]:
-        """Ids already written (as id_key); a record torn by a killed job is cut off, so it runs again."""
-        keys: set[str] = set()
+    def done_ids(self, warn: Warn) -> dict[str, str | None]:
+        """The ids already written (as id_key), each with its fingerprint; a record torn by a killed job is cut
+        off, so it runs again."""
+        done: dict[str, str | None] = {}
+
+        def add(n: int, record: Written, raw: bytes) -> None:
+            done[record.key] = record.fingerprint
         with os.fdopen(os.dup(self.fd), "rb") as f:
-            torn = scan_results(f, self.path, lambda n, key, raw: keys.add(key),
+            torn = scan_results(f, self.path, add,
                                 "give another --output (resuming only continues an output of this tool)")
         if torn is not None:
             os.ftruncate(self.fd, torn)
             warn(f"{self.path}: cut the partial record a killed job left at its end; that record runs again")
-        return keys
+        return done
 
     def check_space(self, need: int, warn: Warn) -> None:
         """Refuse a full disk before the model loads; warn when the estimate `need` (bytes) may not fit."""
@@ -349,12 +463,25 @@ class Output:
         self.write_line(data)
 
     def close(self) -> None:
+        # A job that wrote nothing leaves no file that looks like its results. Removed while still locked, so no
+        # other job holds it (one that opened it meanwhile sees it gone once it has the lock, in open).
+        if self.created and self.written == 0 and os.fstat(self.fd).st_size == 0 and _names(self.path, self.fd):
+            os.unlink(self.path)
         os.close(self.fd)  # releases the lock
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether path (still) names the file open as fd."""
+    try:
+        st, mine = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def merge(output: Path, warn: Warn) -> int:
     """Join OUTPUT.rankN into OUTPUT (ids already there are skipped). Every part is read and checked first;
-    a part still being written, or a bad line anywhere, merges nothing."""
+    a part still being written, a bad line anywhere, or an id there twice with two fingerprints merges nothing."""
     prefix = output.name + ".rank"
     parts = sorted(p for p in output.parent.glob(glob.escape(prefix) + "*") if p.name[len(prefix):].isdigit())
     if not parts:
@@ -363,24 +490,36 @@ def merge(output: Path, warn: Warn) -> int:
     files: list[BinaryIO] = []
     try:
         have = out.done_ids(warn)
+        holder: dict[str, Path] = {}  # the part of each id to merge (the ids not here are in the output already)
         chosen: list[set[int]] = []
+        unchecked = 0
         for part in parts:
             f = open_input(part)
             files.append(f)
             lock(f.fileno(), part, exclusive=False, warn=warn)
             lines: set[int] = set()
 
-            def take(n: int, key: str, raw: bytes) -> None:
-                if key not in have:
-                    have.add(key)
+            def take(n: int, record: Written, raw: bytes) -> None:
+                nonlocal unchecked
+                if record.key not in have:
+                    have[record.key] = record.fingerprint
+                    holder[record.key] = part
                     lines.add(n)
+                elif None in (record.fingerprint, have[record.key]):
+                    unchecked += 1
+                elif record.fingerprint != have[record.key]:
+                    raise other_job(f"{part}:{n}", record.key, holder.get(record.key, output),
+                                    "nothing was merged: merge into a new --output, or remove the other job's file")
             fix = "nothing was merged: fix or delete that line, then merge again"
             if scan_results(f, part, take, fix) is not None:
                 warn(f"{part}: its last record is partial (its job was killed) and is not merged; rerun that rank "
                      f"to finish it")
             chosen.append(lines)
+        if unchecked:
+            warn(f"{unchecked} records have ids already merged and no fingerprint to compare (an older version wrote "
+                 f"them); they were taken as the same records and skipped")
         for f, part, lines in zip(files, parts, chosen):
-            scan_results(f, part, lambda n, key, raw: out.write_line(raw) if n in lines else None, "")
+            scan_results(f, part, lambda n, record, raw: out.write_line(raw) if n in lines else None, "")
     finally:
         for f in files:
             f.close()
@@ -417,52 +556,66 @@ def main(argv: list[str] | None = None) -> int:
         try:
             finished = out.done_ids(warn)
             check_sampling_args(args)
-            records = read_records(f, input_path, warn)[job.rank::job.world]
-            return run_job(args, records, finished, input_path, out, job, warn)
+            read = read_records(f, input_path, warn)
+            if not read.good:
+                why = (f"its {read.bad} records were all bad (reported above); fix them" if read.bad else
+                       "it is empty or blank; give a file with one {id, prompt | messages} per line")
+                raise UsageError(f"{input_path}: no records to run: {why}")
+            records = read.good[job.rank::job.world]
+            if not records:  # the others' shares hold them: not this rank's mistake
+                warn(f"rank {job.rank}: no records to run ({len(read.good)} records for {job.world} ranks)")
+                return 0
+            settings = Settings.of(args)
+            todo = pending(records, finished, settings, input_path, out.path, warn)
+            if not todo:
+                return 0
+            try:
+                return run_job(args, settings, todo, input_path, out, job, warn)
+            except KeyboardInterrupt:
+                done = len(records) - len(todo) + out.written
+                warn(f"interrupted: {done} of {len(records)} records written to {out.path}; rerun the same command "
+                     f"to resume")
+                raise
         finally:
             out.close()
 
 
-def run_job(args: Any, records: list[Record], finished: set[str], input_path: Path, out: Output, job: Ranks,
+def run_job(args: Any, settings: Settings, todo: list[Task], input_path: Path, out: Output, job: Ranks,
             warn: Warn) -> int:
     from .api.options import DEFAULT_MAX_NEW_TOKENS, MAX_SEED
 
-    todo = [r for r in records if id_key(r.id) not in finished]
-    if len(todo) < len(records):
-        warn(f"resuming: {len(records) - len(todo)} of {len(records)} records already in {out.path}")
-    if not todo:
-        return 0
     tokens_each = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-    out.check_space(sum(RECORD_BYTES + TOKEN_BYTES * r.sampling.get("max_new_tokens", tokens_each) for r in todo),
-                    warn)
+    out.check_space(sum(RECORD_BYTES + TOKEN_BYTES * t.record.sampling.get("max_new_tokens", tokens_each)
+                        for t in todo), warn)
+    # More rows than records would only allocate KV caches that no record uses, and slow every step.
+    batch_size = min(args.batch_size, len(todo))
     device = args.device
     if job.world > 1 and device in (None, "cuda"):
         import torch
 
         if torch.cuda.is_available():
             device = f"cuda:{job.local % torch.cuda.device_count()}"
-    engine = load_engine(args, batch_size=args.batch_size, device=device)
-    cli_sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p),
-                                      ("max_new_tokens", args.max_new_tokens), ("seed", args.seed)) if v is not None}
+    engine = load_engine(args, batch_size=batch_size, device=device)
     requests, kept = [], []
-    for r in todo:
-        sampling = {**cli_sampling, **r.sampling}
-        if "seed" in cli_sampling and "seed" not in r.sampling:
+    for task in todo:
+        r = task.record
+        sampling = settings.sampling(r)
+        if "seed" in settings.flags and "seed" not in r.sampling:
             # a record's seed does not depend on the others (nor on which of them are already done)
-            sampling["seed"] = (cli_sampling["seed"] + r.line) % (MAX_SEED + 1)
+            sampling["seed"] = (settings.flags["seed"] + r.line) % (MAX_SEED + 1)
         try:
             requests.append(engine.request(r.prompt, messages=r.messages, **sampling))
-            kept.append(r)
+            kept.append(task)
         except OffloadError as e:
             warn(f"{input_path}:{r.line}: {e}; skipped")
         except Exception as e:  # noqa: BLE001 - a surprise in one record must not stop the others
             warn(f"{input_path}:{r.line}: id {json.dumps(r.id)}: {describe_error(e)}; skipped (please report it)")
-    give_up = max(FAILURES_BEFORE_STOP, 2 * args.batch_size)
+    give_up = max(FAILURES_BEFORE_STOP, 2 * batch_size)
     bar = _progress(len(requests))
     t0, tokens, failed = time.perf_counter(), 0, 0
     try:
         for i, result in engine.run(requests):
-            r = kept[i]
+            r = kept[i].record
             if result.error is not None:
                 failed += 1
                 warn(f"{input_path}:{r.line}: id {json.dumps(r.id)} failed: {describe_error(result.error)}; not "
@@ -476,7 +629,7 @@ def run_job(args: Any, records: list[Record], finished: set[str], input_path: Pa
             out.write({"id": r.id, "text": result.text, "prompt_tokens": len(result.prompt_token_ids),
                        "completion_tokens": len(result.token_ids), "finish_reason": result.finish_reason,
                        "stats": {"steps": s.steps, "tokens_per_step": round(s.tokens_per_step, 3),
-                                 "time_s": round(s.time_s, 3)}})
+                                 "time_s": round(s.time_s, 3)}, FINGERPRINT: kept[i].fingerprint})
             if bar is not None:
                 bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.1f} tok/s")
                 bar.update(1)

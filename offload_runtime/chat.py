@@ -13,7 +13,7 @@ import traceback
 
 from .cli import (ArgumentParser, add_model_args, add_sampling_args, describe_error, format_model_list,
                   load_engine, run_main, sampling_kwargs)
-from .errors import OffloadError
+from .errors import OffloadError, UsageError
 
 HELP = """commands:
   /reset   forget the conversation (keeps the model loaded)
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_model_list(list_models()))
         return 0
     engine = load_engine(args)
+    if engine.tokenizer is None:  # said now, not after the first message is typed
+        raise UsageError(f"{engine.name} ships no tokenizer, so it cannot chat: put the model's tokenizer files "
+                         f"(tokenizer.json, tokenizer_config.json) in its directory, or send token ids through "
+                         f"the Python API or python -m offload_runtime.batch")
     # Bytes that are not UTF-8 become lone surrogates instead of ending the session inside input(); the
     # text layer refuses them with a message, and the next line is read as usual.
     if isinstance(sys.stdin, io.TextIOWrapper):

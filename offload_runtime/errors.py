@@ -31,7 +31,7 @@ class MissingFileError(CheckpointError, FileNotFoundError):
 
 
 class StoreError(OffloadError):
-    """A layer store on disk (--offload-dir) that cannot be written, read or used."""
+    """A store on disk (the runtime home, a layer store: --offload-dir) that cannot be written, read or used."""
 
 
 class ResourceError(OffloadError, MemoryError):

@@ -19,7 +19,7 @@ def parse_bytes(value: str | int | float) -> int:
     """'20GiB', '512MB', '1.5GB' or a number of bytes."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if value < 0:
-            raise UsageError(f"a memory size cannot be negative: {value}")
+            raise UsageError(f"a memory size cannot be negative: {value}; give bytes, or a size like 20GiB")
         return int(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _UNITS:
@@ -50,15 +50,16 @@ def available_host_memory() -> int:
         raise UsageError(f"OFFLOAD_RUNTIME_MAX_HOST_MEMORY={cap!r}: {e}; or unset it") from None
 
 
-def check_host_memory(need: int, what: str) -> None:
-    """Stop with a clear error, before allocating, when `need` bytes of RAM are not there."""
+WEIGHTS_FIX = ("close other programs, pick a 16-bit dtype, give the GPU a larger --gpu-memory budget so more layers "
+               "stay resident, or cap --host-memory below what is available to read the layers beyond it from disk")
+
+
+def check_host_memory(need: int, what: str, fix: str = WEIGHTS_FIX) -> None:
+    """Stop with a clear error, before allocating, when `need` bytes of RAM are not there; `fix` says what to do."""
     have = available_host_memory()
     if need > have:
-        raise ResourceError(
-            f"{what} needs {fmt_bytes(need)} of host RAM but only {fmt_bytes(have)} is available; close other "
-            f"programs, pick a 16-bit dtype, give the GPU a larger --gpu-memory budget so more layers stay "
-            f"resident, or cap --host-memory below what is available to read the layers beyond it from disk"
-        )
+        raise ResourceError(f"{what} needs {fmt_bytes(need)} of host RAM but only {fmt_bytes(have)} is available; "
+                            f"{fix}")
 
 
 def device_free_memory(device: torch.device) -> int:

@@ -3,7 +3,7 @@
     python -m planner profile --model llama-2-70b            # this machine's copy and compute curves
     python -m planner acceptance --model M --draft D         # the pair's acceptance vector
     python -m planner plan --model M --draft D               # runs the missing steps, writes the plan
-    python -m planner show [PLAN.json | --model M --draft D]
+    python -m planner show [PLAN.json | --model M [--draft D]]   # the draft defaults as in `plan`
 
 Results live under $OFFLOAD_RUNTIME_HOME (default ~/.cache/offload_runtime): profiles/, acceptance/, plans/.
 The runtime picks up the matching plan by itself (Engine.from_pretrained(..., plan="auto")).
@@ -223,6 +223,9 @@ def _print_policy(plan) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    from .profile import read_profile
+
+    pipeline.check_output(args.output, "profile", read_profile)
     req = _request(args)
     pair = pipeline.resolve(req)
     if pair.draft is None and not args.no_draft:
@@ -241,6 +244,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_acceptance(args: argparse.Namespace) -> int:
+    from .acceptance import read_acceptance
+
+    pipeline.check_output(args.output, "acceptance", read_acceptance)
     req = _request(args)
     pair = pipeline.resolve(req)
     pipeline.need_draft(pair, req, "acceptance")
@@ -279,6 +285,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return cmd_compare_drafts(args)
     if args.plot is not None:
         _require_matplotlib()
+        pipeline.check_output(args.plot, "plot", _read_png, flag="--plot")
     result = pipeline.make_plan(_request(args), output=args.output)
     plan, tm, best = result.plan, result.time_model, result.choice
     print(f"plan for {plan.target.name} with draft {plan.draft.name} on {plan.device} ({plan.dtype}), "
@@ -316,6 +323,16 @@ def _require_matplotlib():
     return plt
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _read_png(path: Path) -> None:
+    """A PNG (what --plot writes) may be replaced; any other file is refused."""
+    with open(path, "rb") as f:
+        if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+            raise UsageError(f"{path} is not a PNG image")
+
+
 def plot_throughput(path: Path, plan, tm, best) -> None:
     """Predicted tokens/s vs tree size at the chosen depth, the chosen point marked."""
     from offload_runtime.spec.tree_search import best_trees
@@ -340,7 +357,6 @@ def plot_throughput(path: Path, plan, tm, best) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -351,11 +367,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.path is not None:
         plan = read_plan(args.path)
     else:
-        if args.model is None or args.draft is None:
-            raise UsageError("show needs a plan file, or --model and --draft to find one")
-        pair = pipeline.resolve(PlanRequest(model=args.model, draft=args.draft, device=args.device,
-                                            dtype=args.dtype, log=_notice))
-        plan, msg = find_plan(args.model, args.draft, pair.device, pair.dtype, args.temperature, args.top_p,
+        if args.model is None:
+            raise UsageError("show needs a plan file, or --model (and --draft, default: the model's default draft) "
+                             "to find one")
+        req = PlanRequest(model=args.model, draft=args.draft, device=args.device, dtype=args.dtype, log=_notice)
+        pair = pipeline.resolve(req)  # the draft defaults as `plan`'s does
+        pipeline.need_draft(pair, req, "show")
+        plan, msg = find_plan(args.model, pair.draft.name, pair.device, pair.dtype, args.temperature, args.top_p,
                               target_ref=pair.target, draft_ref=pair.draft, formats=pair.formats)
         if plan is None:
             raise UsageError(msg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from offload_runtime.api import registry
@@ -34,6 +35,12 @@ def resolve_model(name: str | os.PathLike, *, allow_preset: bool = True) -> tupl
         notice = None if name == preset and registry.resolve_name(name) == name else (
             f"{name} is not available locally; using the published shapes of {preset} with random weights")
         return ref, args, notice
+    path = Path(name).expanduser()
+    if path.is_absolute() or name.startswith((".", "~")):  # meant as a path (not owner/name): say what is there
+        what = ("is not a checkpoint directory or a GGUF file" if path.exists() else
+                "not found: no such file or directory")
+        raise MissingFileError(f"model {name} {what}; pass a checkpoint directory, a GGUF file, a Hugging Face repo "
+                               f"id already in the cache, or a shape preset")
     presets = ", ".join(sorted(p for p in PRESETS if p != "tiny"))
     raise MissingFileError(
         f"model {name!r} not found locally (nothing is downloaded here): pass a checkpoint directory, a Hugging Face "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +19,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from offload_runtime.api import registry
-from offload_runtime.api.home import short_hash, store_dir, write_json
+from offload_runtime.api.home import runtime_home, short_hash, store_dir, write_json
 from offload_runtime.api.machine import describe_machine, machine_fingerprint
 from offload_runtime.api.options import GenerationDefaults, check_sampling, parse_device, parse_dtype
-from offload_runtime.api.plans import ModelRef, Plan, dtype_name, save_plan
+from offload_runtime.api.plans import ModelRef, Plan, dtype_name, read_plan, save_plan
 from offload_runtime.api.self_draft import check_self_draft_fits, is_self_draft, self_draft_quant
-from offload_runtime.errors import ResourceError, UsageError
+from offload_runtime.errors import OffloadError, ResourceError, UsageError
 from offload_runtime.memory import parse_bytes
 from offload_runtime.residency import device_budget_bytes, fixed_device_bytes
 from offload_runtime.model.config import ModelArgs
@@ -116,16 +117,36 @@ def engine_options(req: PlanRequest) -> dict[str, Any]:
                               ("draft_quantize", req.draft_quantize)) if v is not None}
 
 
+def _draft_name(req: PlanRequest) -> str | None:
+    """The draft asked for, else (unless --no-draft) the model family's default draft: `plan` and `show` alike."""
+    if req.draft is not None or req.no_draft:
+        return req.draft
+    return registry.default_draft(req.model)
+
+
+def check_request(req: PlanRequest) -> None:
+    """The flags that are text until used (--grid, --prefix, --dynamic-sizes, --acceptance, --prompts), read now:
+    a typo must cost a second, not the minutes of profiling and measuring that come before their first use."""
+    profile_grid(req)
+    if req.prefix is not None and req.prefix < 0:
+        raise UsageError(f"--prefix must be >= 0, got {req.prefix}")
+    if req.dynamic_sizes is not None:
+        asked_dynamic_sizes(req.dynamic_sizes)
+    if req.acceptance is not None:
+        given_acceptance(req.acceptance)
+    if req.prompts is not None:
+        acc.read_prompts(req.prompts)
+
+
 def resolve(req: PlanRequest) -> Pair:
+    check_request(req)
     if req.threads:
         torch.set_num_threads(req.threads)
     dev = parse_device(req.device)
     tref, targs, note = resolve_model(req.model)
     if note:
         req.log(note)
-    draft_name = req.draft
-    if draft_name is None and not req.no_draft:
-        draft_name = registry.default_draft(req.model)
+    draft_name = _draft_name(req)
     self_draft = is_self_draft(draft_name)
     dref = dargs = None
     if draft_name is not None and not self_draft:
@@ -146,6 +167,67 @@ def resolve(req: PlanRequest) -> Pair:
     return Pair(dev, parse_dtype(req.dtype, dev, targs.torch_dtype, quant), tref, targs, dref, dargs, quant, draft_quant)
 
 
+def check_weights(pair: Pair, req: PlanRequest) -> None:
+    """What the engine checks when it loads the pair (api/loading.py): each checkpoint's headers against its config,
+    and that the draft speaks the target's vocabulary. Run before profiling, which takes minutes and reads neither;
+    shape presets have no files to check."""
+    from offload_runtime.api.loading import check_vocab_compatible, model_tokenizer, open_checkpoint
+
+    if pair.target.is_preset:
+        return
+    target_path, target_source = open_checkpoint(pair.target.path)
+    if pair.draft is None or pair.draft.is_preset or pair.draft.is_self_draft:
+        return
+    draft_path, draft_source = open_checkpoint(pair.draft.path)
+    notice = check_vocab_compatible(pair.target_args, pair.draft_args, model_tokenizer(target_path, target_source),
+                                    model_tokenizer(draft_path, draft_source), pair.target.name, pair.draft.name)
+    if notice:
+        req.log(notice)
+
+
+PLANNER_STORES = ("profiles", "acceptance", "plans")
+
+
+def check_store(kinds: Sequence[str] = PLANNER_STORES) -> None:
+    """The runtime home and its store directories are directories this process can write (or make): checked before
+    measuring, since the results are written there only at the end."""
+    home = runtime_home()
+    named = f"OFFLOAD_RUNTIME_HOME={home}" if os.environ.get("OFFLOAD_RUNTIME_HOME") else f"the runtime home {home}"
+    for directory in (home, *(store_dir(k) for k in kinds)):
+        existing = next(d for d in (directory, *directory.parents) if d.exists())
+        problem = ("is a file, not a directory" if not existing.is_dir() else
+                   "is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None)
+        if problem:
+            raise UsageError(f"{named} cannot hold the planner's results: {existing} {problem}; point "
+                             f"OFFLOAD_RUNTIME_HOME at a directory you can write")
+
+
+OUTPUT_MAX_BYTES = 64 << 20  # far above any file the planner writes: a larger one is not read to find that out
+
+
+def check_output(path: str | os.PathLike | None, what: str, read: Callable[[Path], Any],
+                 flag: str = "--output") -> None:
+    """Before any measuring: `path` is a new file in an existing directory, or a `what` file this tool wrote before
+    (`read` accepts it: rebuilding replaces it). Anything else is a user's file and is never overwritten."""
+    if path is None:
+        return
+    path = Path(path).expanduser()
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise UsageError(f"the directory of {flag} {path} does not exist; create it (mkdir -p {path.parent}) "
+                             f"or give another path")
+        return
+    if not path.is_file():
+        raise UsageError(f"{flag} {path} is not a regular file; give a file path")
+    try:
+        if path.stat().st_size > OUTPUT_MAX_BYTES:
+            raise UsageError(f"{path} is too large")
+        read(path)
+    except OffloadError:
+        raise UsageError(f"{flag} {path} exists and is not one of the planner's {what} files, so it is not "
+                         f"overwritten; give a new path") from None
+
+
 def need_draft(pair: Pair, req: PlanRequest, command: str) -> None:
     if pair.draft is None:
         raise UsageError(f"`{command}` needs a draft model: {req.model} has no default draft; pass --draft D")
@@ -163,26 +245,42 @@ def sampling(req: PlanRequest, pair: Pair) -> tuple[float, float]:
 # --- the steps
 
 
+def profile_grid(req: PlanRequest) -> list[int]:
+    """The token counts to time: --grid, else the quick or the full default grid."""
+    if req.grid is not None:
+        return prof.parse_grid(req.grid)
+    return list(prof.QUICK_GRID if req.quick else prof.DEFAULT_GRID)
+
+
+def profile_effort(req: PlanRequest) -> prof.Effort:
+    return prof.Effort.quick() if req.quick else prof.Effort()
+
+
 def ensure_profile(req: PlanRequest, pair: Pair, *, force: bool, output: Path | None = None) -> tuple[dict, Path]:
-    """This machine's profile for the pair: read from the store, or measured now (and stored)."""
+    """This machine's profile for the pair: read from the store when it covers what is asked (the grid, the prefix,
+    at least this effort: a --quick profile never stands in for a full one), else measured now (and stored)."""
     fp = machine_fingerprint(pair.device)
     path = output or prof.profile_path(fp["id"], pair.device, pair.dtype, pair.target_args, pair.draft_args,
                                        pair.quant, pair.draft_quant)
+    grid, effort = profile_grid(req), profile_effort(req)
+    prefix = prof.DEFAULT_PREFIX if req.prefix is None else req.prefix
     if not force and path.is_file():
         try:
             profile = prof.read_profile(path)
         except UsageError:  # from an older profiler: measure again
             profile = {"machine": {}}
         if profile["machine"].get("id") == fp["id"] and prof.is_current(profile):
-            req.log(f"using profile {path} (made {profile.get('created', '?')})")
-            return profile, path
+            shortfall = prof.shortfall(profile, grid, prefix, effort)
+            if shortfall is None:
+                req.log(f"using profile {path} (made {profile.get('created', '?')}; --remeasure profiles again)")
+                return profile, path
+            req.log(f"profile {path} {shortfall}; profiling again")
+    if output is None:
+        check_store(("profiles",))
     req.log(f"profiling {pair.target.name}{f' and draft {pair.draft.name}' if pair.draft else ''} on "
             f"{describe_machine(fp)}, {pair.device.type}, {dtype_name(pair.dtype)}")
-    grid = prof.parse_grid(req.grid) if req.grid is not None else \
-        list(prof.QUICK_GRID if req.quick else prof.DEFAULT_GRID)
     profile = prof.run_profile(pair.target_args, pair.draft_args, pair.device, pair.dtype, grid=grid,
-                               prefix=prof.DEFAULT_PREFIX if req.prefix is None else req.prefix,
-                               effort=prof.Effort.quick() if req.quick else prof.Effort(),
+                               prefix=prefix, effort=effort,
                                names=(pair.target.name, pair.draft.name if pair.draft else None),
                                progress=req.progress, log=req.log, quant=pair.quant, draft_quant=pair.draft_quant)
     write_json(path, profile)
@@ -205,9 +303,8 @@ def ensure_disk_profile(req: PlanRequest, pair: Pair, *, force: bool) -> tuple[d
         except (OSError, ValueError):
             pass
     req.log(f"measuring the direct-I/O read bandwidth of {directory}")
-    effort = prof.Effort.quick() if req.quick else prof.Effort()
     profile = {"kind": "disk-profile", "machine": fp["id"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-               **prof.disk_read_bandwidth(directory, effort)}
+               **prof.disk_read_bandwidth(directory, profile_effort(req))}
     write_json(path, profile)
     return profile, path
 
@@ -227,6 +324,8 @@ PREFETCH_CHOICES = (1, 2, 3, 4)  # staging buffers the search tries for a disk t
 def given_profile(req: PlanRequest, pair: Pair) -> tuple[dict, Path]:
     """The profile named by --profile, checked against the pair."""
     path = Path(req.profile)
+    if req.grid is not None or req.prefix is not None:
+        req.log(f"note: --grid and --prefix are not used with --profile {req.profile} (its own are)")
     profile = prof.read_profile(path)
     prof.check_profile(profile, pair.device, pair.dtype, pair.target_args, pair.draft_args, req.profile)
     if profile["machine"].get("id") != machine_fingerprint(pair.device)["id"]:
@@ -253,6 +352,8 @@ def ensure_acceptance(req: PlanRequest, pair: Pair, temperature: float, top_p: f
         if result.max_new_tokens == req.max_new_tokens and result.seed == req.seed:
             req.log(f"using acceptance {path} ({result.steps} steps, measured {result.created})")
             return result, path
+    if output is None:
+        check_store(("acceptance",))
     req.log(f"measuring acceptance of {pair.draft.name} for {pair.target.name}: width {req.width}, temperature "
             f"{temperature:g}, top-p {top_p:g}, {req.max_new_tokens} tokens per prompt")
     result = acc.measure_acceptance(pair.target, pair.draft, device=pair.device, dtype=pair.dtype,
@@ -270,22 +371,33 @@ def ensure_acceptance(req: PlanRequest, pair: Pair, temperature: float, top_p: f
     return result, path
 
 
+def given_acceptance(spec: str) -> dict[str, Any]:
+    """--acceptance as given: 'default', a file of `acceptance`, or a vector like 0.7,0.1,0.05."""
+    if spec == "default":
+        return {"p": list(DEFAULT_ACCEPTANCE), "se": None, "steps": None, "source": "default", "file": None,
+                "confidence": None}
+    path = Path(spec).expanduser()
+    if path.is_file():
+        result = acc.read_acceptance(path)
+        return {"p": result.p, "se": result.se, "steps": result.steps, "source": "given", "file": str(spec),
+                "confidence": result.confidence}
+    if spec.endswith(".json") or os.sep in spec or "/" in spec:  # meant as a file: say so, not "bad vector"
+        raise UsageError(f"acceptance file {spec} {'is not a file' if path.exists() else 'does not exist'}; "
+                         f"measure one with `python -m planner acceptance --output {spec}` (and the plan's --model "
+                         f"and --draft), or give a vector like 0.7,0.1,0.05, or 'default'")
+    return {"p": acc.parse_vector(spec), "se": None, "steps": None, "source": "given", "file": None,
+            "confidence": None}
+
+
 def acceptance_vector(req: PlanRequest, pair: Pair, temperature: float, top_p: float) -> dict[str, Any]:
     """p[1..W] with where it came from: given, measured (from the store or now), or the default assumption."""
     spec = req.acceptance
-    if spec == "default" or (spec is None and (pair.target.is_preset or pair.draft.is_preset)):
-        if spec is None:
-            req.log("no weights to measure acceptance with; using the default acceptance vector (an assumption "
-                    "shaped like Sequoia's Llama-2 measurements); pass --acceptance to give one")
-        return {"p": list(DEFAULT_ACCEPTANCE), "se": None, "steps": None, "source": "default", "file": None,
-                "confidence": None}
+    if spec is None and (pair.target.is_preset or pair.draft.is_preset):
+        req.log("no weights to measure acceptance with; using the default acceptance vector (an assumption "
+                "shaped like Sequoia's Llama-2 measurements); pass --acceptance to give one")
+        spec = "default"
     if spec is not None:
-        if Path(spec).is_file():
-            result = acc.read_acceptance(spec)
-            return {"p": result.p, "se": result.se, "steps": result.steps, "source": "given", "file": str(spec),
-                    "confidence": result.confidence}
-        return {"p": acc.parse_vector(spec), "se": None, "steps": None, "source": "given", "file": None,
-                "confidence": None}
+        return given_acceptance(spec)
     result, path = ensure_acceptance(req, pair, temperature, top_p, force=req.remeasure)
     if result.confidence is None:
         req.log(f"{path} predates the confidence measurement dynamic trees are keyed by; they use the draft's own "
@@ -311,16 +423,21 @@ DYNAMIC_SIZES = (4, 16, 64, 256, 1024)
 QUICK_DYNAMIC_SIZES = (4, 16)
 
 
+def asked_dynamic_sizes(text: str) -> list[int]:
+    """--dynamic-sizes '16,64,256' -> [16, 64, 256]."""
+    try:
+        sizes = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise UsageError(f"--dynamic-sizes: cannot read {text!r}; write it like 16,64,256") from None
+    if not sizes or sizes[0] < 2:
+        raise UsageError(f"--dynamic-sizes needs budgets >= 2 nodes, got {text!r}")
+    return sizes
+
+
 def dynamic_sizes(req: PlanRequest, max_seq_len: int) -> list[int]:
     """The budgets to measure: asked, or the defaults up to --max-tree and half the context window."""
     if req.dynamic_sizes is not None:
-        try:
-            sizes = sorted({int(x) for x in req.dynamic_sizes.split(",") if x.strip()})
-        except ValueError:
-            raise UsageError(f"--dynamic-sizes: cannot read {req.dynamic_sizes!r}; write it like 16,64,256") from None
-        if not sizes or sizes[0] < 2:
-            raise UsageError(f"--dynamic-sizes needs budgets >= 2 nodes, got {req.dynamic_sizes!r}")
-        return sizes
+        return asked_dynamic_sizes(req.dynamic_sizes)
     return [n for n in (QUICK_DYNAMIC_SIZES if req.quick else DYNAMIC_SIZES) if n <= min(req.max_tree, max_seq_len // 2)]
 
 
@@ -430,8 +547,11 @@ def search(p: Sequence[float], tm: opt.TimeModel, pair: Pair, req: PlanRequest, 
 
 def build_plan(req: PlanRequest) -> PlanResult:
     """Profile (if missing), acceptance (if missing), the search, a calibration run; the plan (not yet saved)."""
+    check_store(PLANNER_STORES + (("layer-stores",) if req.host_memory is not None and req.offload_dir is None
+                                  else ()))
     pair = resolve(req)
     need_draft(pair, req, "plan")
+    check_weights(pair, req)
     if req.max_depth < 0:
         raise UsageError(f"--max-depth must be >= 0, got {req.max_depth}")
     temperature, top_p = sampling(req, pair)
@@ -520,7 +640,8 @@ def build_plan(req: PlanRequest) -> PlanResult:
 
 
 def make_plan(req: PlanRequest, output: str | Path | None = None) -> PlanResult:
-    """build_plan, then save it to the store (and to `output` too when given)."""
+    """build_plan, then save it to the store (and to `output` too when given: a new file or a plan, checked first)."""
+    check_output(output, "plan", read_plan)
     result = build_plan(req)
     result.plan.path = save_plan(result.plan)
     if output is not None:

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -40,7 +40,7 @@ from offload_runtime.weights.quantized import QuantizedSource, quant_spec_for
 from offload_runtime.weights.random import RandomWeights
 from offload_runtime.weights.store import fill_layer
 
-PROFILE_VERSION = 2  # 2: warp_s (top-p warping cost per row count)
+PROFILE_VERSION = 3  # 2: warp_s (top-p warping cost per row count); 3: effort (a quick profile is told apart)
 
 # 1, 2, 3, 4, 6, 8, 12, ... 4096: powers of two and the points halfway between them (in log scale), so a
 # kernel's tile steps show up and linear interpolation between grid points stays close.
@@ -69,6 +69,11 @@ class Effort:
     @classmethod
     def quick(cls) -> "Effort":
         return cls(min_time=0.01, max_repeats=3, copy_bytes=16 * 2 ** 20)
+
+    def at_least(self, other: "Effort") -> bool:
+        """Measured at least as carefully as `other` asks, on every count."""
+        return (self.min_time >= other.min_time and self.max_repeats >= other.max_repeats
+                and self.copy_bytes >= other.copy_bytes)
 
 
 # --- bandwidth
@@ -439,6 +444,7 @@ def run_profile(target: ModelArgs, draft: ModelArgs | None, device: torch.device
         "layer_copy_s": layer_copy,
         "prefix": prefix,
         "threads": torch.get_num_threads(),
+        "effort": asdict(effort),
         "grid": grid,
         "layer_s": layer_s,
         "head_s": head_s,
@@ -468,17 +474,33 @@ def read_profile(path: Path) -> dict[str, Any]:
     except OSError as e:
         raise UsageError(f"cannot read profile {path}: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UsageError(f"{path} is not a valid profile (not JSON); delete it and run `python -m planner profile`") \
+        raise UsageError(f"{path} is not a planner profile (not JSON); give one made by `python -m planner profile`") \
             from None
     need = ("grid", "layer_s", "head_s", "host_s", "warp_s", "layer_bytes", "layer_copy_s", "machine", "device",
             "dtype")
     missing = [k for k in need if k not in data] if isinstance(data, dict) else list(need)
     if missing or data.get("kind") != "profile":
         raise UsageError(f"{path} is not a planner profile (missing {', '.join(missing) or 'kind'}); "
-                         f"delete it and run `python -m planner profile`")
+                         f"give one made by `python -m planner profile`")
     return data
 
 
 def is_current(profile: dict[str, Any]) -> bool:
     """Made by this version of the profiler (older ones lack curves the optimiser now uses)."""
     return profile.get("version") == PROFILE_VERSION
+
+
+def shortfall(profile: dict[str, Any], grid: Sequence[int], prefix: int, effort: Effort) -> str | None:
+    """Why a current profile does not answer a request (None: it does): token counts of `grid` it did not time,
+    another prefix, or less effort (a --quick profile, which shares the full one's path in the store)."""
+    assert is_current(profile), profile.get("version")
+    missing = sorted(set(grid) - set(profile["grid"]))
+    if missing:
+        return f"has no timings for {', '.join(map(str, missing[:6]))}{' ...' if len(missing) > 6 else ''} tokens"
+    if profile.get("prefix") != prefix:
+        return f"was timed against a prefix of {profile.get('prefix')} tokens, not {prefix}"
+    try:
+        done = Effort(**profile["effort"])
+    except (KeyError, TypeError):
+        return "does not record how carefully it was measured"
+    return None if done.at_least(effort) else "is a quick one (--quick)"

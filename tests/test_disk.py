@@ -260,6 +260,39 @@ def test_store_of_another_model_or_format(deep, tmp_path):
     assert other.layers == set(range(6))
 
 
+@pytest.mark.parametrize("explicit", [True, False])
+def test_files_no_manifest_accounts_for_are_never_deleted(deep, tmp_path, explicit):
+    ckpt = Checkpoint(deep)
+    layout = layer_layout(ckpt.args, torch.float32)
+    key = disk.StoreKey("ckpt:a", "fpa", "a")
+    # Layer-like files with no manifest: named like ours (layer-00003.bin) or not; and someone else's store.json.
+    users = tmp_path / "users"
+    users.mkdir()
+    mine = {name: f"the user's {name}" for name in ("layer-00003.bin", "layer-abc.bin", "notes.txt")}
+    for name, text in mine.items():
+        (users / name).write_text(text)
+    with pytest.raises(StoreError, match=r"holds layer-00003.bin and 1 more that no store.json of this runtime "
+                                         r"accounts for; they are left alone"):
+        disk.open_store(users, key, layout, 6, ckpt, explicit=explicit)
+    assert {p.name: p.read_text() for p in users.iterdir() if not p.name.startswith(".")} == mine
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "store.json").write_text('{"kind": "something else"}')
+    with pytest.raises(StoreError, match=r"store.json is not a layer store's manifest"):
+        disk.open_store(foreign, key, layout, 6, ckpt, explicit=explicit)
+    assert (foreign / "store.json").read_text() == '{"kind": "something else"}'
+    # A store of ours being replaced deletes its own layer files, not a user's file beside them.
+    where = tmp_path / "s"
+    disk.open_store(where, disk.StoreKey("ckpt:b", "fpb", "b"), layout, 4, ckpt, explicit=False)
+    (where / "layer-extra.bin").write_text("keep")
+    with pytest.raises(StoreError, match=r"holds layer-extra.bin that no store.json"):
+        disk.open_store(where, key, layout, 6, ckpt, explicit=False)
+    (where / "layer-extra.bin").rename(where / "extra.bin")
+    disk.open_store(where, key, layout, 6, ckpt, explicit=False)
+    assert (where / "extra.bin").read_text() == "keep"
+    assert sorted(p.name for p in where.glob("layer-*.bin")) == [f"layer-0000{i}.bin" for i in range(6)]
+
+
 def test_engine_rebuilds_the_store_when_the_checkpoint_changes(tmp_path, capsys):
     path = make_checkpoint(tmp_path / "m", "llama-mha", num_hidden_layers=4, seed=1)
     per_file = layer_file_bytes(ModelArgs.from_file(path))

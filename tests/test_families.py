@@ -235,6 +235,10 @@ def test_vocabulary_check_names_the_tokens_that_differ(tmp_path, capsys):
 
     same, padded = tokenizer("a"), ModelArgs(vocab_size=160, n_heads=4, n_kv_heads=4)
     assert check_vocab_compatible(padded, ModelArgs(vocab_size=136), same, tokenizer("b"), "t", "d") is None
+    # A draft whose table is short of its own tokenizer's ids: weights and tokenizer of different models.
+    with pytest.raises(UsageError, match=r"draft d's embedding has 100 rows but the tokenizer has ids up to 127: the "
+                                         r"checkpoint's weights and its tokenizer do not belong together"):
+        check_vocab_compatible(padded, ModelArgs(vocab_size=100), same, tokenizer("b"), "t", "d")
     # A few renamed special tokens (the R1 distills' case): allowed, and the notice says which ids.
     notice = check_vocab_compatible(padded, padded, same, tokenizer("c", {"<|user|>": "<｜User｜>"}), "t", "d")
     assert "differ in 1 token id (" in notice and "id 4 is '<|user|>' in the target but '<｜User｜>' in the draft" in notice

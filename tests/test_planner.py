@@ -455,7 +455,7 @@ def test_load_plan_errors(tmp_path):
         load_plan(tmp_path / "nope.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{")
-    with pytest.raises(PlanError, match="not valid JSON"):
+    with pytest.raises(PlanError, match=r"bad.json is not a plan file \(not JSON\); give a plan made by"):
         load_plan(bad)
     bad.write_text(json.dumps({"kind": "plan", "version": 1}))
     with pytest.raises(PlanError, match="not a complete plan"):

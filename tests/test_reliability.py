@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CLI_ENV, one_line_error, read_jsonl, run_cli, write_jsonl
+from helpers import CLI_ENV, make_checkpoint, one_line_error, read_jsonl, run_cli, write_jsonl
 
 from offload_runtime import Engine, batch
 from offload_runtime.api.machine import machine_fingerprint
 from offload_runtime.api.plans import ModelRef, Plan, PlanError, save_plan
-from offload_runtime.errors import CheckpointError, ConfigError, ModelOutputError, ResourceError, UsageError
+from offload_runtime.errors import (CheckpointError, ConfigError, ModelOutputError, ResourceError, StoreError,
+                                    UsageError)
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.spec.policy import default_tree
 from offload_runtime.weights import checkpoint as checkpoint_module
@@ -440,6 +441,12 @@ def answered_turns(proc) -> int:
     return len([line for line in proc.stderr.splitlines() if "tok/s" in line])
 
 
+def test_chat_without_a_tokenizer_says_so_before_the_first_message(tmp_path):
+    model = make_checkpoint(tmp_path / "m", "llama-mha", seed=1, num_hidden_layers=1)
+    proc = run_cli(CHAT, "--model", model, "--no-draft", "--device", "cpu", stdin="")  # no message at all
+    one_line_error(proc, 2, "ships no tokenizer, so it cannot chat: put the model's tokenizer files")
+
+
 def test_chat_survives_input_that_is_not_utf8(chat_session):
     errors = [line for line in stderr_lines(chat_session) if line.startswith("error:")]
     assert "lone surrogate" in errors[0] and "not valid text" in errors[0]
@@ -534,6 +541,14 @@ def test_config_and_header_errors_name_the_file_and_the_field(tiny_pair, tmp_pat
         with pytest.raises(ConfigError, match=pattern) as e:
             ModelArgs.from_file(d)
         assert str(d / "config.json") in str(e.value)
+    for name, value, pattern in [("hot", {"do_sample": True, "temperature": -3}, "temperature must be a number"),
+                                 ("nucleus", {"do_sample": True, "top_p": 2}, "top_p must be"),
+                                 ("short", {"max_new_tokens": -1}, "max_new_tokens must be")]:
+        d = copy_checkpoint(target, tmp_path / f"generation-{name}")
+        (d / "generation_config.json").write_text(json.dumps(value))
+        with pytest.raises(CheckpointError, match=rf"generation_config.json: {pattern}.*; fix or delete it") as e:
+            Engine.from_pretrained(d, draft=False, device="cpu")
+        assert str(d / "generation_config.json") in str(e.value)
     good = safetensors_header(target / "model.safetensors")
     name = next(k for k in good if k != "__metadata__")
     for label, header, pattern in [("list", [1, 2], "header that is not a JSON object"),
@@ -584,15 +599,27 @@ def test_a_corrupt_plan_file_is_named_and_the_default_tree_used(tiny_pair, home,
     (home / "plans" / "binary.json").write_bytes(b"\xff\xfe\x00")
     engine = Engine.from_pretrained(target, draft=str(draft), dtype="float32", device="cpu")
     err = capsys.readouterr().err
-    assert "using the default tree" in err and "skipped 2 unreadable plan file(s)" in err
-    assert "binary.json is not text" in err and "broken.json is not valid JSON" in err
+    assert "using the default tree" in err and "skipped 2 unreadable plan file(s) of the store" in err
+    assert "binary.json is not a plan file (not text)" in err and "broken.json is not a plan file (not JSON)" in err
+    assert "delete it" not in err and "which may be deleted" in err  # the store's files: the user's own never
     assert engine.tree_for(engine.sampling_params(temperature=0)) == default_tree(torch.device("cpu"))
     # next to a good plan, the bad files are still named, and the good plan is used
     save_plan(make_plan(target, draft, [-1, 0, 0, 1]))
     engine = Engine.from_pretrained(target, draft=str(draft), dtype="float32", device="cpu")
     err = capsys.readouterr().err
-    assert "using plans for greedy" in err and "skipped 2 unreadable plan file(s)" in err
+    assert "using plans for greedy" in err and "skipped 2 unreadable plan file(s) of the store" in err
     assert list(engine.tree_for(engine.sampling_params(temperature=0)).parents) == [-1, 0, 0, 1]
+
+
+def test_a_home_that_cannot_be_written_is_one_line(tmp_path):
+    from offload_runtime.api.home import write_json
+
+    blocker = tmp_path / "home"
+    blocker.write_text("a file, not a directory")
+    with pytest.raises(StoreError, match=r"cannot write .*home/plans/p.json \(.*\); point OFFLOAD_RUNTIME_HOME at a "
+                                         r"directory you can write"):
+        write_json(blocker / "plans" / "p.json", {"kind": "plan"})
+    assert blocker.read_text() == "a file, not a directory"
 
 
 def test_a_plan_whose_fields_have_the_wrong_kind_is_refused(tiny_pair, home, capsys):
@@ -645,10 +672,30 @@ def test_api_inputs_get_usage_errors(tiny_pair):
             call()
 
 
+def test_a_tree_the_context_cannot_hold_is_refused_at_load(tiny_pair):
+    target, draft = tiny_pair
+    for options in ({"tree": [-1] + [0] * 31}, {"tree": "static", "tree_size": 40}, {"tree": "dynamic", "tree_size": 32}):
+        with pytest.raises(UsageError, match=r"a tree of (32|40) nodes does not fit the 32-token context with a prompt "
+                                             r"beside it; pass a smaller tree"):
+            Engine.from_pretrained(target, draft=draft, device="cpu", max_seq_len=32, **options)
+    engine = Engine.from_pretrained(target, draft=draft, device="cpu", max_seq_len=32, tree=[-1] + [0] * 30)
+    assert len(engine.tree_for(engine.sampling_params())) == 31
+
+
 def test_host_memory_variable_is_named(tiny_pair, monkeypatch):
     monkeypatch.setenv("OFFLOAD_RUNTIME_MAX_HOST_MEMORY", "abc")
     with pytest.raises(UsageError, match="OFFLOAD_RUNTIME_MAX_HOST_MEMORY='abc': cannot read memory size"):
         Engine.from_pretrained(tiny_pair[0], draft=False, device="cpu")
+
+
+def test_a_batch_whose_kv_caches_exceed_ram_is_refused_before_loading(tiny_pair, monkeypatch):
+    monkeypatch.setenv("OFFLOAD_RUNTIME_MAX_HOST_MEMORY", "1GiB")
+    args = ModelArgs.from_file(tiny_pair[0])
+    rows = (1 << 30) // (args.kv_bytes_per_token(torch.float32) * 65) + 1  # just over 1 GiB at 64 positions
+    with pytest.raises(ResourceError, match=rf"the KV caches of {rows} row\(s\) x 64 positions needs .* of host RAM "
+                                            r"but only 1.0 GiB is available; lower the batch size"):
+        Engine.from_pretrained(tiny_pair[0], draft=False, device="cpu", dtype="float32", batch_size=rows,
+                               max_seq_len=64)
 
 
 def test_gpu_memory_zero_on_the_cpu_does_not_speak_of_a_gpu(tiny_pair):

@@ -6,8 +6,10 @@ A few tests run the app in-process on the tiny pair, where they need to reach in
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -440,6 +442,23 @@ def test_bad_flags_and_a_taken_port_are_one_line_errors_before_loading():
             serve_main(["--port", str(taken.getsockname()[1]), "--model", "/nonexistent/never/loaded"])
     finally:
         taken.close()
+
+
+def test_ctrl_c_ends_a_stream_in_flight_with_an_error_and_done_and_exits_cleanly(tmp_path):
+    log = tmp_path / "serve.log"
+    with launched(["--model", "demo", "--device", "cpu", "--plan", "none", "--api-key", KEY], log, env=ENV) as s:
+        with httpx.Client(timeout=60) as http:
+            response = _open_stream(http, s, 0)
+            lines = response.iter_lines()
+            assert '"role": "assistant"' in next(line for line in lines if line)  # the reply has begun
+            s.process.send_signal(signal.SIGINT)
+            rest = [line for line in lines if line]
+        assert s.process.wait(timeout=15) == 130  # well within uvicorn's graceful 5 s after the step in flight
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2].removeprefix("data: "))["error"]["message"] == \
+        "the server is shutting down; retry later"
+    text = log.read_text()
+    assert "Application shutdown complete" in text and "Traceback" not in text
 
 
 # --- the load benchmark

@@ -116,10 +116,11 @@ def test_too_little_ram_is_a_clear_error_before_allocating(deep, monkeypatch):
         raise AssertionError("allocated host memory despite the RAM check")
 
     monkeypatch.setattr(store, "alloc_host", no_alloc)
+    # max_seq_len 8: KV caches that fit, so the weights are what the check refuses
     with pytest.raises(ResourceError, match=r"streaming m .* needs .* of host RAM but only 9.8 KiB is available"):
-        Engine.from_pretrained(deep, dtype="float32", draft=False, offload=True)
+        Engine.from_pretrained(deep, dtype="float32", draft=False, offload=True, max_seq_len=8)
     with pytest.raises(ResourceError, match=r"loading m .* needs .* of host RAM"):
-        Engine.from_pretrained(deep, dtype="float32", draft=False, offload=False)
+        Engine.from_pretrained(deep, dtype="float32", draft=False, offload=False, max_seq_len=8)
 
 
 def test_peak_rss_while_loading_stays_near_checkpoint_size(tmp_path):

@@ -180,7 +180,8 @@ class Engine:
         if len(ids) + 1 > self.max_seq_len:
             more = " or raise max_seq_len" if self.max_seq_len < self.target.args.max_position_embeddings else ""
             raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context window holds "
-                                     f"{self.max_seq_len}; shorten the prompt{more}")
+                                     f"{self.max_seq_len} (a prompt of at most {self.max_seq_len - 1}, to leave room "
+                                     f"for a reply); shorten the prompt{more}")
 
     def _prepare(self, req: Request, params: SamplingParams, tree: TreeOption) -> None:
         req.params = params

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
+
+from ..errors import StoreError
 
 STORE_KINDS = ("profiles", "acceptance", "plans", "layer-stores", "quantized")
 
@@ -24,10 +27,16 @@ def store_dir(kind: str) -> Path:
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     """Write atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:  # a home that is a file, read-only, or full: said in one line, not as a crash
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path} ({e.strerror or e}); point OFFLOAD_RUNTIME_HOME at a directory you "
+                         f"can write, or free space there") from None
     return path
 
 

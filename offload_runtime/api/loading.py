@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import UsageError
-from ..memory import parse_bytes
+from ..memory import check_host_memory, parse_bytes
 from ..model.config import ModelArgs
 from ..model.quantization import KernelChoice, QuantSpec
 from ..model.tree import Tree
@@ -62,6 +62,7 @@ class VocabDifference:
 
     ids: list[tuple[int, str | None, str | None]]  # (id, target's token, draft's token), by id
     smaller: int  # size of the smaller vocabulary
+    highest: int  # the highest id of the target's tokenizer
 
     def describe(self, limit: int = 4) -> str:
         def tok(t: str | None) -> str:
@@ -76,7 +77,7 @@ def vocab_difference(target_tok: Any, draft_tok: Any) -> VocabDifference:
     t_by_id, d_by_id = {i: t for t, i in tv.items()}, {i: t for t, i in dv.items()}
     ids = sorted(set(t_by_id) | set(d_by_id))
     return VocabDifference([(i, t_by_id.get(i), d_by_id.get(i)) for i in ids if t_by_id.get(i) != d_by_id.get(i)],
-                           min(len(tv), len(dv)))
+                           min(len(tv), len(dv)), max(t_by_id, default=-1))
 
 
 def check_vocab_compatible(target_args: ModelArgs, draft_args: ModelArgs, target_tok: Any, draft_tok: Any,
@@ -93,6 +94,13 @@ def check_vocab_compatible(target_args: ModelArgs, draft_args: ModelArgs, target
             raise UsageError(
                 f"draft {draft_name} has another vocabulary than target {target_name}: {diff.describe()}; pick a "
                 f"draft of the same model family (same tokenizer), or run without one (--no-draft)"
+            )
+        missing = diff.highest + 1 - draft_args.vocab_size  # ids the draft could only see as its last row
+        if missing > 0.01 * diff.smaller:
+            raise UsageError(
+                f"draft {draft_name}'s embedding has {draft_args.vocab_size} rows but the tokenizer has ids up to "
+                f"{diff.highest}: the checkpoint's weights and its tokenizer do not belong together; pick a draft "
+                f"of the same model family, or run without one (--no-draft)"
             )
         if diff.ids:
             n = len(diff.ids)
@@ -243,6 +251,10 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     seq_len = min(limit, 4096) if max_seq_len is None else max_seq_len
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= limit:
         raise UsageError(f"max_seq_len must be between 1 and the model's context window ({limit}), got {max_seq_len}")
+    nodes = len(fixed_tree) if isinstance(fixed_tree, Tree) else fixed_tree.size if fixed_tree else tree_size
+    if draft_name is not None and nodes is not None and nodes >= seq_len:  # else each step would cut it, unseen
+        raise UsageError(f"a tree of {nodes} nodes does not fit the {seq_len}-token context with a prompt beside it; "
+                         f"pass a smaller tree (--tree, --tree-size) or a larger --max-seq-len (up to {limit})")
     tokenizer = model_tokenizer(target_path, target_ckpt)
     defaults = GenerationDefaults.from_dir(target_path if target_path.is_dir() else None)
     draft_ckpt, draft_quant = None, None
@@ -283,6 +295,10 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
                                max_seq_len=seq_len, tree_size=trees.largest, max_chunk=max_chunk, slots=slots,
                                on_cuda=dev.type == "cuda", quant=target_quant, draft_quant=draft_quant,
                                draft_shares_globals=self_draft)
+    if dev.type == "cpu":  # the caches are allocated whole, in RAM here: an oversized batch must not reach the allocator
+        check_host_memory(fixed["target KV cache"] + fixed.get("draft KV cache", 0),
+                          f"the KV caches of {batch_size} row(s) x {seq_len} positions",
+                          "lower the batch size (--batch-size, batch_size=) or the context (--max-seq-len)")
     if self_draft:
         check_self_draft_fits(draft_name, fixed, device_budget_bytes(
             None if gpu_memory is None else parse_bytes(gpu_memory), dev), draft_quant, targs)

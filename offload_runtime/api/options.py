@@ -129,13 +129,18 @@ class GenerationDefaults:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         try:
             sampled = bool(cfg.get("do_sample"))
-            return cls(temperature=float(cfg.get("temperature", 1.0)) if sampled else 0.0,
-                       top_p=float(cfg.get("top_p", 1.0)) if sampled else 1.0,
-                       max_new_tokens=int(cfg.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
-                       eos_token_ids=tuple(int(t) for t in eos_ids))
+            defaults = cls(temperature=float(cfg.get("temperature", 1.0)) if sampled else 0.0,
+                           top_p=float(cfg.get("top_p", 1.0)) if sampled else 1.0,
+                           max_new_tokens=int(cfg.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS),
+                           eos_token_ids=tuple(int(t) for t in eos_ids))
         except (TypeError, ValueError):
             raise CheckpointError(f"{f} has a temperature, top_p, max_new_tokens or eos_token_id that is not a "
                                   f"number; fix or delete it") from None
+        try:  # checked here, where the file can be named: a request would blame settings nobody passed
+            check_sampling(defaults.temperature, defaults.top_p, defaults.max_new_tokens)
+        except UsageError as e:
+            raise CheckpointError(f"{f}: {e}; fix or delete it") from None
+        return defaults
 
     def sampling(self, temperature: float | None = None, top_p: float | None = None,
                  max_new_tokens: int | None = None, ignore_eos: bool = False,

@@ -353,12 +353,12 @@ def read_plan(path: str | os.PathLike) -> Plan:
     except OSError as e:
         raise PlanError(f"cannot read plan file {path}: {e.strerror}") from None
     except UnicodeDecodeError:
-        raise PlanError(f"plan file {path} is not text; delete it and rebuild with `python -m planner plan`") \
+        raise PlanError(f"{path} is not a plan file (not text); give a plan made by `python -m planner plan`") \
             from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        raise PlanError(f"plan file {path} is not valid JSON; delete it and rebuild with `python -m planner plan`") \
+        raise PlanError(f"{path} is not a plan file (not JSON); give a plan made by `python -m planner plan`") \
             from None
     plan = Plan.from_dict(data, where=f"plan file {path}")
     plan.path = path
@@ -472,7 +472,8 @@ def _skipped(problems: list[str], named: int = 3) -> str:
     if not problems:
         return ""
     more = f"; and {len(problems) - named} more" if len(problems) > named else ""
-    return f" (skipped {len(problems)} unreadable plan file(s): {'; '.join(problems[:named])}{more})"
+    return f" (skipped {len(problems)} unreadable plan file(s) of the store, which may be deleted: " \
+           f"{'; '.join(problems[:named])}{more})"
 
 
 def find_plans(target: str | os.PathLike, draft: str | os.PathLike, device: str | torch.device,

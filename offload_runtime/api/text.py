@@ -168,7 +168,7 @@ class TextCodec:
         prompt = check_prompt(prompt)
         if isinstance(prompt, str):
             self._need_tokenizer("prompts must be lists of token ids")
-            ids = list(self.tokenizer(prompt).input_ids)
+            ids = list(self.tokenizer(prompt, verbose=False).input_ids)  # too long is said in our words
         else:
             ids = prompt
         if not ids:
@@ -184,7 +184,7 @@ class TextCodec:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
             text = self._render(messages)
-            ids = list(tok(text, add_special_tokens=False).input_ids)
+            ids = list(tok(text, add_special_tokens=False, verbose=False).input_ids)
             bos = tok.bos_token_id
             if bos is not None and tok.bos_token and not text.startswith(tok.bos_token) and self._adds_bos():
                 ids = [bos] + ids
@@ -254,8 +254,9 @@ class ChatSession:
         else:
             if len(ids) + 1 > eng.max_seq_len:
                 raise ContextLengthError(
-                    f"the conversation has {len(ids)} tokens but the context window holds {eng.max_seq_len}; "
-                    f"start over with /reset (or Engine.session())"
+                    f"the conversation has {len(ids)} tokens but the context window holds {eng.max_seq_len} (at "
+                    f"most {eng.max_seq_len - 1}, to leave room for a reply); start over with /reset (or "
+                    f"Engine.session())"
                 )
             eng.renew_request(self.request, ids, temperature=temperature, top_p=top_p,
                               max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, seed=seed)

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import sys
+from typing import Any
 
 from ..cli import ArgumentParser, add_model_args, load_engine, run_main
 from ..errors import UsageError
@@ -113,8 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("serving %s on http://%s:%d/v1 (%s, batch %d, queue %d%s)", name, shown, port,
                 f"speculative, {tree}-node trees" if engine.draft else "plain decoding", args.batch_size,
                 args.max_queue, ", offloaded" if engine.offloaded else "")
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = app.state.server
+
+    class Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            server.stopping()  # uvicorn waits for open connections before the app's own shutdown runs
+            super().handle_exit(sig, frame)
+
+    Uvicorn(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
     return 0
 
 

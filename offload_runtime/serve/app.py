@@ -78,6 +78,12 @@ class Server:
         self.worker = EngineWorker(self.engine, loop, log_prompts=self.settings.log_prompts)
         self.worker.start()
 
+    def stopping(self) -> None:
+        """The server was told to exit: end the requests in flight now (each gets a "shutting down" error and its
+        stream its [DONE]), so their connections close within the graceful-shutdown time instead of being cut."""
+        if self.worker is not None:
+            self.worker.stop_soon()
+
     def stop(self) -> None:
         if self.worker is not None:
             self.worker.close()

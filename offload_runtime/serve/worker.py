@@ -109,10 +109,15 @@ class EngineWorker:
     def cancel(self, job: Job) -> None:
         self._inbox.put(lambda: self._cancel(job))
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop after the step in flight; jobs still running get a 503-style failure. Blocks (call it off the
-        loop); a step that outlasts `timeout` is left to the daemon thread."""
+    def stop_soon(self) -> None:
+        """Stop after the step in flight; jobs still running get a 503-style failure. Returns at once, and may be
+        called from a signal handler (SimpleQueue.put is reentrant)."""
         self._inbox.put(self._stop)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """stop_soon, then wait for the thread. Blocks (call it off the loop); a step that outlasts `timeout` is
+        left to the daemon thread."""
+        self.stop_soon()
         self._thread.join(timeout)
 
     # --- the thread

@@ -12,7 +12,9 @@ The format (one directory, `--offload-dir`):
 A layer file is written under a temporary name, flushed and renamed, so a file under its final name is whole and
 an interrupted build resumes where it stopped. A store whose checkpoint changed (another fingerprint) is rebuilt
 and a layer file of the wrong size rewritten, never used; a store of another model or format in a directory the
-user named is an error (it is not ours to delete). Builders of one store (torchrun ranks) take turns on a lock.
+user named is an error (it is not ours to delete). Only files a manifest names are ever deleted: layer files with
+no manifest, or a `store.json` that is not a layer store's, are someone else's, and the store refuses the
+directory rather than touch them. Builders of one store (torchrun ranks) take turns on a lock.
 
 Reading: `DiskReader` reads the disk layers in the order the sweeps use them, cyclically across sweeps, into a
 ring of `depth` page-aligned (page-locked on CUDA) staging buffers; each layer is split into chunks read in
@@ -178,7 +180,7 @@ class LayerFiles:
         return self.n_layers * self.file_bytes
 
     def path(self, i: int) -> Path:
-        return self.directory / f"layer-{i:05d}.bin"
+        return self.directory / layer_name(i)
 
     def map_layer(self, i: int) -> torch.Tensor:
         """Layer i's bytes (uint8, file_bytes long) mapped shared and read-only, its pages read in now."""
@@ -188,6 +190,10 @@ class LayerFiles:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "not writable": the runtime only ever copies from it
             return torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def layer_name(i: int) -> str:
+    return f"layer-{i:05d}.bin"
 
 
 def _manifest(key: StoreKey, layout: LayerLayout, n_layers: int) -> dict[str, Any]:
@@ -253,10 +259,31 @@ def _locked(directory: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _remove_layers(directory: Path) -> None:
-    for p in directory.glob("layer-*.bin"):
-        p.unlink()
-    for p in directory.glob(".layer-*.tmp"):
+def _manifest_layers(have: dict[str, Any] | None) -> set[str]:
+    """The layer file names a manifest of ours accounts for (none without one)."""
+    n = have.get("n_layers") if have is not None else None
+    return {layer_name(i) for i in range(n)} if isinstance(n, int) and 0 <= n < 100_000 else set()
+
+
+def _refuse_foreign(directory: Path, have: dict[str, Any] | None) -> None:
+    """Refuse a directory whose `store.json` or layer files this runtime did not write: they may be the user's, and
+    a rebuild would delete or overwrite them."""
+    if have is None and (directory / MANIFEST).exists():
+        raise StoreError(f"{directory / MANIFEST} is not a layer store's manifest, so {directory} is not a store "
+                         f"this runtime wrote; pass --offload-dir (offload_dir=) naming an empty directory")
+    foreign = sorted(p.name for p in directory.glob("layer-*.bin") if p.name not in _manifest_layers(have))
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise StoreError(f"{directory} holds {foreign[0]}{more} that no {MANIFEST} of this runtime accounts for; "
+                         f"they are left alone: move them, or pass --offload-dir (offload_dir=) naming an empty "
+                         f"directory")
+
+
+def _remove_layers(directory: Path, have: dict[str, Any] | None) -> None:
+    """Delete the layer files the manifest `have` names and this runtime's half-written layer files, nothing else."""
+    for name in _manifest_layers(have):
+        (directory / name).unlink(missing_ok=True)
+    for p in directory.glob(".layer-[0-9][0-9][0-9][0-9][0-9].bin.*.tmp"):
         p.unlink()
 
 
@@ -319,7 +346,7 @@ def open_store(directory: str | os.PathLike, key: StoreKey, layout: LayerLayout,
     files = LayerFiles(directory, layout, n_layers, key)
     want = _manifest(key, layout, n_layers)
     with _locked(directory):
-        have = _read_manifest(directory)
+        have = old = _read_manifest(directory)
         same = ("version", "identity", "layout", "n_layers", "layer_bytes", "file_bytes", "align")
         if have is not None and any(have.get(k) != want[k] for k in same):
             if explicit:
@@ -332,7 +359,8 @@ def open_store(directory: str | os.PathLike, key: StoreKey, layout: LayerLayout,
             log(f"the layer store in {directory} was written from other files of {key.label}; rebuilding it")
             have = None
         if have is None:
-            _remove_layers(directory)
+            _refuse_foreign(directory, old)
+            _remove_layers(directory, old)
         sizes = {i: files.path(i).stat().st_size if files.path(i).is_file() else None for i in range(n_layers)}
         bad = [i for i, s in sizes.items() if s is not None and s != files.file_bytes]
         if bad:

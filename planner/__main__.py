@@ -284,8 +284,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.compare_drafts is not None:
         return cmd_compare_drafts(args)
     if args.plot is not None:
-        _require_matplotlib()
         pipeline.check_output(args.plot, "plot", _read_png, flag="--plot")
+        _require_matplotlib()
     result = pipeline.make_plan(_request(args), output=args.output)
     plan, tm, best = result.plan, result.time_model, result.choice
     print(f"plan for {plan.target.name} with draft {plan.draft.name} on {plan.device} ({plan.dtype}), "

@@ -77,6 +77,9 @@ def id_key(value: str | int) -> str:
 
 
 def open_input(path: Path) -> BinaryIO:
+    if str(path) == "-" and not path.exists():
+        raise UsageError("--input - (standard input) is not supported: a job rereads its input to resume; save the "
+                         "records to a file and give its path")
     try:
         return open(path, "rb")
     except OSError as e:

@@ -196,3 +196,10 @@ def test_sigint_says_what_was_written_and_the_rerun_resumes(tiny_pair, tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resuming: {kept} of {n} records already in {out}" in rerun.stderr
     assert sorted(r["id"] for r in read_jsonl(out)) == list(range(n))
+
+
+def test_standard_input_is_refused_with_the_reason(tmp_path):
+    proc = run_cli(BATCH, "--model", tmp_path / "no-such-model", "--input", "-", "--output", tmp_path / "o.jsonl",
+                   stdin='{"id": 1, "prompt": "x"}\n')
+    one_line_error(proc, 2, "--input - (standard input) is not supported: a job rereads its input to resume")
+    assert not (tmp_path / "o.jsonl").exists()

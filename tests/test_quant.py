@@ -13,7 +13,8 @@ from offload_runtime.errors import CheckpointError, ConfigError, UsageError
 from offload_runtime.model.batch import RowChunk, build_forward
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.kv_cache import KVCache
-from offload_runtime.model.quantization import (KernelChoice, QuantSpec, dequantize, pack_int4, quantized_linear,
+from offload_runtime.model.quantization import (KernelChoice, QuantSpec, dequantize, exact_kernel_choice,
+                                                kernel_applies, kernel_block, pack_int4, quantized_linear,
                                                 stored_linears, unpack_int4)
 from offload_runtime.model.tree import Tree
 from offload_runtime.weights import quantized
@@ -199,7 +200,7 @@ def test_gptq_v1_read_as_v2_no_longer_matches(quant_ckpts, tmp_path):
 # --- quantize on load
 
 
-@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 32), (8, -1), (4, -1)])
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 32), (8, -1), (4, -1), (8, 2), (4, 4)])  # 2, 4: groups of one sign
 def test_rtn_quantization_is_nearest_on_its_grid(bits, group):
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(5)) * 0.05
     ints = quantize_rtn(w, bits, group, rows=24)  # several row chunks
@@ -572,6 +573,40 @@ def test_engine_follows_the_plans_measured_kernel_threshold():
     assert planned_kernel(plan, QuantSpec(4, 128)).max_tokens == 64
     assert planned_kernel(plan, QuantSpec(4, 32)) is None  # a plan for another format: measure at load instead
     assert planned_kernel(None, QuantSpec(4, 128)) is None and planned_kernel(plan, None) is None
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, -1)])
+def test_int_kernel_rows_do_not_depend_on_the_rows_beside_them(bits, group_size):
+    """Why 16-bit CPU runs use the kernel at every token count (exact_kernel_choice): its rows equal one-row calls."""
+    N, K = 1536, 576  # SmolLM2-135M's gate/up shape, where oneDNN's bf16 matmul rounds by rows per call
+    g = torch.Generator().manual_seed(3)
+    spec = QuantSpec(bits, group_size, block=kernel_block(torch.device("cpu")))
+    ints = quantize_rtn(torch.randn(N, K, generator=g) * 0.05, bits, group_size)
+    w = {f"l.{k}": v for k, v in pack_linear(ints, spec).items()}
+    x = torch.randn(80, K, generator=g).bfloat16()
+    every = exact_kernel_choice(KernelChoice(16, "measured"), torch.bfloat16, torch.device("cpu"))
+    assert every.max_tokens >= 1 << 30 and kernel_applies(w, "l", bits, x)
+    one_row = torch.cat([quantized_linear(x[i:i + 1], w, "l", every) for i in range(len(x))])
+    for m in (2, 17, 64, 80):
+        assert torch.equal(quantized_linear(x[:m], w, "l", every), one_row[:m]), m
+    measured = KernelChoice(16, "measured")
+    assert exact_kernel_choice(measured, torch.float32, torch.device("cpu")) is measured
+    assert exact_kernel_choice(None, torch.bfloat16, torch.device("cpu")) is None
+
+
+def test_bf16_int4_speculative_and_batched_greedy_equal_plain_decoding():
+    """The demo pair in int4 at bfloat16 (the CPU default where bf16 is native): a batch of 4 with grown trees
+    mixes forwards of 1 to ~100 tokens; before exact_kernel_choice, prompt 0 drifted at token 28."""
+    prompts = ["And the LORD spake unto Moses, saying", "In the beginning", "And it came to pass", "Blessed is the man"]
+    kw = dict(device="cpu", plan=None, quiet=True, dtype="bfloat16", quantize="int4", group_size=32)
+
+    def greedy(**options) -> list[list[int]]:
+        engine = Engine.from_pretrained("demo", **kw, **options)
+        return [r.token_ids for r in engine.generate(prompts, max_new_tokens=60, temperature=0, ignore_eos=True)]
+
+    plain = greedy(draft=False)
+    assert greedy(draft=False, batch_size=4) == plain
+    assert greedy(batch_size=4, tree="dynamic") == plain
 
 
 def test_quantized_cache_reloads_the_same_model(checkpoints, monkeypatch):

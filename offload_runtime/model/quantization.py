@@ -234,6 +234,21 @@ class KernelChoice:
         return cls(0, "dequantize only")
 
 
+def exact_kernel_choice(choice: KernelChoice | None, dtype: torch.dtype, device: torch.device) -> KernelChoice | None:
+    """The choice that keeps a row's logits independent of how many tokens share its forward.
+
+    On the CPU in 16 bits, the matmul after dequantizing rounds a row differently by the number of rows in the call
+    (oneDNN picks another kernel), by enough to flip a greedy token between plain decoding (one token per forward)
+    and a verified tree or a batch; the int kernels' rows do not depend on it (tests/test_quant.py checks both).
+    So there the int kernel serves every token count it applies to: exact, at up to ~2x the dequantizing path's
+    time per linear beyond the measured crossover (prefill, large trees). float32 keeps the measured choice: its
+    differences between the paths are ~1e-7 relative, and its greedy tests hold. Act-order linears have no kernel
+    (None), so in 16 bits they stay as row-dependent as any 16-bit matmul."""
+    if choice is not None and device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return KernelChoice(1 << 30, f"every token count in {str(dtype).removeprefix('torch.')} (exact)")
+    return choice
+
+
 def _scales_and_zeros(w: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
     """[G, N, 2] for torch's int4 kernels, which compute (q - 8) * scale + zero: zero = (8 - z) * scale."""
     s = w[name + ".scales"].to(torch.float32)

@@ -15,8 +15,8 @@ import torch
 
 from ..memory import check_host_memory
 from ..model.config import ModelArgs
-from ..model.quantization import (KernelChoice, QuantSpec, kernel_block, kernel_extras, measure_kernel_times,
-                                  stored_linears)
+from ..model.quantization import (KernelChoice, QuantSpec, exact_kernel_choice, kernel_block, kernel_extras,
+                                  measure_kernel_times, stored_linears)
 from ..model.transformer import GlobalWeights, ResidentLayers, Transformer, packed_head
 from ..residency import Residency
 from ..streaming import StreamedLayers
@@ -112,7 +112,8 @@ def build_model(source: WeightSource, device: torch.device, dtype: torch.dtype, 
     assert shared_globals is None or shared_globals.embed.dtype == dtype, "shared globals are in the model's dtype"
     source, quant = packed_source(source, quant, device, quant_cache)
     if quant is not None:
-        kernel = kernel if kernel is not None else default_kernel(args, quant, dtype, device)
+        kernel = exact_kernel_choice(kernel if kernel is not None else default_kernel(args, quant, dtype, device),
+                                     dtype, torch.device(device))
     residency = residency.split(args.n_layers)
     store = None
     if residency.offload:

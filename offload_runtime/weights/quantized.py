@@ -75,8 +75,8 @@ def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tenso
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, rows: int = 1024) -> LinearInts:
-    """Group-wise round-to-nearest with a zero point: scale = (max - min) / (2^bits - 1), stored in float16, and
-    the integers rounded against that stored scale (so dequantizing gives the nearest grid points).
+    """Group-wise round-to-nearest with a zero point: scale = (max(hi, 0) - min(lo, 0)) / (2^bits - 1), stored in
+    float16, and the integers rounded against that stored scale (so dequantizing gives the nearest grid points).
 
     Works on `rows` output rows at a time, so temporaries stay a small fraction of the weight."""
     N, K = w.shape
@@ -88,8 +88,14 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, rows: int = 1024) 
     scales = torch.empty(G, N, dtype=torch.float16)
     for r0 in range(0, N, rows):
         x = w[r0: r0 + rows].to(torch.float32).view(-1, G, g)
-        lo, hi = x.amin(-1), x.amax(-1)
-        s = ((hi - lo).clamp(min=1e-5) / maxq).to(torch.float16)
+        # The range always holds 0, as GPTQ's quantizer's does: the zero point then fits 0..maxq, where a group of
+        # one sign (common in small groups) would otherwise clamp it and clip the group's far end.
+        lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+        exact = (hi - lo).clamp(min=1e-5) / maxq
+        s = exact.to(torch.float16)
+        # Rounded up where float16 rounded it down, so the stored grid still spans the group (a tiny group's scale
+        # is subnormal in float16, a step off by several percent, which would clip its far end).
+        s = torch.where(s.to(torch.float32) < exact, torch.nextafter(s, torch.full_like(s, float("inf"))), s)
         sf = s.to(torch.float32)
         z = torch.round(-lo / sf).clamp(0, maxq)
         q[r0: r0 + rows] = (torch.round(x / sf[..., None]) + z[..., None]).clamp(0, maxq).view(-1, K).to(torch.uint8)

@@ -672,6 +672,36 @@ def test_api_inputs_get_usage_errors(tiny_pair):
             call()
 
 
+def test_one_engine_decodes_one_call_at_a_time_and_says_so(tiny_pair):
+    target, draft = tiny_pair
+    engine = Engine.from_pretrained(target, draft=str(draft), device="cpu", dtype="float32")
+    ask = dict(max_new_tokens=24, temperature=0, ignore_eos=True)
+    expected = engine.generate("the cat", **ask)[0].text
+    stream = engine.stream("the cat", **ask)
+    first = next(stream)
+    busy = "this engine is already decoding another call"
+    with pytest.raises(UsageError, match=busy):
+        engine.generate("the dog", **ask)
+    with pytest.raises(UsageError, match=busy):
+        next(engine.stream("the dog", **ask))
+    assert first + "".join(stream) == expected  # the suspended stream lost nothing
+    # Threads sharing one engine: each call is decoded whole, or refused in one line; never cut short.
+    outcomes: list[str] = []
+
+    def call() -> None:
+        try:
+            outcomes.append(engine.generate("the cat", **ask)[0].text)
+        except UsageError as e:
+            outcomes.append("busy" if busy in str(e) else str(e))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 4 and set(outcomes) <= {expected, "busy"} and expected in outcomes
+
+
 def test_a_tree_the_context_cannot_hold_is_refused_at_load(tiny_pair):
     target, draft = tiny_pair
     for options in ({"tree": [-1] + [0] * 31}, {"tree": "static", "tree_size": 40}, {"tree": "dynamic", "tree_size": 32}):

@@ -12,8 +12,11 @@ on the tree or on which rows share a sweep.
 """
 from __future__ import annotations
 
+import threading
 from collections import deque
 from typing import Iterable, Iterator
+
+from ..errors import UsageError
 
 from .decoder import Decoder
 from .request import Request
@@ -27,6 +30,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self._last_owner: list[Request | None] = [None] * batch_size  # whose K/V each cache row holds
         self.sweeps = 0  # target sweeps run to the end so far, however many rows share each
+        self._running = threading.Lock()  # held by the one `run` in progress (a call, or a stream not yet closed)
 
     @property
     def idle(self) -> bool:
@@ -103,14 +107,22 @@ class Scheduler:
 
     def run(self, requests: Iterable[Request]) -> Iterator[list[Request]]:
         """Decode `requests` to the end; yields, after every step, the ones that finished in it. A caller that
-        stops iterating early cancels the requests still running, so they never hold rows afterwards."""
+        stops iterating early cancels the requests still running, so they never hold rows afterwards.
+
+        One run at a time: a second one (another thread, or a call while a stream is suspended) would take the
+        first one's rows and end it silently, so it is refused."""
+        if not self._running.acquire(blocking=False):
+            raise UsageError("this engine is already decoding another call (a generate in another thread, or a "
+                             "stream not yet finished or closed); finish or close that stream first, or give each "
+                             "thread its own engine (python -m offload_runtime.serve batches concurrent requests)")
         requests = list(requests)
-        for r in requests:
-            self.add(r)
         try:
+            for r in requests:
+                self.add(r)
             while not self.idle:
                 yield self.step()
         finally:
             for r in requests:
                 if r in self.waiting or r in self.rows:
                     self.cancel(r, r.finish_reason or "cancelled")
+            self._running.release()

@@ -224,10 +224,12 @@ def test_store_resumes_rewrites_truncated_layers_and_rebuilds_when_stale(deep, t
     with pytest.raises(KeyboardInterrupt):
         disk.open_store(where, key, layout, 6, CountingSource(ckpt, fail_at=3), explicit=True)
     assert sorted(p.name for p in where.glob("layer-*.bin")) == [f"layer-0000{i}.bin" for i in range(3)]
+    (where / ".layer-00003.bin.99999.tmp").write_bytes(b"half a layer")  # what a SIGKILL mid-write leaves
     resumed = CountingSource(ckpt)
     written: list[int] = []
     files = disk.open_store(where, key, layout, 6, resumed, explicit=True, progress=lambda n: written.append(n))
     assert resumed.layers == {3, 4, 5} and written == [3]  # only what was missing, and the bar's total said so
+    assert not list(where.glob(".layer-*.tmp"))  # the killed build's half-written file is gone
     good = files.path(2).read_bytes()
     with open(files.path(2), "r+b") as f:
         f.truncate(1000)

@@ -624,6 +624,40 @@ def test_quantized_cache_reloads_the_same_model(checkpoints, monkeypatch):
     assert len(files) == 3 and (files[0].parent / "complete.json").is_file()
 
 
+def test_a_group_size_that_does_not_fit_names_the_model_and_the_sizes_that_do():
+    with pytest.raises(UsageError, match=r"^draft demo-draft: group_size 128 does not divide the input width of "
+                                         r"down_proj \(192\).*; use a group size that divides every linear's input "
+                                         r"width \(64, 32, 16, -1\)$"):
+        Engine.from_pretrained("demo", device="cpu", quantize="int4", draft_quantize="int4", quiet=True)
+
+
+def test_a_damaged_quantized_cache_is_named_with_its_fix(checkpoints, tmp_path):
+    from offload_runtime.api.loading import quant_cache_dir
+    from offload_runtime.errors import StoreError
+    from offload_runtime.weights.checkpoint import read_safetensors_header
+
+    path = checkpoints["llama-gqa-llama3"]
+    kw = dict(dtype="float32", draft=False, quantize="int4", group_size=32, cache_quantized=True)
+    Engine.from_pretrained(path, **kw)
+    layer = sorted(quant_cache_dir(path).rglob("layer-00001.safetensors"))[0]
+    good = layer.read_bytes()
+    # Truncated, gone, or holding other tensors: one line naming the cache and what to do, never "re-download".
+    for damage in (lambda: layer.write_bytes(good[: len(good) // 2]), layer.unlink,
+                   lambda: layer.write_bytes(good.replace(b".scales", b".scalex", 1))):
+        damage()
+        with pytest.raises(CheckpointError, match=r"the quantized cache .* is damaged .*; delete that directory and "
+                                                  r"load again: it is rebuilt") as e:
+            Engine.from_pretrained(path, **kw)
+        assert "re-download" not in str(e.value)
+        layer.write_bytes(good)
+    assert len(read_safetensors_header(layer)) > 0
+    # A cache that cannot be written (here its directory would be inside a file): one line, not a crash.
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match=r"cannot write the quantized cache to .*file/q .*; free space there"):
+        quantized.PackedCache(blocker / "q", 1, 1).add(0, "l", {"qweight": torch.zeros(2)})
+
+
 def test_cli_flags_reach_the_engine(tiny_pair):
     from offload_runtime.cli import ArgumentParser, add_model_args, add_sampling_args, load_engine
 

@@ -100,8 +100,9 @@ def check_group_size(spec: QuantSpec, in_features: dict[str, int], field: str) -
         return
     bad = sorted(f"{n} ({k})" for n, k in in_features.items() if k % spec.group_size)
     if bad:
+        fits = [str(g) for g in (256, 128, 64, 32, 16) if all(k % g == 0 for k in in_features.values())]
         raise ConfigError(f"{field} {spec.group_size} does not divide the input width of {', '.join(bad)}; "
-                          f"use a group size that divides every linear's input width (128, 64, 32) or -1")
+                          f"use a group size that divides every linear's input width ({', '.join(fits + ['-1'])})")
 
 
 def linear_tensors(out_features: int, in_features: int, spec: QuantSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -280,11 +280,15 @@ def _refuse_foreign(directory: Path, have: dict[str, Any] | None) -> None:
 
 
 def _remove_layers(directory: Path, have: dict[str, Any] | None) -> None:
-    """Delete the layer files the manifest `have` names and this runtime's half-written layer files, nothing else."""
+    """Delete the layer files the manifest `have` names, nothing else."""
     for name in _manifest_layers(have):
         (directory / name).unlink(missing_ok=True)
+
+
+def _remove_temporaries(directory: Path) -> None:
+    """Half-written layer files of a killed build: under the lock no builder is writing, so each is stale."""
     for p in directory.glob(".layer-[0-9][0-9][0-9][0-9][0-9].bin.*.tmp"):
-        p.unlink()
+        p.unlink(missing_ok=True)
 
 
 def free_bytes(directory: Path) -> int:
@@ -361,6 +365,7 @@ def open_store(directory: str | os.PathLike, key: StoreKey, layout: LayerLayout,
         if have is None:
             _refuse_foreign(directory, old)
             _remove_layers(directory, old)
+        _remove_temporaries(directory)
         sizes = {i: files.path(i).stat().st_size if files.path(i).is_file() else None for i in range(n_layers)}
         bad = [i for i, s in sizes.items() if s is not None and s != files.file_bytes]
         if bad:

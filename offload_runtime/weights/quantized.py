@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from ..errors import CheckpointError, ConfigError, UsageError
+from ..errors import CheckpointError, ConfigError, OffloadError, StoreError, UsageError
 from ..model.config import ModelArgs
 from ..model.quantization import (LINEARS, CheckpointQuant, QuantSpec, check_group_size, input_widths,
                                   linear_tensors, pack_int4, stored_linears)
@@ -184,12 +186,17 @@ class PackedCache:
     def read(self, layer: int, prefix: str, suffixes: list[str]) -> dict[str, torch.Tensor]:
         from .checkpoint import read_safetensors_header, read_tensor_into
 
-        if layer not in self._headers:
-            self._headers = {layer: read_safetensors_header(self._file(layer))}  # one layer's header at a time
-        infos = self._headers[layer]
-        return {sx: read_tensor_into(infos[f"{prefix}.{sx}"], torch.empty(infos[f"{prefix}.{sx}"].shape,
-                                                                          dtype=infos[f"{prefix}.{sx}"].dtype))
-                for sx in suffixes}
+        try:
+            if layer not in self._headers:
+                self._headers = {layer: read_safetensors_header(self._file(layer))}  # one layer's header at a time
+            infos = self._headers[layer]
+            return {sx: read_tensor_into(infos[f"{prefix}.{sx}"], torch.empty(infos[f"{prefix}.{sx}"].shape,
+                                                                              dtype=infos[f"{prefix}.{sx}"].dtype))
+                    for sx in suffixes}
+        except (OffloadError, KeyError) as e:  # the reader's advice (re-download) is for checkpoints, not a cache
+            what = f"no tensor {e}" if isinstance(e, KeyError) else str(e).split(";")[0]
+            raise CheckpointError(f"the quantized cache {self.root} is damaged ({what}); delete that directory and "
+                                  f"load again: it is rebuilt") from None
 
     def add(self, layer: int, prefix: str, packed: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save_file
@@ -198,12 +205,19 @@ class PackedCache:
         pending.update({f"{prefix}.{sx}": t.contiguous() for sx, t in packed.items()})
         if len(pending) < self.linears * len(packed):
             return
-        self.root.mkdir(parents=True, exist_ok=True)
         tmp = self._file(layer).with_suffix(f".{os.getpid()}.tmp")
-        save_file(self._pending.pop(layer), str(tmp))
-        os.replace(tmp, self._file(layer))
-        if all(self._file(i).is_file() for i in range(self.n_layers)):
-            (self.root / self.MARKER).write_text(json.dumps({"layers": self.n_layers}))
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            save_file(self._pending.pop(layer), str(tmp))
+            os.replace(tmp, self._file(layer))
+            if all(self._file(i).is_file() for i in range(self.n_layers)):
+                (self.root / self.MARKER).write_text(json.dumps({"layers": self.n_layers}))
+        except (OSError, SafetensorError) as e:  # a read-only or full disk: the cache is an extra, said so
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write the quantized cache to {self.root} ({e}); free space there, point "
+                             f"OFFLOAD_RUNTIME_HOME at a writable disk, or load without caching (drop "
+                             f"--cache-quantized)") from None
 
 
 # --- the source
@@ -326,5 +340,5 @@ def quant_spec_for(args: ModelArgs, quantize: str | None, group_size: int | None
     try:
         check_group_size(spec, input_widths(args.dim, args.q_size, args.intermediate_size), "group_size")
     except ConfigError as e:  # here it is the user's option that is wrong, not config.json
-        raise UsageError(str(e)) from None
+        raise UsageError(f"{what}: {e}") from None
     return spec

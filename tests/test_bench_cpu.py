@@ -2,6 +2,7 @@
 and BENCHMARKS.md appender (tools/report.py), the tree and run helpers (tools/harness.py)."""
 from __future__ import annotations
 
+import argparse
 import math
 
 import pytest
@@ -237,3 +238,14 @@ def test_planned_tree_falls_back_to_best_trees_then_follows_a_plan(tmp_path, kee
     # the comparison trees have the planned tree's size (k x l: the closest size k * l + 1)
     trees = bench.comparison_trees(choice)
     assert len(trees[f"chain {len(choice.parents)}"]) == len(choice.parents)
+
+
+def test_an_output_a_tool_cannot_write_is_refused_before_it_runs(tmp_path):
+    assert h.output_file(str(tmp_path / "new.md")) == tmp_path / "new.md"
+    for bad, why in ((tmp_path / "no" / "x.md", "does not exist; create it first"), (tmp_path, "not a regular file")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            h.output_file(str(bad))
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--small", "--output", str(tmp_path / "no" / "x.md")])
+    assert e.value.code == 2
+    assert not (tmp_path / "no").exists()

@@ -887,7 +887,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
     add("--small", action="store_true", help="tiny random pair, sizes 1,4,16, few prompts (< 60 s)")
     add("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    add("--output", type=Path, default=h.BENCHMARKS_MD, help="the Markdown file to append to")
+    add("--output", type=h.output_file, default=h.BENCHMARKS_MD, help="the Markdown file to append to")
     add("--plots-dir", type=Path, default=None,
         help="where the PNGs go (default: next to --output; with --no-write: no plots)")
     add("--experiments", type=h.csv(str), default=["sizes", "methods"],

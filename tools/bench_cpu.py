@@ -485,7 +485,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")
     p.add_argument("--small", action="store_true", help="tiny random models and few tokens (< 60 s; the tests)")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    p.add_argument("--output", type=Path, default=h.BENCHMARKS_MD, help="the Markdown file to append to")
+    p.add_argument("--output", type=h.output_file, default=h.BENCHMARKS_MD, help="the Markdown file to append to")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--tokens", type=int, default=None, help="new tokens per prompt (default 64; --small: 8)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per run (default 3; --small: 2)")

@@ -449,7 +449,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None, help="where the GB-sized files go (default tools/_work)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and the store afterwards")
     p.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
-    p.add_argument("--output", type=Path, default=h.BENCHMARKS_MD, help="the Markdown file to append to")
+    p.add_argument("--output", type=h.output_file, default=h.BENCHMARKS_MD, help="the Markdown file to append to")
     p.add_argument("--child", help=argparse.SUPPRESS)  # one method's run, in its own process (a JSON spec)
     a = p.parse_args(argv)
     h.check_positive(p, a, ("tokens", "tree_depth", "read_threads", "prefetch", "threads"))

@@ -361,7 +361,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--no-llama-cpp", action="store_true")
-    ap.add_argument("--markdown", type=Path, default=None, help="also append the tables to this file")
+    ap.add_argument("--markdown", type=h.output_file, default=None, help="also append the tables to this file")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--gpu", action="store_true", help="only the CUDA rows (13B sweep, kernel vs dequantize)")
     mode.add_argument("--gguf", action="store_true", help="only the GGUF rows (Q8_0, Q4_K_M-like vs bf16, llama.cpp)")

@@ -258,7 +258,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None,
                    help="keep the built random checkpoints here (reused next time); default: a temporary directory")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    p.add_argument("--output", type=Path, default=h.BENCHMARKS_MD, help="the Markdown file to append to")
+    p.add_argument("--output", type=h.output_file, default=h.BENCHMARKS_MD, help="the Markdown file to append to")
     a = p.parse_args(argv)
     h.check_positive(p, a, ("requests", "tokens", "threads"))
     if a.clients is not None and (not a.clients or min(a.clients) < 1):

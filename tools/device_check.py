@@ -991,7 +991,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--small", action="store_true", help="tiny shapes on the CPU (the test suite's run)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda; cpu with --small)")
     p.add_argument("--budget-s", type=float, default=None, help="wall-time budget in seconds (default 450; 60 small)")
-    p.add_argument("--output", default=None, help="JSON report path (default ./device_check.json; $OUT/ as well)")
+    p.add_argument("--output", type=h.output_file, default=None,
+                   help="JSON report path (default ./device_check.json; $OUT/ as well)")
     p.add_argument("--sections", type=h.csv(str), default=None,
                    help=f"comma list of sections to run (default all: {','.join(SECTIONS)})")
     p.add_argument("--acceptance", default=None,

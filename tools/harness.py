@@ -75,6 +75,18 @@ def csv(kind: type) -> Callable[[str], list]:
     return parse
 
 
+def output_file(text: str) -> Path:
+    """An argparse type for a file a tool writes at the end of a long run: checked before the run starts."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_file():
+        raise argparse.ArgumentTypeError(f"{path} is not a regular file")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the directory {path.parent} does not exist; create it first")
+    if not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path} cannot be written here")
+    return path
+
+
 def check_positive(parser: argparse.ArgumentParser, ns: argparse.Namespace, names: Sequence[str]) -> None:
     for name in names:
         v = getattr(ns, name)

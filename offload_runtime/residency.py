@@ -62,7 +62,7 @@ def split_host_disk(streamed: tuple[int, ...], layer_b: int, host_budget: int | 
             f"a host memory budget of {fmt_bytes(host_budget)} is too small for the {prefetch} staging buffers the "
             f"disk layers are read through ({fmt_bytes(ring)}); give --host-memory (host_memory=) at least "
             f"{fmt_bytes(ring)} (each {fmt_bytes(per_file)} more keeps one more layer in RAM)"
-            + (", or lower prefetch" if prefetch > 1 else ""))
+            + (", or lower prefetch (prefetch=, in Python)" if prefetch > 1 else ""))
     n_disk = len(streamed) - (host_budget - ring) // per_file
     disk = tuple(streamed[k] for k in spread(len(streamed), n_disk))
     return tuple(i for i in streamed if i not in disk), disk, prefetch

@@ -464,7 +464,7 @@ def test_chat_survives_an_unexpected_error_in_a_turn(chat_session):
 def test_chat_says_when_the_reply_fills_the_context_window(chat_session):
     assert "(the 16-token context window is full; /reset starts a new conversation" in chat_session.stdout
     errors = [line for line in stderr_lines(chat_session) if line.startswith("error:")]
-    assert "start over with /reset" in errors[2]
+    assert "start a new conversation (/reset in the chat" in errors[2]
 
 
 def test_chat_survives_nan_logits(nan_target):
@@ -710,6 +710,20 @@ def test_a_tree_the_context_cannot_hold_is_refused_at_load(tiny_pair):
             Engine.from_pretrained(target, draft=draft, device="cpu", max_seq_len=32, **options)
     engine = Engine.from_pretrained(target, draft=draft, device="cpu", max_seq_len=32, tree=[-1] + [0] * 30)
     assert len(engine.tree_for(engine.sampling_params())) == 31
+
+
+def test_options_that_would_be_ignored_are_refused_or_noted(tiny_pair, tmp_path, capsys):
+    target = tiny_pair[0]
+    with pytest.raises(UsageError, match=r"cache_quantized \(--cache-quantized\) .* needs quantize"):
+        Engine.from_pretrained(target, draft=False, device="cpu", cache_quantized=True)
+    for given in ({"host_memory": "20MiB"}, {"offload_dir": tmp_path / "s"}):
+        with pytest.raises(UsageError, match=r"offload=False \(--no-offload\) streams none; drop one or the other"):
+            Engine.from_pretrained(target, draft=False, device="cpu", offload=False, **given)
+    capsys.readouterr()
+    Engine.from_pretrained(target, draft=False, device="cpu", offload_dir=tmp_path / "s")
+    assert f"note: --offload-dir {tmp_path / 's'} is not used: the whole model is held in memory" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
 
 
 def test_host_memory_variable_is_named(tiny_pair, monkeypatch):

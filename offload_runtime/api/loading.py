@@ -245,6 +245,12 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     self_draft = is_self_draft(draft_name)
     if group_size is not None and quantize is None and draft_quantize is None and not self_draft:
         raise UsageError("group_size (--group-size) needs quantize or draft_quantize (--quantize / --draft-quantize)")
+    if cache_quantized and quantize is None:
+        raise UsageError("cache_quantized (--cache-quantized) keeps the target's layers as quantized on load; it "
+                         "needs quantize (--quantize int4|int8): add it, or drop --cache-quantized")
+    if offload is False and (host_memory is not None or offload_dir is not None):
+        raise UsageError("host_memory and offload_dir (--host-memory, --offload-dir) place streamed layers, but "
+                         "offload=False (--no-offload) streams none; drop one or the other")
     target_quant = quant_spec_for(targs, quantize, group_size if quantize else None, f"model {model}")
     dt = parse_dtype(dtype, dev, targs.torch_dtype, target_quant)
     limit = targs.max_position_embeddings
@@ -310,6 +316,9 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     target_source, target_quant = packed_source(target_ckpt, target_quant, dev,
                                                 quant_cache_dir(target_path) if cache_quantized and quantize else None)
     disk_store = None
+    if offload_dir is not None and not residency.offload and not quiet:
+        print(f"note: --offload-dir {offload_dir} is not used: the whole model is held in memory (nothing streams; "
+              f"--host-memory below the model's size puts layers on disk)", file=sys.stderr)
     if residency.offload and (residency.disk or offload_dir is not None):
         if targs.ggml_types is not None:
             raise UsageError(f"{model} is a GGUF file, whose layers stream from host RAM only: the disk store "

@@ -255,8 +255,8 @@ class ChatSession:
             if len(ids) + 1 > eng.max_seq_len:
                 raise ContextLengthError(
                     f"the conversation has {len(ids)} tokens but the context window holds {eng.max_seq_len} (at "
-                    f"most {eng.max_seq_len - 1}, to leave room for a reply); start over with /reset (or "
-                    f"Engine.session())"
+                    f"most {eng.max_seq_len - 1}, to leave room for a reply); start a new conversation (/reset "
+                    f"in the chat, a new Engine.session() in Python)"
                 )
             eng.renew_request(self.request, ids, temperature=temperature, top_p=top_p,
                               max_new_tokens=max_new_tokens, ignore_eos=ignore_eos, seed=seed)

@@ -436,6 +436,10 @@ def test_bad_flags_and_a_taken_port_are_one_line_errors_before_loading():
         serve_main(["--batch-size", "0"])
     with pytest.raises(UsageError, match="--api-key is empty"):
         serve_main(["--api-key", " "])
+    with pytest.raises(UsageError, match="cannot read memory size 'lots'"):
+        serve_main(["--max-request-bytes", "lots"])
+    with pytest.raises(UsageError, match="--max-request-bytes"):
+        serve_main(["--max-request-bytes", "1KB"])  # sizes are read (here below the 1,024-byte floor)
     taken = bind("127.0.0.1", 0)
     try:
         with pytest.raises(UsageError, match="pick another --port"):

@@ -50,6 +50,7 @@ from harness import Pair
 from report import PLUS_MINUS, Column, Table
 
 from offload_runtime.api.text import load_tokenizer
+from offload_runtime.cli import ArgumentParser
 from offload_runtime.errors import UsageError
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.tree import Tree
@@ -873,7 +874,7 @@ def _shown(value: Any) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python tools/ablations.py", description=__doc__.split("\n")[0],
+    p = ArgumentParser(prog="python tools/ablations.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     full = Settings()

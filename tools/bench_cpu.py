@@ -45,6 +45,7 @@ import torch
 from report import CHECK, CROSS, Column, Table, sig, sig4, times
 
 from offload_runtime.api.text import load_tokenizer
+from offload_runtime.cli import ArgumentParser
 from offload_runtime.decode.request import SamplingParams
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.tree import Tree
@@ -479,7 +480,7 @@ def make_quick_plan(pair: h.Pair, threads: int) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python tools/bench_cpu.py", description=__doc__.split("\n")[0],
+    p = ArgumentParser(prog="python tools/bench_cpu.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", type=h.csv(str), default=list(SECTIONS),
                    help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")

@@ -45,6 +45,7 @@ from report import Column, Table, sig, times
 
 import torch
 
+from offload_runtime.cli import ArgumentParser
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.residency import split_host_disk
 from offload_runtime.weights import disk
@@ -431,7 +432,7 @@ def tables(model: Model, cfg: Settings, runs: dict, bandwidth: list, efficiency:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python tools/bench_disk.py", description=__doc__.split("\n")[0],
+    p = ArgumentParser(prog="python tools/bench_disk.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gb", type=float, default=3.0, help="decoder layers' size in GB (default 3)")
     p.add_argument("--fraction", type=float, default=0.25, help="host budget as a share of the layers (default 0.25)")

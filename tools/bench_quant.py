@@ -28,6 +28,7 @@ from report import Column, Table, sig
 import torch
 
 from offload_runtime.api.engine import CallStats, Engine
+from offload_runtime.cli import ArgumentParser
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.quantization import QuantSpec
 from offload_runtime.residency import Residency
@@ -355,7 +356,7 @@ def cpu_tables(quick: bool, threads: int, repeats: int, new_tokens: int, with_ll
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a tiny shape (smoke run)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)

@@ -38,6 +38,7 @@ import harness as h
 import report
 from report import Column, Table, sig, times
 
+from offload_runtime.cli import ArgumentParser
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.serve.launch import ServerProcess, launched
 
@@ -248,7 +249,7 @@ class Report:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python tools/bench_serve.py", description=__doc__.split("\n")[0],
+    p = ArgumentParser(prog="python tools/bench_serve.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="the tiny random pair at 1 and 4 clients (the tests)")
     p.add_argument("--clients", type=h.csv(int), default=None, help="client counts (default 1,4,16; --small: 1,4)")

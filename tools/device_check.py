@@ -62,6 +62,7 @@ from report import Column, Table  # noqa: E402
 from offload_runtime.api.engine import Engine  # noqa: E402
 from offload_runtime.api.home import write_json  # noqa: E402
 from offload_runtime.api.machine import describe_machine, machine_fingerprint  # noqa: E402
+from offload_runtime.cli import ArgumentParser  # noqa: E402
 from offload_runtime.errors import ResourceError, UsageError  # noqa: E402
 from offload_runtime.model.batch import ForwardBatch, RowChunk, build_forward  # noqa: E402
 from offload_runtime.model.config import ModelArgs  # noqa: E402
@@ -986,7 +987,7 @@ def acceptance_from(spec: str | None) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny shapes on the CPU (the test suite's run)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda; cpu with --small)")

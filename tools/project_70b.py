@@ -13,7 +13,6 @@ runtime's own rule on the formats' bytes, and the planner's search picks the tre
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -22,6 +21,7 @@ import harness as h
 import torch
 
 from offload_runtime.api.self_draft import is_self_draft
+from offload_runtime.cli import ArgumentParser
 from offload_runtime.errors import ResourceError
 from offload_runtime.model.config import ModelArgs
 from offload_runtime.model.quantization import QuantSpec
@@ -94,7 +94,7 @@ def project(bandwidth_gbps: float, memory_gib: float, tflops: float, mem_gbps: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bandwidth-gbps", type=float, default=25.0, help="pinned host-to-device copy GB/s")
     ap.add_argument("--memory-gib", type=float, default=22.0, help="device budget (a 24 GB card less the context)")
     ap.add_argument("--tflops", type=float, default=80.0, help="fp16 dense throughput the layers reach")

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..cli import ArgumentParser, add_model_args, load_engine, run_main
 from ..errors import UsageError
+from ..memory import parse_bytes
 
 API_KEY_ENV = "OFFLOAD_RUNTIME_API_KEY"  # so the key need not show in the process list
 
@@ -31,7 +32,7 @@ def parse_args(argv: list[str] | None = None):
     s.add_argument("--batch-size", type=int, default=4, help="requests decoded together, sharing each sweep")
     s.add_argument("--max-queue", type=int, default=16,
                    help="requests that may wait for a free row; beyond that, 429 with Retry-After")
-    s.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body accepted")
+    s.add_argument("--max-request-bytes", default="1MiB", help="largest request body accepted, e.g. 1MiB or 65536")
     s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
     s.add_argument("--log-prompts", action="store_true", help="log every prompt and reply (off: they stay private)")
     # load_engine also reads the chat's sampling flags; here every request brings its own.
@@ -57,6 +58,10 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
 
 
 def check_args(args) -> None:
+    try:
+        args.max_request_bytes = parse_bytes(args.max_request_bytes)
+    except UsageError as e:
+        raise UsageError(f"--max-request-bytes: {e}") from None
     for flag, value, lowest in (("--batch-size", args.batch_size, 1), ("--max-queue", args.max_queue, 0),
                                 ("--max-request-bytes", args.max_request_bytes, 1024), ("--port", args.port, 0)):
         if value < lowest:

@@ -253,7 +253,7 @@ def test_store_of_another_model_or_format(deep, tmp_path):
     disk.open_store(where, disk.StoreKey("ckpt:a", "fpa", "a"), layout, 6, ckpt, explicit=True)
     with pytest.raises(StoreError, match=r"holds the layer store of a, not the one of b; pass --offload-dir"):
         disk.open_store(where, disk.StoreKey("ckpt:b", "fpb", "b"), layout, 6, ckpt, explicit=True)
-    with pytest.raises(StoreError, match=r"holds the layer store of a in another format or dtype"):
+    with pytest.raises(StoreError, match=r"holds the layer store of a as float32, not the one of a as float64"):
         disk.open_store(where, disk.StoreKey("ckpt:a", "fpa", "a"), layer_layout(ckpt.args, torch.float64), 6, ckpt,
                         explicit=True)
     # In a directory the runtime chose itself, a store that is not the one wanted is replaced.

@@ -339,6 +339,10 @@ def test_a_later_part_of_a_split_file_points_at_the_first(files, tmp_path):
     shutil.copy(paths["llama", "Q8_0"], part)
     with pytest.raises(CheckpointError, match="m-00001-of-00002.gguf"):
         Engine.from_pretrained(part, draft=False)
+    # A directory holding only the later parts names the missing first one.
+    with pytest.raises(MissingFileError, match=r"holds m-00002-of-00002.gguf but not their first part "
+                                               r"m-00001-of-00002.gguf; download every part"):
+        Engine.from_pretrained(tmp_path, draft=False)
 
 
 # --- host memory

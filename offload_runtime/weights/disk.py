@@ -196,10 +196,15 @@ def layer_name(i: int) -> str:
     return f"layer-{i:05d}.bin"
 
 
+def _format(layout: LayerLayout) -> str:
+    """The weight format in words, as messages name it: "float32", "bfloat16, int4-g128"."""
+    return str(layout.dtype).removeprefix("torch.") + (f", {layout.quant.label}" if layout.quant else "")
+
+
 def _manifest(key: StoreKey, layout: LayerLayout, n_layers: int) -> dict[str, Any]:
     return {"kind": "layer-store", "version": FORMAT_VERSION, "identity": key.identity,
             "fingerprint": key.fingerprint, "model": key.label, "layout": layout_signature(layout),
-            "layout_repr": repr(layout), "n_layers": n_layers, "layer_bytes": layout.nbytes,
+            "layout_repr": repr(layout), "format": _format(layout), "n_layers": n_layers, "layer_bytes": layout.nbytes,
             "file_bytes": padded_bytes(layout.nbytes), "align": ALIGN}
 
 
@@ -354,10 +359,12 @@ def open_store(directory: str | os.PathLike, key: StoreKey, layout: LayerLayout,
         same = ("version", "identity", "layout", "n_layers", "layer_bytes", "file_bytes", "align")
         if have is not None and any(have.get(k) != want[k] for k in same):
             if explicit:
+                same_model = have.get("identity") == key.identity
                 what = "an older store format" if have.get("version") != FORMAT_VERSION else \
                     f"the layer store of {have.get('model', '?')}" + \
-                    (" in another format or dtype" if have.get("identity") == key.identity else "")
-                raise StoreError(f"{directory} holds {what}, not the one of {key.label}; {_fix(directory)}")
+                    (f" as {have.get('format', 'another format or dtype')}" if same_model else "")
+                wanted = f"the one of {key.label}" + (f" as {want['format']}" if same_model else "")
+                raise StoreError(f"{directory} holds {what}, not {wanted}; {_fix(directory)}")
             have = None
         if have is not None and have.get("fingerprint") != key.fingerprint:
             log(f"the layer store in {directory} was written from other files of {key.label}; rebuilding it")

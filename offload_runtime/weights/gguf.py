@@ -64,6 +64,11 @@ def gguf_files(path: str | os.PathLike) -> list[Path]:
     if p.is_dir():
         found = sorted(f for f in p.glob("*.gguf") if not (SPLIT.match(f.name) and
                                                              SPLIT.match(f.name)["part"] != "00001"))
+        later = sorted(f.name for f in p.glob("*.gguf") if f not in found)
+        if not found and later:  # only later parts of a split file: its first part is what is missing
+            m = SPLIT.match(later[0])
+            raise MissingFileError(f"{p} holds {', '.join(later)} but not their first part "
+                                   f"{m['stem']}-00001-of-{m['total']}.gguf; download every part")
         if len(found) != 1:
             names = ", ".join(f.name for f in found) or "none"
             raise CheckpointError(f"{p} should hold one GGUF model, but holds {names}; pass the .gguf file itself")

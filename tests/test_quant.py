@@ -592,6 +592,7 @@ def test_int_kernel_rows_do_not_depend_on_the_rows_beside_them(bits, group_size)
     measured = KernelChoice(16, "measured")
     assert exact_kernel_choice(measured, torch.float32, torch.device("cpu")) is measured
     assert exact_kernel_choice(None, torch.bfloat16, torch.device("cpu")) is None
+    assert exact_kernel_choice(KernelChoice(0), torch.bfloat16, torch.device("cpu")).max_tokens == 0  # no kernel
 
 
 def test_bf16_int4_speculative_and_batched_greedy_equal_plain_decoding():

@@ -314,7 +314,8 @@ def commas(x: float) -> str:
 
 
 def table(title: str, rows: list[Row], keys: Sequence[str]) -> Table:
-    cols = {"layer_bytes": commas, "bytes_per_sweep": commas, "kernel_max_tokens": "d"}
+    cols = {"layer_bytes": commas, "bytes_per_sweep": commas,
+            "kernel_max_tokens": lambda n: "all" if n >= 1 << 30 else f"{n:d}"}  # all: exact_kernel_choice
     return Table(title, [Column("model", "model"), Column("format", "format", left=True)]
                  + [Column(k, k, cols.get(k, sig)) for k in keys], rows)
 

@@ -240,12 +240,13 @@ def exact_kernel_choice(choice: KernelChoice | None, dtype: torch.dtype, device:
 
     On the CPU in 16 bits, the matmul after dequantizing rounds a row differently by the number of rows in the call
     (oneDNN picks another kernel), by enough to flip a greedy token between plain decoding (one token per forward)
-    and a verified tree or a batch; the int kernels' rows do not depend on it (tests/test_quant.py checks both).
-    So there the int kernel serves every token count it applies to: exact, at up to ~2x the dequantizing path's
-    time per linear beyond the measured crossover (prefill, large trees). float32 keeps the measured choice: its
-    differences between the paths are ~1e-7 relative, and its greedy tests hold. Act-order linears have no kernel
-    (None), so in 16 bits they stay as row-dependent as any 16-bit matmul."""
-    if choice is not None and device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+    and a verified tree or a batch; the int kernels' rows do not depend on it (tests/test_quant.py checks that).
+    So there a kernel that serves any token count serves every one: exact, at up to ~2x the dequantizing path's
+    time per linear beyond the measured crossover (prefill, large trees). A choice of 0 (no kernel applies) stays.
+    float32 keeps the measured choice: its differences between the paths are ~1e-7 relative, and its greedy tests
+    hold. Act-order linears have no kernel (None), so in 16 bits they stay as row-dependent as any 16-bit matmul."""
+    sixteen = dtype in (torch.bfloat16, torch.float16)
+    if choice is not None and choice.max_tokens > 0 and device.type == "cpu" and sixteen:
         return KernelChoice(1 << 30, f"every token count in {str(dtype).removeprefix('torch.')} (exact)")
     return choice
 

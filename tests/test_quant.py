@@ -200,7 +200,8 @@ def test_gptq_v1_read_as_v2_no_longer_matches(quant_ckpts, tmp_path):
 # --- quantize on load
 
 
-@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 32), (8, -1), (4, -1), (8, 2), (4, 4)])  # 2, 4: groups of one sign
+# 2 and 4: small groups, often of one sign
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (8, 32), (8, -1), (4, -1), (8, 2), (4, 4)])
 def test_rtn_quantization_is_nearest_on_its_grid(bits, group):
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(5)) * 0.05
     ints = quantize_rtn(w, bits, group, rows=24)  # several row chunks

@@ -704,7 +704,8 @@ def test_one_engine_decodes_one_call_at_a_time_and_says_so(tiny_pair):
 
 def test_a_tree_the_context_cannot_hold_is_refused_at_load(tiny_pair):
     target, draft = tiny_pair
-    for options in ({"tree": [-1] + [0] * 31}, {"tree": "static", "tree_size": 40}, {"tree": "dynamic", "tree_size": 32}):
+    for options in ({"tree": [-1] + [0] * 31}, {"tree": "static", "tree_size": 40},
+                    {"tree": "dynamic", "tree_size": 32}):
         with pytest.raises(UsageError, match=r"a tree of (32|40) nodes does not fit the 32-token context with a prompt "
                                              r"beside it; pass a smaller tree"):
             Engine.from_pretrained(target, draft=draft, device="cpu", max_seq_len=32, **options)

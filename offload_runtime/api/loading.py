@@ -301,7 +301,7 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
                                max_seq_len=seq_len, tree_size=trees.largest, max_chunk=max_chunk, slots=slots,
                                on_cuda=dev.type == "cuda", quant=target_quant, draft_quant=draft_quant,
                                draft_shares_globals=self_draft)
-    if dev.type == "cpu":  # the caches are allocated whole, in RAM here: an oversized batch must not reach the allocator
+    if dev.type == "cpu":  # the caches are allocated whole, in RAM here: an oversized batch must not reach malloc
         check_host_memory(fixed["target KV cache"] + fixed.get("draft KV cache", 0),
                           f"the KV caches of {batch_size} row(s) x {seq_len} positions",
                           "lower the batch size (--batch-size, batch_size=) or the context (--max-seq-len)")

@@ -17,7 +17,6 @@ from collections import deque
 from typing import Iterable, Iterator
 
 from ..errors import UsageError
-
 from .decoder import Decoder
 from .request import Request
 

@@ -62,9 +62,9 @@ def gguf_files(path: str | os.PathLike) -> list[Path]:
     model), every part of a split file in order; a missing part is named."""
     p = Path(path).expanduser()
     if p.is_dir():
-        found = sorted(f for f in p.glob("*.gguf") if not (SPLIT.match(f.name) and
-                                                             SPLIT.match(f.name)["part"] != "00001"))
-        later = sorted(f.name for f in p.glob("*.gguf") if f not in found)
+        every = sorted(p.glob("*.gguf"))
+        later = [f.name for f in every if SPLIT.match(f.name) and SPLIT.match(f.name)["part"] != "00001"]
+        found = [f for f in every if f.name not in later]
         if not found and later:  # only later parts of a split file: its first part is what is missing
             m = SPLIT.match(later[0])
             raise MissingFileError(f"{p} holds {', '.join(later)} but not their first part "

@@ -50,11 +50,7 @@ def available_host_memory() -> int:
         raise UsageError(f"OFFLOAD_RUNTIME_MAX_HOST_MEMORY={cap!r}: {e}; or unset it") from None
 
 
-WEIGHTS_FIX = ("close other programs, pick a 16-bit dtype, give the GPU a larger --gpu-memory budget so more layers "
-               "stay resident, or cap --host-memory below what is available to read the layers beyond it from disk")
-
-
-def check_host_memory(need: int, what: str, fix: str = WEIGHTS_FIX) -> None:
+def check_host_memory(need: int, what: str, fix: str) -> None:
     """Stop with a clear error, before allocating, when `need` bytes of RAM are not there; `fix` says what to do."""
     have = available_host_memory()
     if need > have:

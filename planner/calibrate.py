@@ -138,7 +138,7 @@ def measure_trees(target: str, draft: str, trees: Sequence[Any], *, device: torc
         for i, x in enumerate(ids):
             req = engine.request(x, max_new_tokens=tokens + d + 1, temperature=temperature, top_p=top_p,
                                  seed=seed + i, ignore_eos=True, tree=spec)
-            req.stop_check = lambda r, new: len(r.generated) >= tokens
+            req.stop_check = lambda r, new: len(new) if len(r.generated) + len(new) >= tokens else None
             requests.append(req)
         t0 = time.perf_counter()
         stats = [result.stats for _, result in sorted(engine.run(requests), key=lambda ir: ir[0])]

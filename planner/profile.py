@@ -32,7 +32,7 @@ from offload_runtime.api.machine import machine_fingerprint
 from offload_runtime.errors import UsageError
 from offload_runtime.timer import median_seconds
 from offload_runtime.model.config import ModelArgs
-from offload_runtime.model.quantization import KernelChoice, QuantSpec, measure_kernel_times
+from offload_runtime.model.quantization import KernelChoice, QuantSpec, exact_kernel_choice, measure_kernel_times
 from offload_runtime.residency import Residency
 from offload_runtime.weights.layout import layer_bytes, layer_layout
 from offload_runtime.weights.loader import build_model, device_spec, load_globals
@@ -408,7 +408,8 @@ def run_profile(target: ModelArgs, draft: ModelArgs | None, device: torch.device
         bandwidth = measure_bandwidth(device, effort)
         layer_copy = copy_time(layer_b, device, effort)
         times = kernel_times(target, quant, dtype, device)
-        kernel = times.choice("planner profile") if times is not None else None
+        # The path the engine will take for each token count (model/quantization.py), so the curves time it.
+        kernel = exact_kernel_choice(times.choice("planner profile"), dtype, device) if times is not None else None
         log(f"timing one {names[0]} decoder layer for {grid[0]}..{grid[-1]} tokens")
         layer_s = layer_time_curve(target, dtype, device, grid, prefix=prefix, effort=effort, progress=tick,
                                    quant=quant, kernel=kernel)

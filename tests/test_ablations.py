@@ -19,6 +19,7 @@ PM = "\u00b1"
 
 abl = load_tool("ablations")
 report = load_tool("report")
+h = load_tool("harness")
 
 
 def _has_matplotlib() -> bool:
@@ -98,6 +99,37 @@ def test_usage_errors(capsys):
             abl.parse_args(argv)
         assert e.value.code == 2, argv
     assert "--experiments" in capsys.readouterr().err
+
+
+def test_a_flag_of_an_experiment_that_does_not_run_is_refused_not_ignored(capsys, tmp_path):
+    for argv, flag in ((["--group-size", "64"], "--group-size"),
+                       (["--experiments", "sizes", "--top-ps", "0.9"], "--top-ps"),
+                       (["--experiments", "methods", "--dynamic-depth", "4"], "--dynamic-depth")):
+        with pytest.raises(SystemExit) as e:
+            abl.parse_args(argv)
+        assert e.value.code == 2 and f"{flag} sets --experiments" in capsys.readouterr().err, argv
+    assert abl.parse_args(["--experiments", "drafts", "--group-size", "64"]).group_size == 64
+    assert abl.parse_args(["--experiments", "drafts", "--dynamic-depth", "4"]).dynamic_depth == 4
+    with pytest.raises(SystemExit):
+        abl.parse_args(["--prompts-from", str(tmp_path / "missing.jsonl")])
+    assert "missing.jsonl: no such file" in capsys.readouterr().err
+
+
+def test_token_id_prompts_from_a_file_serve_a_model_without_a_tokenizer(tmp_path):
+    from offload_runtime.errors import UsageError
+
+    pair = h.small_pair(tmp_path)
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"prompt": [1, 2, 3]}\n{"prompt": [4, 5]}\n')
+    prompts, source = abl.load_prompts(str(ids), pair, 2, 8, print)
+    assert prompts == [[1, 2, 3], [4, 5]] and source == f"2 prompts from {ids}"
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"prompt": "words"}\n')
+    with pytest.raises(UsageError, match="no tokenizer to encode it"):
+        abl.load_prompts(str(text), pair, 1, 8, print)
+    ids.write_text('{"prompt": [1, 999999]}\n')
+    with pytest.raises(UsageError, match="outside the target's vocabulary"):
+        abl.load_prompts(str(ids), pair, 1, 8, print)
 
 
 # --- estimators

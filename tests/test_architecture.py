@@ -177,16 +177,34 @@ def test_generate_stops_where_the_old_rule_stopped(tiny_pair):
     target, draft = tiny_pair
     engine = Engine.from_pretrained(target, draft=str(draft), dtype="float32", tree=[-1, 0, 0, 1, 2])
     full = engine.generate("the cat sat", max_new_tokens=40, temperature=0, ignore_eos=True)[0]
-    words = full.text.split()
-    stop = " ".join(words[12:14])
-    stopped = engine.generate("the cat sat", max_new_tokens=40, temperature=0, ignore_eos=True, stop=stop)[0]
     steps, at = [], 0
     for emitted in (a + 1 for a in full.stats.accepted_per_step):
         steps.append(full.token_ids[at: at + emitted])
         at += emitted
+    step_ends = {sum(len(s) for s in steps[: k + 1]) for k in range(len(steps))}
+
+    def completes(stop: str) -> int:  # how many tokens it takes for the stop string to appear
+        decode = engine.tokenizer.decode
+        return next(k for k in range(1, len(full.token_ids) + 1)
+                    if stop in decode(full.token_ids[:k], skip_special_tokens=True))
+    words = full.text.split()
+    # A stop string that completes inside a step, where the old rule kept the rest of the step's tokens.
+    stop = next(s for s in (" ".join(words[i:i + 2]) for i in range(1, len(words) - 1))
+                if completes(s) not in step_ends)
+    stopped = engine.generate("the cat sat", max_new_tokens=40, temperature=0, ignore_eos=True, stop=stop)[0]
     old_step, old_text = _old_stop(engine.tokenizer, steps, stop)
     assert stopped.finish_reason == "stop" and stopped.text == old_text
-    assert stopped.token_ids == full.token_ids[: sum(len(s) for s in steps[: old_step + 1])]
+    # The tokens end at the one that completes the stop string, so they are the same whatever the tree: plain
+    # decoding's.
+    assert stopped.token_ids == full.token_ids[: completes(stop)]
+    plain = Engine.from_pretrained(target, draft=False, dtype="float32")
+    assert plain.generate("the cat sat", max_new_tokens=40, temperature=0, ignore_eos=True, stop=stop)[0].token_ids \
+        == stopped.token_ids
+    # A reply that ends on the beginning of a stop string streams that beginning too, as generate returns it.
+    short = engine.generate("the cat sat", max_new_tokens=12, temperature=0, ignore_eos=True)[0].text
+    tail = short.split()[-1] + " zzzz"
+    assert "".join(engine.stream("the cat sat", max_new_tokens=12, temperature=0, ignore_eos=True, stop=tail)) == \
+        engine.generate("the cat sat", max_new_tokens=12, temperature=0, ignore_eos=True, stop=tail)[0].text == short
 
 
 # --- phase timing never waits for the whole device

@@ -249,3 +249,14 @@ def test_an_output_a_tool_cannot_write_is_refused_before_it_runs(tmp_path):
         bench.parse_args(["--small", "--output", str(tmp_path / "no" / "x.md")])
     assert e.value.code == 2
     assert not (tmp_path / "no").exists()
+
+
+def test_a_work_directory_that_cannot_be_written_is_refused_before_a_run(tmp_path, capsys):
+    assert h.work_dir(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot be used as a work directory"):
+        h.work_dir(str(blocker / "sub"))
+    with pytest.raises(SystemExit) as e:  # a path under a file: refused as root too, unlike a read-only directory
+        bench.parse_args(["--small", "--workdir", str(blocker / "sub")])
+    assert e.value.code == 2 and "cannot be used as a work directory" in capsys.readouterr().err

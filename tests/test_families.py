@@ -242,6 +242,10 @@ def test_vocabulary_check_names_the_tokens_that_differ(tmp_path, capsys):
     # A few renamed special tokens (the R1 distills' case): allowed, and the notice says which ids.
     notice = check_vocab_compatible(padded, padded, same, tokenizer("c", {"<|user|>": "<｜User｜>"}), "t", "d")
     assert "differ in 1 token id (" in notice and "id 4 is '<|user|>' in the target but '<｜User｜>' in the draft" in notice
+    # A side without a tokenizer cannot be compared: said, not refused (nor passed in silence).
+    assert "draft d has no tokenizer, so the pair's vocabularies cannot be compared" in \
+        check_vocab_compatible(padded, padded, same, None, "t", "d")
+    assert check_vocab_compatible(padded, padded, None, None, "t", "d") is None  # token ids only, on both sides
     # Another vocabulary: refused, naming the first ids that differ.
     other = tokenizer("e", {f"w{i}": f"v{i}" for i in range(60)})
     with pytest.raises(UsageError, match=r"another vocabulary .*: id \d+ is 'w\d+' in the target but 'v\d+' in the "

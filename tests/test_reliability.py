@@ -31,6 +31,7 @@ from offload_runtime.api.plans import ModelRef, Plan, PlanError, save_plan
 from offload_runtime.errors import (CheckpointError, ConfigError, ModelOutputError, ResourceError, StoreError,
                                     UsageError)
 from offload_runtime.model.config import ModelArgs
+from offload_runtime.weights.layout import layer_bytes
 from offload_runtime.spec.policy import default_tree
 from offload_runtime.weights import checkpoint as checkpoint_module
 from offload_runtime.weights.checkpoint import Checkpoint
@@ -737,10 +738,24 @@ def test_a_batch_whose_kv_caches_exceed_ram_is_refused_before_loading(tiny_pair,
     monkeypatch.setenv("OFFLOAD_RUNTIME_MAX_HOST_MEMORY", "1GiB")
     args = ModelArgs.from_file(tiny_pair[0])
     rows = (1 << 30) // (args.kv_bytes_per_token(torch.float32) * 65) + 1  # just over 1 GiB at 64 positions
-    with pytest.raises(ResourceError, match=rf"the KV caches of {rows} row\(s\) x 64 positions needs .* of host RAM "
+    with pytest.raises(ResourceError, match=r"loading .* with its KV caches \(1.0 GiB\) needs .* of host RAM "
                                             r"but only 1.0 GiB is available; lower the batch size"):
         Engine.from_pretrained(tiny_pair[0], draft=False, device="cpu", dtype="float32", batch_size=rows,
                                max_seq_len=64)
+
+
+def test_one_ram_check_counts_the_weights_the_caches_and_the_draft_together(tiny_pair, monkeypatch):
+    """Each part fits the RAM on its own; together they do not, and the load says so before allocating."""
+    target, draft = tiny_pair
+    ta, da = ModelArgs.from_file(target), ModelArgs.from_file(draft)
+    weights = ta.n_layers * layer_bytes(ta, torch.float32) + ta.global_numel() * 4
+    per_row = (ta.kv_bytes_per_token(torch.float32) + da.kv_bytes_per_token(torch.float32)) * 65
+    rows = weights // per_row + 1  # the caches alone are about the target's weights
+    monkeypatch.setenv("OFFLOAD_RUNTIME_MAX_HOST_MEMORY", str(int(weights * 1.5)))
+    with pytest.raises(ResourceError, match=r"with its KV caches .* draft .* needs"):
+        Engine.from_pretrained(target, draft=draft, device="cpu", dtype="float32", batch_size=rows, max_seq_len=64)
+    monkeypatch.setenv("OFFLOAD_RUNTIME_MAX_HOST_MEMORY", str(int(weights * 4) + 2 ** 24))
+    Engine.from_pretrained(target, draft=draft, device="cpu", dtype="float32", batch_size=rows, max_seq_len=64)
 
 
 def test_gpu_memory_zero_on_the_cpu_does_not_speak_of_a_gpu(tiny_pair):

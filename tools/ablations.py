@@ -170,18 +170,21 @@ def load_prompts(spec: str, pair: Pair, count: int, length: int, log: Callable[[
             count = len(BUILTIN_PROMPTS)
         return h.make_prompts(tok, vocab, count, length, torch.Generator()), \
             f"the first {count} of the planner's {len(BUILTIN_PROMPTS)} built-in prompts (planner/acceptance.py)"
-    if tok is None:
-        raise UsageError(f"--prompts-from {spec} needs a tokenizer; {pair.target} has none (use builtin)")
     if spec == "heldout":
-        texts = heldout_texts(h.REPO / "tools" / "_work" / "corpus" / "kjv.txt")
+        texts: list[str | list[int]] = heldout_texts(h.REPO / "tools" / "_work" / "corpus" / "kjv.txt")
         source = "the first verse of held-out chapters of the demo's corpus (tools/_work/corpus/kjv.txt)"
     else:
-        texts = [t for t in read_prompts(spec) if isinstance(t, str)]
+        texts = read_prompts(spec)
         source = f"prompts from {spec}"
+    if tok is None and any(isinstance(t, str) for t in texts):
+        raise UsageError(f"--prompts-from {spec} holds text, and {pair.target} has no tokenizer to encode it; give "
+                         f"token-id prompts ({{\"prompt\": [1, 2, 3]}}) or use builtin")
+    if any(not 0 <= i < vocab for t in texts if not isinstance(t, str) for i in t):
+        raise UsageError(f"--prompts-from {spec}: a token id is outside the target's vocabulary (0..{vocab - 1})")
     chosen = texts[::max(1, len(texts) // count)][:count]
     if len(chosen) < count:
         log(f"{spec}: only {len(chosen)} prompts available, not {count}")
-    return [list(tok(t).input_ids) for t in chosen], f"{len(chosen)} {source}"
+    return [list(tok(t).input_ids) if isinstance(t, str) else t for t in chosen], f"{len(chosen)} {source}"
 
 
 def heldout_texts(dump: Path) -> list[str]:
@@ -281,6 +284,13 @@ SMALL = {"sizes": [1, 4, 16], "temperatures": [0.0, 0.6, 1.2], "prompts": 4, "mi
          "batch": 4, "width": 8, "max_depth": 16, "dynamic_sizes": [4, 16], "dynamic_depth": 4, "key_sizes": [4],
          "draft_sizes": [8], "draft_group_size": 32}
 FLAG_FIELDS = {"batch_size": "batch", "group_size": "draft_group_size"}  # flags named otherwise than their field
+# Flags that only one experiment (or two) reads: given without them, they would be ignored in silence.
+EXPERIMENT_FLAGS = {"sizes": ("sizes",), "size_temperatures": ("sizes",), "full_prompts_until": ("sizes", "dynamic"),
+                    "min_prompts": ("sizes", "dynamic"),
+                    "temperatures": ("methods",), "top_ps": ("methods",), "top_p_temperature": ("methods",),
+                    "method_tree_size": ("methods",), "dynamic_sizes": ("dynamic",), "key_sizes": ("dynamic",),
+                    "dynamic_temperatures": ("dynamic", "drafts"), "dynamic_depth": ("dynamic", "drafts"),
+                    "draft_sizes": ("drafts",), "group_size": ("drafts",)}
 
 
 def settings_from(a: argparse.Namespace) -> Settings:
@@ -930,6 +940,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"--experiments takes any of {', '.join(EXPERIMENTS)}, comma-separated")
     if (a.model is None) != (a.draft is None):
         p.error("--model and --draft go together")
+    for dest, wanted in EXPERIMENT_FLAGS.items():
+        if getattr(a, dest) is not None and not set(wanted) & set(a.experiments):
+            p.error(f"--{dest.replace('_', '-')} sets --experiments {' or '.join(wanted)}, which this run does "
+                    f"not include; add it to --experiments or drop the flag")
+    if a.prompts_from not in ("builtin", "heldout") and not Path(a.prompts_from).is_file():
+        p.error(f"--prompts-from {a.prompts_from}: no such file; give builtin, heldout or a JSONL file of prompts")
     h.check_positive(p, a, ("threads", "prompts", "min_prompts", "full_prompts_until", "tokens", "batch_size",
                             "width", "acceptance_tokens", "method_tree_size"))
     if a.sizes is not None and (not a.sizes or min(a.sizes) < 1):

@@ -496,7 +496,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--tree-depth", type=int, default=6, help="tree depth limit when no plan exists (default 6)")
     p.add_argument("--batch-sizes", type=h.csv(int), default=None,
                    help="comma-separated batch sizes (default 1,2,4,8,16; --small: 1,2,4)")
-    p.add_argument("--workdir", type=Path, default=None,
+    p.add_argument("--workdir", type=h.work_dir, default=None,
                    help="keep the built random checkpoints here (reused next time); default: a temporary directory")
     a = p.parse_args(argv)
     bad = [s for s in a.sections if s not in SECTIONS]

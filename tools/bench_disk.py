@@ -447,7 +447,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     p.add_argument("--no-cold", action="store_true", help="neither drop the page cache nor cap memory")
     p.add_argument("--small", action="store_true", help="a tiny model in a temporary directory, 2 tokens")
-    p.add_argument("--workdir", type=Path, default=None, help="where the GB-sized files go (default tools/_work)")
+    p.add_argument("--workdir", type=h.work_dir, default=None, help="where the GB-sized files go (default tools/_work)")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and the store afterwards")
     p.add_argument("--no-write", action="store_true", help="do not append to BENCHMARKS.md")
     p.add_argument("--output", type=h.output_file, default=h.BENCHMARKS_MD, help="the Markdown file to append to")

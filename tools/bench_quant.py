@@ -112,9 +112,8 @@ def decode_run(engine: Engine, new_tokens: int) -> h.Run:
                          ignore_eos=True)
     marks: list[float] = []
 
-    def mark(_request: Any, _emitted: list[int]) -> bool:  # called at every step, after its tokens are emitted
+    def mark(_request: Any, _emitted: list[int]) -> None:  # called at every step, as its tokens are emitted
         marks.append(time.perf_counter())
-        return False
 
     req.stop_check = mark
     (_, result), = list(engine.run([req]))

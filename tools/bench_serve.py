@@ -256,7 +256,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=None, help="requests per client (default 2; --small: 1)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per request (default 32; --small: 8)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the server (default 2)")
-    p.add_argument("--workdir", type=Path, default=None,
+    p.add_argument("--workdir", type=h.work_dir, default=None,
                    help="keep the built random checkpoints here (reused next time); default: a temporary directory")
     p.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     p.add_argument("--output", type=h.output_file, default=h.BENCHMARKS_MD, help="the Markdown file to append to")

@@ -18,6 +18,7 @@ import platform
 import statistics
 import sys
 import time
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -84,6 +85,19 @@ def output_file(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"the directory {path.parent} does not exist; create it first")
     if not os.access(path if path.exists() else path.parent, os.W_OK):
         raise argparse.ArgumentTypeError(f"{path} cannot be written here")
+    return path
+
+
+def work_dir(text: str) -> Path:
+    """An argparse type for a directory a tool writes its models into: made now, and proven writable, so a
+    bad path stops the tool before its first run rather than in the middle."""
+    path = Path(text).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{path} cannot be used as a work directory: {e.strerror or e}") from None
     return path
 
 
@@ -257,7 +271,7 @@ def run_engine(engine: Engine, prompts: Sequence[list[int]], *, tree: Tree | Seq
                                ignore_eos=True, tree=tree) for i, ids in enumerate(prompts)]
     if stop_at is not None:
         for req in requests:
-            req.stop_check = lambda r, new: len(r.generated) >= stop_at
+            req.stop_check = lambda r, new: len(new) if len(r.generated) + len(new) >= stop_at else None
     results: list[GenerationResult] = [None] * len(requests)  # type: ignore[list-item]
     t0 = time.perf_counter()
     for i, result in engine.run(requests):

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import UsageError
-from ..memory import check_host_memory, parse_bytes
+from ..memory import parse_bytes
 from ..model.config import ModelArgs
 from ..model.quantization import KernelChoice, QuantSpec
 from ..model.tree import Tree
@@ -112,6 +112,10 @@ def check_vocab_compatible(target_args: ModelArgs, draft_args: ModelArgs, target
             f"draft {draft_name} has vocab_size {draft_args.vocab_size} but target {target_name} has "
             f"{target_args.vocab_size}; pick a draft with the target's vocabulary, or run without one (--no-draft)"
         )
+    if (target_tok is None) != (draft_tok is None):
+        which = f"draft {draft_name}" if draft_tok is None else f"target {target_name}"
+        return (f"{which} has no tokenizer, so the pair's vocabularies cannot be compared; the draft's ids are taken "
+                f"to be the target's (the output is unchanged; a draft of another vocabulary only guesses poorly)")
     return None
 
 
@@ -256,7 +260,8 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     limit = targs.max_position_embeddings
     seq_len = min(limit, 4096) if max_seq_len is None else max_seq_len
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= limit:
-        raise UsageError(f"max_seq_len must be between 1 and the model's context window ({limit}), got {max_seq_len}")
+        raise UsageError(f"max_seq_len (--max-seq-len) must be between 1 and the model's context window ({limit}), "
+                         f"got {max_seq_len}")
     nodes = len(fixed_tree) if isinstance(fixed_tree, Tree) else fixed_tree.size if fixed_tree else tree_size
     if draft_name is not None and nodes is not None and nodes >= seq_len:  # else each step would cut it, unseen
         raise UsageError(f"a tree of {nodes} nodes does not fit the {seq_len}-token context with a prompt beside it; "
@@ -301,10 +306,6 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
                                max_seq_len=seq_len, tree_size=trees.largest, max_chunk=max_chunk, slots=slots,
                                on_cuda=dev.type == "cuda", quant=target_quant, draft_quant=draft_quant,
                                draft_shares_globals=self_draft)
-    if dev.type == "cpu":  # the caches are allocated whole, in RAM here: an oversized batch must not reach malloc
-        check_host_memory(fixed["target KV cache"] + fixed.get("draft KV cache", 0),
-                          f"the KV caches of {batch_size} row(s) x {seq_len} positions",
-                          "lower the batch size (--batch-size, batch_size=) or the context (--max-seq-len)")
     if self_draft:
         check_self_draft_fits(draft_name, fixed, device_budget_bytes(
             None if gpu_memory is None else parse_bytes(gpu_memory), dev), draft_quant, targs)
@@ -313,6 +314,13 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
                                  fixed=fixed, slots=slots, resident_layers=resident_layers,
                                  host_budget=None if host_memory is None else parse_bytes(host_memory),
                                  prefetch=prefetch or DEFAULT_PREFETCH, quant=target_quant)
+    # On the CPU the "device" is RAM: the target's load checks RAM for the caches, the draft and the rest beside
+    # it. Not counted: its own embeddings (it counts them), staging slots when nothing streams, and activations,
+    # whose bound is the device budget's, generous for the transient buffers of one chunk.
+    beside = {} if dev.type != "cpu" else {
+        "KV caches": fixed["target KV cache"] + fixed.get("draft KV cache", 0),
+        **{k: v for k, v in fixed.items() if k not in ("embeddings and head", "target KV cache", "draft KV cache",
+                                                       "activations") and (k != "staging slots" or residency.offload)}}
     target_source, target_quant = packed_source(target_ckpt, target_quant, dev,
                                                 quant_cache_dir(target_path) if cache_quantized and quantize else None)
     disk_store = None
@@ -329,7 +337,7 @@ def load(cls: type, model: str | os.PathLike, *, draft: str | os.PathLike | None
     with progress_bar(targs.n_layers, "target", progress) as tick:
         target = build_model(target_source, dev, dt, residency, tick, quant=target_quant,
                              kernel=planned_kernel(guide, target_quant), disk_store=disk_store,
-                             read_threads=read_threads or DEFAULT_READ_THREADS)
+                             read_threads=read_threads or DEFAULT_READ_THREADS, beside=beside)
     draft_model = None
     if draft_ckpt is not None:
         everything = Residency(False, tuple(range(draft_ckpt.args.n_layers)), 0, None)

@@ -223,9 +223,12 @@ def watch(request: Request, stream: TextStream | None) -> None:
     if stream is None:
         return
 
-    def check(req: Request, new: list[int]) -> bool:
-        stream.add(new)
-        return stream.stopped
+    def check(req: Request, new: list[int]) -> int | None:
+        for i, token in enumerate(new):  # one at a time: the reply ends at the token that completes a stop string
+            stream.add([token])
+            if stream.stopped:
+                return i + 1
+        return None
     request.stop_check = check
 
 
@@ -269,9 +272,9 @@ class ChatSession:
         for _ in eng.scheduler.run([req]):
             if text is None:
                 continue
-            if req.done:
+            if req.done:  # over: what could have begun a stop string is the reply's end
                 text.finish()
-            settled = text.settled()
+            settled = text.result() if req.done else text.settled()
             if len(settled) > len(shown):
                 yield settled[len(shown):]
                 shown = settled

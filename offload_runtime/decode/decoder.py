@@ -317,6 +317,13 @@ class Decoder:
                 if t in s.eos_ids:
                     emitted, finish = emitted[: i + 1], "eos"
                     break
+        # A stop string ends the reply at the token that completes it, wherever that falls in the accepted path:
+        # the tokens kept then do not depend on the tree (the text layer sees every emitted token, as it streams).
+        keep = s.stop_check(s, emitted) if s.stop_check is not None else None
+        if keep is not None:
+            assert 0 < keep <= len(emitted), (keep, len(emitted))
+            if keep < len(emitted) or finish is None:
+                emitted, finish = emitted[:keep], "stop"
         # The root and the accepted nodes whose tokens are kept; the last emitted token is the next root.
         accepted_nodes = [0] + result.path[: len(emitted) - 1]
         s.target_cached = self.target_cache.keep(
@@ -344,10 +351,6 @@ class Decoder:
         s.stats.tree_sizes.append(len(tree))
         s.tokens.extend(emitted)
         s.stats.new_tokens = len(s.generated)
-        # The text layer sees every emitted token (it streams them), even on a step that ends the request.
-        stopped = s.stop_check is not None and s.stop_check(s, emitted)
-        if finish is None and stopped:
-            finish = "stop"
         if finish is None and len(s.tokens) > self.target_cache.max_len:
             finish = "context"
         s.finish_reason = finish

@@ -63,7 +63,9 @@ class SequenceStats:
         return [sum(a >= k for a in self.accepted_per_step) / n for k in range(1, deepest + 1)]
 
 
-StopCheck = Callable[["Request", list[int]], bool]  # (request, tokens just emitted) -> stop now?
+# (request, the step's tokens about to be emitted) -> None to go on, or k to stop after the first k of them (the
+# step's tokens are not in request.tokens yet; every check sees each token once, in order).
+StopCheck = Callable[["Request", list[int]], "int | None"]
 
 
 @dataclass(eq=False)  # a request is equal only to itself (schedulers look requests up by identity)

@@ -72,9 +72,9 @@ def packed_head(lm_head: torch.Tensor) -> torch.Tensor | None:
 
     At one decoded token the head is the largest single matmul of a small model, and torch's bf16 F.linear on the
     CPU runs it at half the speed of the same oneDNN matmul on a pre-blocked weight (SmolLM2-135M's 49152 x 576
-    head at 2 threads: 5.1 vs 2.7 ms), with the same bits in every case measured. The packed head is used only
-    where a probe shows those bits here (one token and a batch of several); it is a second copy of the head in
-    host RAM."""
+    head at 2 threads: 5.1 vs 2.7 ms). It is a second copy of the head in host RAM, used only where a probe shows
+    each row's logits independent of the rows beside it, so that a token scores the same alone or in a tree
+    (F.linear's 16-bit rows are not, on some CPUs and shapes; where the probe fails, F.linear it is)."""
     if not packs_head(lm_head.dtype, lm_head.device.type) or not torch.backends.mkldnn.is_available():
         return None
     try:
@@ -84,9 +84,9 @@ def packed_head(lm_head: torch.Tensor) -> torch.Tensor | None:
     g = torch.Generator().manual_seed(0)
     probe = GlobalWeights(lm_head, lm_head[0], lm_head, packed)
     with torch.inference_mode():
-        for shape in ((1, 1), (2, 3)):
-            x = torch.randn(*shape, lm_head.shape[1], generator=g).to(lm_head.dtype)
-            if not torch.equal(probe.logits(x), F.linear(x, lm_head)):
+        for rows in (2, 3, 5, 17, 64):
+            x = torch.randn(rows, lm_head.shape[1], generator=g).to(lm_head.dtype)
+            if not torch.equal(probe.logits(x), torch.cat([probe.logits(x[i:i + 1]) for i in range(rows)])):
                 return None
     return packed
 
@@ -166,6 +166,12 @@ def layer_mask(args: ModelArgs, mask: torch.Tensor, dtype: torch.dtype, fold: bo
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh) + mask) v over [B, H, T, Dh] queries and [B, H_kv, S, Dh] keys and values."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        # The CPU kernels round a query's 16-bit output by how many queries and masked keys share the call, enough
+        # to flip a greedy token between plain decoding and a verified tree. In float64 the differences are far
+        # below a 16-bit rounding step, so each row's result no longer depends on its neighbours.
+        wide = mask if mask.dtype == torch.bool else mask.to(torch.float64)
+        return _attend(q.to(torch.float64), k.to(torch.float64), v.to(torch.float64), wide).to(q.dtype)
     B, H, T, Dh = q.shape
     H_kv = k.shape[1]
     if mask.dtype == torch.bool:  # [B, 1, T, S]

@@ -222,6 +222,10 @@ class Checkpoint:
         packed = (".qweight", ".qzeros", ".g_idx") if self.args.quantization is not None else ()
         names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
         for name, info in self.tensors.items():
+            if not packed and name.endswith(".qweight"):
+                raise CheckpointError(
+                    f"{self.path} holds quantized linears ({name}, ...) but its config.json has no "
+                    f"quantization_config saying how they are packed; restore the checkpoint's own config.json")
             if not info.dtype.is_floating_point and not name.endswith(packed):
                 raise CheckpointError(
                     f"tensor {name} in {info.file.name} has dtype {names[info.dtype]}, which the runtime cannot "
@@ -288,6 +292,13 @@ class Checkpoint:
         mistyped = sorted(f"{n} {str(self.tensors[n].dtype).removeprefix('torch.')} (expected int32)"
                           for n in set(expected) & set(self.tensors)
                           if n.endswith((".qweight", ".qzeros", ".g_idx")) and self.tensors[n].dtype != torch.int32)
+        plain = [n for n in unexpected
+                 if n.endswith("_proj.weight") and n.removesuffix(".weight") + ".qweight" in missing]
+        if plain:  # config.json declares a quantization (else no .qweight is expected) that the weights lack
+            raise CheckpointError(
+                f"{self.path}'s config.json declares {self.args.quantization.method.upper()} quantization, but the "
+                f"checkpoint holds unquantized linears ({_listing(plain)}); remove quantization_config from "
+                f"config.json to load the weights as they are (--quantize int4 quantizes them on load)")
         problems = []
         if mistyped:
             problems.append(f"wrong dtypes: {_listing(mistyped)}")

@@ -9,11 +9,11 @@ from __future__ import annotations
 import functools
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
-from ..memory import check_host_memory
+from ..memory import check_host_memory, fmt_bytes
 from ..model.config import ModelArgs
 from ..model.quantization import (KernelChoice, QuantSpec, exact_kernel_choice, kernel_block, kernel_extras,
                                   measure_kernel_times, stored_linears)
@@ -96,18 +96,31 @@ def packed_source(source: WeightSource, quant: QuantSpec | None, device: torch.d
     return QuantizedSource(source, quant, cache), quant
 
 
+def ram_fix(device: torch.device, caches_first: bool, caches: bool) -> str:
+    """What to do when a load does not fit the host RAM, the likeliest remedy first."""
+    gpu = ["give the GPU a larger --gpu-memory budget so more layers stay resident"] if device.type == "cuda" else []
+    fixes = ["close other programs", "pick a 16-bit dtype or fewer bits (--quantize int4)", *gpu,
+             "cap --host-memory below what is available to read the layers beyond it from disk"]
+    if caches:
+        fixes.insert(0 if caches_first else len(fixes),
+                     "lower the batch size (--batch-size) or the context (--max-seq-len), which size the KV caches")
+    return "; ".join(fixes[:-1]) + "; or " + fixes[-1]
+
+
 def build_model(source: WeightSource, device: torch.device, dtype: torch.dtype, residency: Residency,
                 progress: Callable[[int], None] | None = None, *, quant: QuantSpec | None = None,
                 kernel: KernelChoice | None = None, quant_cache: Path | None = None,
                 disk_store: LayerFiles | None = None, read_threads: int = DEFAULT_READ_THREADS,
-                shared_globals: GlobalWeights | None = None) -> Transformer:
+                shared_globals: GlobalWeights | None = None, beside: Mapping[str, int] | None = None) -> Transformer:
     """Load globals and resident layers onto the device; pack the host layers into the host store (mapped from
     `disk_store` when there is one, so processes share them); read the disk layers from `disk_store` every sweep
     (`progress(1)` per layer). `quant` holds the decoder linears packed (a quantized checkpoint's own format
     when not given); `kernel` says when the int kernels run (default: measured now); `quant_cache`, a directory
     for the linears quantized on load (read from it when complete, else written to it). A disk store must hold
     the layers as this call packs them: write it from `packed_source(...)`'s source. `shared_globals`: another
-    model's embedding, norm and head, used as they are (a self-draft shares its target's)."""
+    model's embedding, norm and head, used as they are (a self-draft shares its target's). `beside`: what the
+    caller will hold in host RAM with this model (name -> bytes: KV caches, a draft, ... on the CPU), so that the
+    one check of host RAM before allocating counts everything the load will take."""
     args = source.args
     assert shared_globals is None or shared_globals.embed.dtype == dtype, "shared globals are in the model's dtype"
     source, quant = packed_source(source, quant, device, quant_cache)
@@ -126,9 +139,12 @@ def build_model(source: WeightSource, device: torch.device, dtype: torch.dtype, 
         (shared_globals is None) * args.global_numel() * dtype.itemsize + \
         len(residency.resident) * layer_bytes(args, dtype, quant)
     staging = residency.prefetch * padded_bytes(layer_bytes(args, dtype, quant))
-    check_host_memory(on_host + (store.nbytes if store else 0) + staging,
-                      f"{'streaming' if store else 'loading'} {source.label} ({args.n_layers} layers, {dtype}"
-                      f"{', ' + quant.label if quant else ''})")
+    beside = {k: v for k, v in (beside or {}).items() if v}
+    need = on_host + (store.nbytes if store else 0) + staging + sum(beside.values())
+    also = f" with its {', '.join(f'{k} ({fmt_bytes(v)})' for k, v in beside.items())}" if beside else ""
+    check_host_memory(need, f"{'streaming' if store else 'loading'} {source.label} ({args.n_layers} layers, {dtype}"
+                            f"{', ' + quant.label if quant else ''}){also}",
+                      ram_fix(device, beside.get("KV caches", 0) * 2 > need, "KV caches" in beside))
     resident = {}
     for i in residency.resident:
         resident[i] = load_layer(source, i, dtype, device, quant)
